@@ -1,0 +1,53 @@
+"""clipkit: build and train CLIP-style contrastive image-text models from JSON configs.
+
+``import clipkit`` is cheap: torch and the plugins load the first time something needs them.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    # config store (no torch)
+    "add_model_config": "clipkit.config",
+    "list_models": "clipkit.config",
+    "get_model_config": "clipkit.config",
+    "validate_model_config": "clipkit.config",
+    "registry": "clipkit.registry",
+    # factory and model (torch)
+    "create_model": "clipkit.factory",
+    "create_model_and_transforms": "clipkit.factory",
+    "create_model_from_pretrained": "clipkit.factory",
+    "get_tokenizer": "clipkit.factory",
+    "get_model_preprocess_cfg": "clipkit.factory",
+    "set_model_preprocess_cfg": "clipkit.factory",
+    "load_checkpoint": "clipkit.checkpoint",
+    "ClipModel": "clipkit.model",
+    "image_transform": "clipkit.transforms",
+    "AugmentationCfg": "clipkit.transforms",
+    "PreprocessCfg": "clipkit.transforms",
+    "OPENAI_DATASET_MEAN": "clipkit.transforms",
+    "OPENAI_DATASET_STD": "clipkit.transforms",
+    "ClipkitError": "clipkit.errors",
+    "ConfigError": "clipkit.errors",
+    "PluginError": "clipkit.errors",
+}
+
+__all__ = ["__version__", "hookimpl", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clipkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(__all__)

@@ -1,0 +1,71 @@
+"""Builtin text transformer tower, ``"type": "transformer"`` (the default text type).
+
+This module is the plugin: its config class and hookimpls import no torch; ``model.py`` beside it
+holds the ``nn.Module``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Literal, Optional
+
+from ...hookspecs import hookimpl
+from ..._typed import option
+
+
+@dataclass
+class TextTransformerCfg:
+    """Keys of ``text_cfg`` for the builtin text transformer (OpenCLIP's ``CLIPTextCfg`` names and defaults)."""
+
+    context_length: int = option(77, "Tokens per text: the tokenizer's output length and the number of positions.", gt=0)
+    vocab_size: int = option(49408, "Size of the token embedding table (49408 for CLIP's BPE).", gt=0)
+    width: int = option(512, "Hidden size of the transformer.", gt=0)
+    heads: int = option(8, "Attention heads.", gt=0)
+    layers: int = option(12, "Number of transformer blocks.", gt=0)
+    mlp_ratio: float = option(4.0, "MLP hidden size as a multiple of width.", gt=0)
+    ls_init_value: Optional[float] = option(None, "LayerScale initial value; null disables LayerScale.")
+    embed_cls: bool = option(False, "Append a learned class token and pool it (with ln_final after pooling).")
+    pad_id: int = option(0, "Token id of padding; masked from attention when embed_cls is set.", ge=0)
+    eos_id: int = option(2, "Token id that ends a text; pool_type 'eos' pools its first occurrence.", ge=0)
+    no_causal_mask: bool = option(False, "Bidirectional attention instead of causal (SigLIP, CLIPA).")
+    final_ln_after_pool: bool = option(False, "Apply ln_final to the pooled token instead of to every token.")
+    pool_type: Literal["argmax", "first", "last", "eos", "none"] = option(
+        "argmax", "Which token's features represent the text: the highest id (CLIP's end token), the first, "
+                  "the last, the first eos_id, or none (all tokens).")
+    proj_type: Literal["linear", "none"] = option("linear", "Projection to embed_dim: linear, or none (width must equal embed_dim).")
+    proj_bias: bool = option(False, "Give the projection a bias (an nn.Linear instead of a bare matrix).")
+    output_tokens: bool = option(False, "forward returns (pooled, token features) instead of pooled.")
+    act_kwargs: Optional[Dict[str, Any]] = option(None, "Keyword arguments of the activation, e.g. {\"approximate\": \"tanh\"}.")
+    norm_kwargs: Optional[Dict[str, Any]] = option(None, "Keyword arguments of LayerNorm, e.g. {\"eps\": 1e-6}.")
+    block_type: Optional[Literal["default", "custom"]] = option(
+        None, "'custom' enables the block extras below; chosen automatically when any extra is set.")
+    qk_norm: bool = option(False, "LayerNorm on queries and keys of each head.")
+    scaled_cosine_attn: bool = option(False, "Cosine attention with a learned per-head temperature (Swin v2).")
+    scale_heads: bool = option(False, "Learned per-head output scale (NormFormer).")
+    scale_attn_inner: bool = option(False, "LayerNorm on the attention output before its projection.")
+    scale_attn: bool = option(False, "LayerNorm after the attention sub-block.")
+    scale_fc: bool = option(False, "LayerNorm inside the MLP, after the activation.")
+
+    def check(self):
+        if self.width % self.heads:
+            yield "width", f"must be divisible by heads ({self.width} % {self.heads} != 0)"
+        if self.pad_id >= self.vocab_size:
+            yield "pad_id", f"{self.pad_id} is outside the vocabulary (vocab_size {self.vocab_size})"
+        if self.pool_type == "eos" and self.eos_id >= self.vocab_size:
+            yield "eos_id", f"{self.eos_id} is outside the vocabulary (vocab_size {self.vocab_size})"
+        if self.qk_norm and self.scaled_cosine_attn:
+            yield "qk_norm", "cannot be combined with scaled_cosine_attn"
+        extras = (self.qk_norm, self.scaled_cosine_attn, self.scale_heads, self.scale_attn_inner, self.scale_attn,
+                  self.scale_fc)
+        if self.block_type == "default" and any(extras):
+            yield "block_type", "'default' blocks have no qk_norm/scaled_cosine_attn/scale_* extras; use 'custom'"
+
+
+@hookimpl
+def register_text_towers(register):
+    register("transformer", "clipkit.builtin.transformer.model:build_text_transformer", config=TextTransformerCfg,
+             flat_state_dict=True)
+
+
+@hookimpl
+def register_freezers(register):
+    register("transformer", "clipkit.freeze:lock_layer_groups")

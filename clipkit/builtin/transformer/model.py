@@ -1,0 +1,126 @@
+"""The builtin text transformer: tokens + positions -> transformer -> final norm -> pool -> project."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ...hookspecs import TowerContext
+from ...layers import Transformer, make_act, make_norm
+from . import TextTransformerCfg
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextTransformerCfg, output_dim: int, quick_gelu: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.context_length = cfg.context_length
+        self.vocab_size = cfg.vocab_size
+        self.pad_id = cfg.pad_id
+        self.eos_id = cfg.eos_id
+        self.pool_type = cfg.pool_type
+        self.output_tokens = cfg.output_tokens
+        self.causal = not cfg.no_causal_mask
+        width = cfg.width
+        norm = make_norm(cfg.norm_kwargs)
+
+        self.token_embedding = nn.Embedding(cfg.vocab_size, width)
+        # the class token, when used, is appended after the text and gets the last position
+        self.cls_emb = nn.Parameter(torch.empty(width)) if cfg.embed_cls else None
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length + int(cfg.embed_cls), width))
+        self.transformer = Transformer(
+            width, cfg.layers, cfg.heads, cfg.mlp_ratio, ls_init_value=cfg.ls_init_value,
+            act_layer=make_act(quick_gelu, cfg.act_kwargs), norm_layer=norm, qk_norm=cfg.qk_norm,
+            scaled_cosine_attn=cfg.scaled_cosine_attn, scale_heads=cfg.scale_heads,
+            scale_attn_inner=cfg.scale_attn_inner, scale_attn=cfg.scale_attn, scale_fc=cfg.scale_fc)
+        self.ln_final = norm(width)
+        if cfg.proj_type == "none":
+            self.text_projection: Union[nn.Parameter, nn.Linear, None] = None
+            self.output_dim = width
+        elif cfg.proj_bias:
+            self.text_projection = nn.Linear(width, output_dim)
+            self.output_dim = output_dim
+        else:
+            self.text_projection = nn.Parameter(torch.empty(width, output_dim))
+            self.output_dim = output_dim
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # OpenAI CLIP's text init: small embeddings, residual projections scaled down with depth
+        width, depth = self.cfg.width, self.cfg.layers
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.cls_emb is not None:
+            nn.init.normal_(self.cls_emb, std=0.01)
+        proj_std = width ** -0.5 * (2 * depth) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        if isinstance(self.text_projection, nn.Linear):
+            nn.init.normal_(self.text_projection.weight, std=width ** -0.5)
+            nn.init.zeros_(self.text_projection.bias)
+        elif self.text_projection is not None:
+            nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def layer_groups(self) -> List[Sequence[Union[nn.Module, nn.Parameter]]]:
+        """OpenCLIP's lock groups: embeddings, each block but the last, last block + ln_final, projection."""
+        blocks = list(self.transformer.resblocks)
+        stem = [self.token_embedding, self.positional_embedding] + ([self.cls_emb] if self.cls_emb is not None else [])
+        groups: List[Sequence[Union[nn.Module, nn.Parameter]]] = [stem, *[[b] for b in blocks[:-1]],
+                                                                  [blocks[-1], self.ln_final]]
+        if self.text_projection is not None:
+            groups.append([self.text_projection])
+        return groups
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set:
+        return {"positional_embedding"} | ({"cls_emb"} if self.cls_emb is not None else set())
+
+    def _pool(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "first":
+            return x[:, 0]
+        if self.pool_type == "last":
+            return x[:, -1]
+        if self.pool_type == "argmax":  # CLIP's end token has the highest id in its vocabulary
+            index = text.argmax(dim=-1)
+        elif self.pool_type == "eos":
+            index = (text == self.eos_id).int().argmax(dim=-1)
+        else:
+            return x
+        return x[torch.arange(x.shape[0], device=x.device), index]
+
+    def forward(self, text: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        dtype = self.transformer.cast_dtype
+        seq_len = text.shape[1]
+        x = self.token_embedding(text).to(dtype)
+        mask: Optional[torch.Tensor] = None
+        if self.cls_emb is not None:
+            x = torch.cat([x, self.cls_emb.to(dtype).expand(x.shape[0], 1, -1)], dim=1)
+            # the class token must not see padding; padding keys are masked for every query
+            keep = torch.cat([text != self.pad_id, text.new_ones(text.shape[0], 1, dtype=torch.bool)], dim=1)
+            mask = torch.zeros(keep.shape, dtype=dtype, device=x.device).masked_fill(~keep, float("-inf"))
+            mask = mask[:, None, None, :]  # [B, 1, 1, L]: broadcast over heads and queries
+        x = x + self.positional_embedding[: x.shape[1]].to(dtype)
+        x = self.transformer(x, attn_mask=mask, is_causal=self.causal)
+        if self.cls_emb is not None:
+            pooled, tokens = self.ln_final(x[:, -1]), x[:, :seq_len]
+        elif self.cfg.final_ln_after_pool:
+            pooled, tokens = self.ln_final(self._pool(x, text)), x
+        else:
+            x = self.ln_final(x)
+            pooled, tokens = self._pool(x, text), x
+        if isinstance(self.text_projection, nn.Linear):
+            pooled = self.text_projection(pooled)
+        elif self.text_projection is not None:
+            pooled = pooled @ self.text_projection.to(pooled.dtype)
+        return (pooled, tokens) if self.output_tokens else pooled
+
+
+def build_text_transformer(cfg: TextTransformerCfg, ctx: TowerContext) -> TextTransformer:
+    """Factory registered as text tower ``transformer``."""
+    return TextTransformer(cfg, ctx.embed_dim, quick_gelu=ctx.quick_gelu)

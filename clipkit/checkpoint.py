@@ -1,0 +1,118 @@
+"""Reading weights into a model: every file through ``weights_only=True``, every mismatch named."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+logger = logging.getLogger("clipkit")
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_DROPPED_KEYS = ("text.transformer.embeddings.position_ids",)
+
+
+def read_state_dict(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file: safetensors, or a torch pickle read with ``weights_only=True``.
+
+    Unwraps ``{"state_dict": ...}`` (clipkit and OpenCLIP training checkpoints) and strips the
+    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state: Any = load_file(str(path), device=str(device))
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    else:
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot be read with weights_only=True ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors (or a dict with a 'state_dict' key)")
+    out = {}
+    for key, value in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _fit_scalars(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Logit scale/bias saved as a scalar load into a ``[1]`` parameter and vice versa."""
+    own = model.state_dict()
+    for key in ("logit_scale", "logit_bias"):
+        if key in state and key in own and state[key].shape != own[key].shape and state[key].numel() == 1:
+            state[key] = state[key].reshape(own[key].shape)
+
+
+def load_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], *, strict: bool = True, source: str = "") -> None:
+    """Load ``state`` into ``model``; any missing or unexpected key or wrong shape is an error naming it.
+
+    For a :class:`~clipkit.model.ClipModel`, text keys may be in either OpenCLIP layout (flat
+    ``CLIP`` or ``text.``-prefixed ``CustomTextCLIP``), whatever layout the model saves in.
+    """
+    state = {k: v for k, v in state.items() if k not in _DROPPED_KEYS}
+    _fit_scalars(model, state)
+    canon = _canonical if hasattr(model, "flat_text") else (lambda key: key)
+    own = {canon(k): v for k, v in model.state_dict().items()}
+    given = {canon(k): v for k, v in state.items()}
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    wrong = sorted(k for k in set(own) & set(given) if own[k].shape != given[k].shape)
+    problems = []
+    if strict and missing:
+        problems.append(f"missing keys {_few(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys {_few(unexpected)}")
+    if wrong:
+        problems.append("shape mismatch " + ", ".join(f"{k} {tuple(given[k].shape)} vs model {tuple(own[k].shape)}"
+                                                       for k in wrong[:5]) + (" ..." if len(wrong) > 5 else ""))
+    if problems:
+        raise CheckpointError((f"{source}: " if source else "") + "checkpoint does not fit the model: "
+                              + "; ".join(problems))
+    if not strict:
+        state = {k: v for k, v in state.items() if canon(k) in own}
+    model.load_state_dict(state, strict=strict)
+
+
+def _canonical(key: str) -> str:
+    """A key with a ``text.`` prefix for text-tower keys written in OpenCLIP's flat layout."""
+    if key.startswith(("visual.", "text.")) or key in ("logit_scale", "logit_bias"):
+        return key
+    return "text." + key
+
+
+def _few(keys: list) -> str:
+    return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+
+def load_checkpoint(model: nn.Module, checkpoint_path: Union[str, Path], strict: bool = True,
+                    weights_only: bool = True, device: Union[str, torch.device] = "cpu") -> Dict[str, list]:
+    """Load a checkpoint file into ``model`` (OpenCLIP-compatible signature); returns ``{}`` on success."""
+    if not weights_only:
+        raise CheckpointError("weights_only=False is refused: clipkit reads checkpoints with weights_only=True only")
+    load_state_dict(model, read_state_dict(checkpoint_path, device), strict=strict, source=str(checkpoint_path))
+    return {}
+
+
+def load_tower_weights(tower: nn.Module, path: Union[str, Path]) -> None:
+    """Load a tower-only state dict (``pretrained_image_path`` / ``pretrained_text_path``), strictly."""
+    state = read_state_dict(path)
+    for prefix in ("visual.", "text."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    load_state_dict(tower, state, strict=True, source=str(path))

@@ -1,0 +1,228 @@
+"""The ``clipkit`` command. Parsing imports nothing heavy; ``models`` and ``config`` never import torch."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .config import list_models, model_config_source
+
+    names = list_models()
+    if args.json:
+        print(json.dumps([{"name": n, "source": model_config_source(n)} for n in names], indent=2))
+    else:
+        print("\n".join(names))
+    return EXIT_OK
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .registry import registry
+
+    plugins = registry.plugins()
+    if args.json:
+        print(json.dumps({"plugins": [p.as_dict() for p in plugins], "conflicts": registry.conflicts()}, indent=2))
+        return EXIT_OK
+    for p in plugins:
+        print(f"{p.name}  {p.distribution} {p.version}  [{p.status}]{'  (builtin)' if p.builtin else ''}")
+        if p.error:
+            print(f"    error: {p.error}")
+        for kind, names in p.as_dict()["registers"].items():
+            print(f"    {kind}: {', '.join(names)}")
+    for conflict in registry.conflicts():
+        print(f"conflict: {conflict}")
+    return EXIT_OK
+
+
+def _load_target(target: str) -> tuple:
+    """(config dict, source label, name) for a file path or a model name; raises _Usage when neither."""
+    from .config import get_model_config, model_config_source, unknown_model_message
+
+    path = Path(target)
+    if path.suffix == ".json" or path.exists():
+        try:
+            return json.loads(path.read_text(encoding="utf-8")), str(path), path.stem
+        except OSError as exc:
+            raise _Usage(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        except ValueError as exc:
+            raise _Usage(f"{path}: not valid JSON: {exc}") from exc
+    cfg = get_model_config(target)
+    if cfg is None:
+        raise _Usage(unknown_model_message(target))
+    return cfg, model_config_source(target) or target, target
+
+
+class _Usage(Exception):
+    pass
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from .config import validate_model_config
+    from .errors import ClipkitError, ConfigError
+
+    status = EXIT_OK
+    for target in args.targets:
+        try:
+            cfg, source, name = _load_target(target)
+        except _Usage as exc:
+            print(f"{target}: {exc}" if not str(exc).startswith(target) else str(exc), file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            validate_model_config(cfg, source=source, name=name)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(str(problem), file=sys.stderr)
+            status = EXIT_INVALID
+            continue
+        except ClipkitError as exc:
+            print(f"{source}: {exc}", file=sys.stderr)
+            status = EXIT_INVALID
+            continue
+        if not args.quiet:
+            print(f"{source}: ok")
+    return status
+
+
+def _full_config(cfg: Dict[str, Any], source: str, name: str) -> Dict[str, Any]:
+    """The config with inferred types and every default written out."""
+    from .config import validate_model_config
+
+    config = validate_model_config(cfg, source=source, name=name)
+    out = {f.name: getattr(config.top, f.name) for f in dataclasses.fields(config.top)}
+    vision = dataclasses.asdict(config.vision) if dataclasses.is_dataclass(config.vision) else dict(config.vision)
+    text = dataclasses.asdict(config.text) if dataclasses.is_dataclass(config.text) else dict(config.text)
+    text.update({k: v for k, v in dataclasses.asdict(config.tokenizer).items()})
+    out["vision_cfg"] = {"type": config.vision_type, **vision}
+    out["text_cfg"] = {"type": config.text_type, **text}
+    return out
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+
+    try:
+        cfg, source, name = _load_target(args.target)
+    except _Usage as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    if args.full:
+        try:
+            cfg = _full_config(cfg, source, name)
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            return EXIT_INVALID
+    print(json.dumps(cfg, indent=2, default=list))
+    return EXIT_OK
+
+
+def model_config_schema() -> Dict[str, Any]:
+    """JSON Schema of a model config, reflecting the tower types installed now."""
+    from ._typed import json_schema
+    from .config import ModelCfg, TokenizerCfg
+    from .registry import registry
+
+    defs: Dict[str, Any] = {}
+    branches: Dict[str, List[Dict[str, Any]]] = {"vision_tower": [], "text_tower": []}
+    tokenizer = json_schema(TokenizerCfg, "tokenizer keys")["properties"]
+    for kind in branches:
+        for entry in registry.entries(kind):
+            cls = entry.config_class()
+            extra = {"type": {"const": entry.name, "description": f"provided by {entry.plugin.label}"}}
+            if kind == "text_tower":
+                extra.update(tokenizer)
+            schema = json_schema(cls, f"{kind} {entry.name}", extra) if cls else {"type": "object"}
+            key = f"{kind}.{entry.name}"
+            defs[key] = schema
+            branches[kind].append({"$ref": f"#/$defs/{key}"})
+    top = json_schema(ModelCfg, "clipkit model config", {
+        "vision_cfg": {"anyOf": branches["vision_tower"]}, "text_cfg": {"anyOf": branches["text_tower"]}})
+    top["required"] = ["embed_dim", "vision_cfg", "text_cfg"]
+    top["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    top["$defs"] = defs
+    return top
+
+
+def _cmd_config_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(model_config_schema(), indent=2))
+    return EXIT_OK
+
+
+EPILOG = """examples:
+  clipkit models                        list every model config (builtin, plugin-shipped, added)
+  clipkit plugins                       installed plugins, their versions and what each registers
+  clipkit config check my_model.json    validate a config file (exit 0 ok, 1 invalid, 2 usage)
+  clipkit config show ViT-B-32 --full   a config with every default written out
+  clipkit config schema > schema.json   JSON Schema of model configs for your editor
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="clipkit", description="Build and train CLIP-style models from JSON configs.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"clipkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list model configs",
+                       epilog="example:\n  clipkit models --json | jq '.[].name'",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="names and where each config comes from, as JSON")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("plugins", help="list installed plugins and what they register",
+                       epilog="example:\n  CLIPKIT_DISABLE_PLUGINS=resnet clipkit plugins",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_plugins)
+
+    config = sub.add_parser("config", help="show, check or describe model configs",
+                            epilog="examples:\n  clipkit config check configs/*.json\n  clipkit config show ViT-B-32",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    csub = config.add_subparsers(dest="config_command", metavar="ACTION")
+    p = csub.add_parser("check", help="validate config files or named configs, offline and without torch",
+                        epilog="Prints one line per problem: FILE: key.path: what is wrong (did you mean ...).\n"
+                               "Exit 0 valid, 1 invalid, 2 unknown model name or unreadable file.\n\n"
+                               "example:\n  clipkit config check my_model.json ViT-B-32",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("targets", nargs="+", metavar="FILE_OR_NAME")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing for valid configs")
+    p.set_defaults(func=_cmd_config_check)
+    p = csub.add_parser("show", help="print a config as JSON",
+                        epilog="example:\n  clipkit config show ViT-B-32 --full",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", metavar="FILE_OR_NAME")
+    p.add_argument("--full", action="store_true", help="write out inferred types and every default")
+    p.set_defaults(func=_cmd_config_show)
+    p = csub.add_parser("schema", help="JSON Schema of model configs (reflects installed plugins)",
+                        epilog="example:\n  clipkit config schema > clipkit-config.schema.json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=_cmd_config_schema)
+    config.set_defaults(func=lambda a: _missing_action(config))
+    return parser
+
+
+def _missing_action(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .errors import ClipkitError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except ClipkitError as exc:
+        print(f"clipkit: {exc}", file=sys.stderr)
+        return EXIT_INVALID

@@ -1,0 +1,341 @@
+"""Model configs: where named configs come from, and validation of a config into typed parts.
+
+Named configs come from, later ones winning on equal names: the builtin ``model_configs/`` folder,
+configs shipped by plugins (``register_model_configs``), the paths in ``CLIPKIT_MODEL_CONFIG_PATH``
+(``os.pathsep``-separated files or folders, seen by every process), and ``add_model_config`` calls.
+
+Validation binds each section to the config class its tower type registered, collects every problem
+(unknown key, wrong type, impossible value, unknown type) and raises them together. No torch here.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+from ._typed import option, validate
+from .errors import ClipkitError, ConfigError, Problem
+from .registry import UnknownPartError, registry
+
+logger = logging.getLogger("clipkit")
+
+SCHEMA_VERSION = 1
+BUILTIN_CONFIG_DIR = Path(__file__).parent / "model_configs"
+HF_CONFIG_NAME = "open_clip_config.json"
+_REQUIRED_TOP = ("embed_dim", "vision_cfg", "text_cfg")
+TOKENIZER_KEYS = ("tokenizer", "hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs")
+
+__all__ = ["add_model_config", "list_models", "get_model_config", "validate_model_config", "ModelConfig",
+           "ModelCfg", "TokenizerCfg", "parse_model_name", "infer_vision_type", "infer_text_type", "option"]
+
+
+@dataclass
+class ModelCfg:
+    """Top-level keys of a model config (``vision_cfg`` and ``text_cfg`` are validated by their tower)."""
+
+    embed_dim: int = option(doc="Width of the joint image-text embedding space; both towers project to it.", gt=0)
+    quick_gelu: bool = option(False, "Use QuickGELU (x * sigmoid(1.702 x)) in builtin towers, as OpenAI's weights need.")
+    init_logit_scale: float = option(math.log(1 / 0.07), "Initial value of the learned log temperature.")
+    init_logit_bias: Optional[float] = option(None, "Initial logit bias (SigLIP uses -10); null means no bias parameter.")
+    nonscalar_logit_scale: bool = option(False, "Store logit scale and bias with shape [1] instead of [].")
+    custom_text: bool = option(False, "Keep text weights under 'text.' in checkpoints (OpenCLIP's CustomTextCLIP layout).")
+    schema_version: int = option(SCHEMA_VERSION, "Config format version; a newer file fails clearly on an older clipkit.",
+                                 ge=1)
+
+
+@dataclass
+class TokenizerCfg:
+    """Tokenizer keys of ``text_cfg``; they are shared by every text tower type."""
+
+    tokenizer: Optional[str] = option(None, "Registered tokenizer name; inferred when absent "
+                                            "(hf_tokenizer_name -> 'hf', otherwise 'clip').")
+    hf_tokenizer_name: Optional[str] = option(None, "HuggingFace tokenizer: hub name or local folder.")
+    tokenizer_mode: Optional[str] = option(None, "Tokenizer mode passed to the tokenizer (OpenCLIP: 'clips').")
+    tokenizer_kwargs: Optional[Dict[str, Any]] = option(None, "Extra tokenizer arguments, e.g. {\"clean\": \"canonicalize\"}.")
+
+
+@dataclass
+class ModelConfig:
+    """A validated model config: typed parts plus the original mapping (kept for saving)."""
+
+    raw: Dict[str, Any]
+    top: ModelCfg
+    vision_type: str
+    vision: Any
+    text_type: str
+    text: Any
+    tokenizer: TokenizerCfg
+    name: Optional[str] = None
+    source: Optional[str] = None
+
+    @property
+    def embed_dim(self) -> int:
+        return self.top.embed_dim
+
+    @property
+    def tokenizer_name(self) -> str:
+        """The tokenizer to build: explicit ``text_cfg.tokenizer`` or the inferred one."""
+        if self.tokenizer.tokenizer:
+            return self.tokenizer.tokenizer
+        return "hf" if self.tokenizer.hf_tokenizer_name else "clip"
+
+
+# -- type inference ---------------------------------------------------------------------------------
+
+def infer_vision_type(vision_cfg: Mapping[str, Any]) -> str:
+    """``type`` if given, else ``timm_model_name`` -> timm, a list of ``layers`` -> resnet, else vit."""
+    if "type" in vision_cfg:
+        return vision_cfg["type"]
+    if vision_cfg.get("timm_model_name"):
+        return "timm"
+    if isinstance(vision_cfg.get("layers"), (list, tuple)):
+        return "resnet"
+    return "vit"
+
+
+def infer_text_type(text_cfg: Mapping[str, Any]) -> str:
+    """``type`` if given, else ``hf_model_name`` -> hf, else transformer."""
+    if "type" in text_cfg:
+        return text_cfg["type"]
+    return "hf" if text_cfg.get("hf_model_name") else "transformer"
+
+
+def _inferred_from(section: Mapping[str, Any], tower_type: str) -> str:
+    if "type" in section:
+        return ""
+    reason = {"timm": "timm_model_name", "resnet": "a list of layers", "hf": "hf_model_name"}.get(tower_type)
+    return f" (inferred from {reason})" if reason else " (the default)"
+
+
+# -- validation -------------------------------------------------------------------------------------
+
+def _tower(section_key: str, kind: str, data: Any, infer, extra_known: Tuple[str, ...],
+           problems: List[Problem]) -> Tuple[Optional[str], Any]:
+    if data is None:
+        problems.append(Problem(section_key, "missing required section"))
+        return None, None
+    if not isinstance(data, dict):
+        problems.append(Problem(section_key, f"expected an object, got {type(data).__name__}"))
+        return None, None
+    tower_type = infer(data)
+    if not isinstance(tower_type, str) or not tower_type:
+        problems.append(Problem(f"{section_key}.type", f"expected a registered tower type name, got {tower_type!r}"))
+        return None, None
+    try:
+        entry = registry.get(kind, tower_type)
+    except (UnknownPartError, ClipkitError) as exc:
+        message = str(exc)
+        if isinstance(exc, UnknownPartError):
+            message = message.replace(f"{tower_type!r}", f"{tower_type!r}{_inferred_from(data, tower_type)}", 1)
+        problems.append(Problem(f"{section_key}.type", message))
+        return tower_type, None
+    try:
+        cls = entry.config_class()
+    except ClipkitError as exc:
+        problems.append(Problem(f"{section_key}.type", str(exc)))
+        return tower_type, None
+    if cls is None:  # a plugin without a config class gets the raw mapping
+        return tower_type, {k: v for k, v in data.items() if k not in ("type",) + extra_known}
+    instance, found = validate(cls, data, section_key, f"{entry.where.split(' from ')[0]}",
+                               extra_known=("type",) + extra_known)
+    problems.extend(found)
+    return tower_type, instance
+
+
+def validate_model_config(cfg: Any, source: Optional[str] = None, name: Optional[str] = None) -> ModelConfig:
+    """Validate a model config mapping; raise :class:`ConfigError` listing every problem.
+
+    ``source`` (a file path, or a description) prefixes each problem line.
+    """
+    def fail(problems: List[Problem]) -> ConfigError:
+        return ConfigError([Problem(p.path, p.message, source) for p in problems])
+
+    if not isinstance(cfg, dict):
+        raise fail([Problem("", f"a model config must be a JSON object, got {type(cfg).__name__}")])
+    if "multimodal_cfg" in cfg:
+        raise fail([Problem("multimodal_cfg", "CoCa models (multimodal_cfg) are not supported by clipkit")])
+    version = cfg.get("schema_version", SCHEMA_VERSION)
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise fail([Problem("schema_version", f"this config needs a newer clipkit (schema_version {version}, "
+                                              f"this clipkit reads up to {SCHEMA_VERSION}); upgrade clipkit-torch")])
+    problems: List[Problem] = []
+    top, found = validate(ModelCfg, {k: v for k, v in cfg.items() if k not in ("vision_cfg", "text_cfg")},
+                          "", "a model config", extra_known=("vision_cfg", "text_cfg"))
+    problems.extend(found)
+    vision_type, vision = _tower("vision_cfg", "vision_tower", cfg.get("vision_cfg"), infer_vision_type, (), problems)
+    text_type, text = _tower("text_cfg", "text_tower", cfg.get("text_cfg"), infer_text_type, TOKENIZER_KEYS, problems)
+    tokenizer = TokenizerCfg()
+    if isinstance(cfg.get("text_cfg"), dict):
+        tok_data = {k: v for k, v in cfg["text_cfg"].items() if k in TOKENIZER_KEYS}
+        tokenizer, found = validate(TokenizerCfg, tok_data, "text_cfg", "a tokenizer")
+        problems.extend(found)
+        if tokenizer is not None and tokenizer.tokenizer is not None and not registry.has("tokenizer", tokenizer.tokenizer):
+            problems.append(Problem("text_cfg.tokenizer", registry.unknown_message("tokenizer", tokenizer.tokenizer)))
+    if problems:
+        raise fail(problems)
+    return ModelConfig(raw=copy.deepcopy(cfg), top=top, vision_type=vision_type, vision=vision,
+                       text_type=text_type, text=text, tokenizer=tokenizer, name=name, source=source)
+
+
+# -- the named-config store ---------------------------------------------------------------------------
+
+def _natural_key(name: str) -> List[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
+
+
+def is_model_config(data: Any) -> bool:
+    """What counts as a model config when scanning folders: an object with the three required keys."""
+    return isinstance(data, dict) and all(key in data for key in _REQUIRED_TOP)
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.user_paths: List[Path] = []
+        self._configs: Optional[Dict[str, Tuple[Dict[str, Any], str]]] = None
+
+    def invalidate(self) -> None:
+        self._configs = None
+
+    def _env_paths(self) -> List[Path]:
+        raw = os.environ.get("CLIPKIT_MODEL_CONFIG_PATH", "")
+        return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+
+    @property
+    def configs(self) -> Dict[str, Tuple[Dict[str, Any], str]]:
+        if self._configs is None:
+            found: Dict[str, Tuple[Dict[str, Any], str]] = {}
+            self._scan(BUILTIN_CONFIG_DIR, found, quiet=True)
+            for entry in registry.entries("model_config"):
+                data, where = self._plugin_config(entry)
+                if data is not None:
+                    found[entry.name] = (data, where)
+            for path in self._env_paths():
+                if not path.exists():
+                    logger.warning("CLIPKIT_MODEL_CONFIG_PATH: %s does not exist; skipped", path)
+                    continue
+                self._scan(path, found)
+            for path in self.user_paths:
+                self._scan(path, found)
+            self._configs = dict(sorted(found.items(), key=lambda kv: _natural_key(kv[0])))
+        return self._configs
+
+    @staticmethod
+    def _plugin_config(entry) -> Tuple[Optional[Dict[str, Any]], str]:
+        target = entry.target
+        where = f"{entry.plugin.label}"
+        if isinstance(target, Mapping):
+            return copy.deepcopy(dict(target)), where
+        try:
+            return json.loads(Path(target).read_text(encoding="utf-8")), str(target)
+        except (OSError, ValueError, TypeError) as exc:
+            logger.warning("model config %r from %s cannot be read: %s", entry.name, where, exc)
+            return None, where
+
+    @staticmethod
+    def _scan(path: Path, found: Dict[str, Tuple[Dict[str, Any], str]], quiet: bool = False) -> int:
+        files = [path] if path.is_file() else sorted(path.glob("*.json"))
+        skipped = 0
+        for file in files:
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                logger.debug("%s: not readable as JSON (%s)", file, exc)
+                skipped += 1
+                continue
+            if not is_model_config(data):
+                skipped += 1
+                continue
+            found[file.stem] = (data, str(file))
+        if skipped and not quiet:
+            logger.info("add_model_config(%s): skipped %d JSON file(s) that are not model configs "
+                        "(a model config has embed_dim, vision_cfg and text_cfg)", path, skipped)
+        return skipped
+
+
+_store = _Store()
+
+
+def add_model_config(path: Union[str, os.PathLike]) -> None:
+    """Register a folder of model config JSON files, or one file; the file stem is the model name.
+
+    JSON files that are not model configs (no ``embed_dim``/``vision_cfg``/``text_cfg``) are skipped
+    and counted in the log. Configs added here are process-local; use ``CLIPKIT_MODEL_CONFIG_PATH``
+    to reach subprocesses and the ``clipkit`` command.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ClipkitError(f"add_model_config: {path} does not exist")
+    _store.user_paths.append(path)
+    _store.invalidate()
+    configs = _store.configs
+    if path.is_file() and path.stem not in configs:
+        logger.warning("add_model_config(%s): not a model config (needs embed_dim, vision_cfg, text_cfg); skipped", path)
+
+
+def list_models() -> List[str]:
+    """Every named model config: builtin, plugin-shipped and added ones, in natural order."""
+    return list(_store.configs)
+
+
+def model_config_source(model_name: str) -> Optional[str]:
+    """Where a named config came from (a file path or a plugin), or None."""
+    item = _store.configs.get(model_name)
+    return item[1] if item else None
+
+
+def parse_model_name(model_name: str) -> Tuple[Optional[str], str]:
+    """Split ``hf-hub:org/repo`` / ``local-dir:/path`` into ``(schema, identifier)``."""
+    for schema in ("hf-hub", "local-dir"):
+        prefix = schema + ":"
+        if model_name.startswith(prefix):
+            ident = model_name[len(prefix):]
+            if not ident:
+                raise ClipkitError(f"model name {model_name!r}: nothing after '{prefix}'")
+            return schema, ident
+    return None, model_name
+
+
+def read_hub_config(schema: str, ident: str, cache_dir: Optional[str] = None) -> Dict[str, Any]:
+    """The ``open_clip_config.json`` of a ``local-dir:`` folder or ``hf-hub:`` repo."""
+    if schema == "local-dir":
+        path = Path(ident).expanduser() / HF_CONFIG_NAME
+        if not path.is_file():
+            raise ClipkitError(f"local-dir:{ident}: no {HF_CONFIG_NAME} in that folder")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(ident, HF_CONFIG_NAME, cache_dir=cache_dir))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ClipkitError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def get_model_config(model_name: str) -> Optional[Dict[str, Any]]:
+    """A copy of a named config (or of a ``local-dir:``/``hf-hub:`` model's ``model_cfg``), or None."""
+    schema, ident = parse_model_name(model_name)
+    if schema is not None:
+        data = read_hub_config(schema, ident)
+        return copy.deepcopy(data.get("model_cfg", data))
+    item = _store.configs.get(model_name)
+    return copy.deepcopy(item[0]) if item else None
+
+
+def unknown_model_message(model_name: str) -> str:
+    """Unknown model name: did-you-mean and, for known plugin families, the pip install line."""
+    import difflib
+
+    names = list_models()
+    message = f"unknown model {model_name!r}"
+    close = difflib.get_close_matches(model_name, names, n=3)
+    if close:
+        message += f" (did you mean {', '.join(repr(c) for c in close)}?)"
+    if re.match(r"RN(50|101)", model_name):
+        message += "; ResNet models come with a plugin: pip install clipkit-plugin-resnet"
+    return message + "; see `clipkit models` for the list, or add_model_config() for your own"

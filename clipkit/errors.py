@@ -1,0 +1,53 @@
+"""The one exception hierarchy of clipkit.
+
+Every error a user can cause by bad input derives from :class:`ClipkitError`, so callers can catch
+one type, and every message says what is wrong, where, and what to do about it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+
+class ClipkitError(Exception):
+    """Base class of every clipkit error."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config: where (``path``, a dotted key path) and what (``message``)."""
+
+    path: str
+    message: str
+    source: Optional[str] = None
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"{self.source}: {where}{self.message}" if self.source else f"{where}{self.message}"
+
+
+class ConfigError(ClipkitError, ValueError):
+    """A model config is invalid. Holds every problem found, one line each."""
+
+    def __init__(self, problems: Iterable[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class UnknownModelError(ClipkitError, KeyError):
+    """A model name that no config, plugin or prefix provides."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class PluginError(ClipkitError):
+    """A plugin failed to load, conflicts with another, or broke the plugin contract."""
+
+
+class TowerContractError(PluginError, TypeError):
+    """A tower factory returned something that does not honour the tower protocol."""
+
+
+class CheckpointError(ClipkitError):
+    """A checkpoint cannot be read or does not fit the model."""

@@ -1,0 +1,61 @@
+"""Locking towers by layer group: the default freezer, registered for the builtin towers.
+
+A tower lists its parameters in groups, first to last (``tower.layer_groups()``); locking with
+``unlocked=N`` leaves the last N groups trainable and freezes everything else in the tower.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence, Union
+
+from torch import nn
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def _params(item: Union[nn.Module, nn.Parameter]) -> Iterator[nn.Parameter]:
+    if isinstance(item, nn.Parameter):
+        yield item
+    elif isinstance(item, nn.Module):
+        yield from item.parameters()
+
+
+def _modules(group: Sequence[Union[nn.Module, nn.Parameter]]) -> Iterator[nn.Module]:
+    for item in group:
+        if isinstance(item, nn.Module):
+            yield from item.modules()
+
+
+def _keep_eval(module: nn.Module, _inputs) -> None:
+    module.eval()
+
+
+def lock_layer_groups(tower: nn.Module, unlocked: int = 0, *, freeze_layer_norm: bool = True,
+                      freeze_bn_stats: bool = False) -> None:
+    """Freeze ``tower`` except its last ``unlocked`` layer groups.
+
+    ``freeze_layer_norm=False`` leaves the norm-layer parameters of locked groups trainable;
+    ``freeze_bn_stats=True`` keeps the BatchNorms of locked groups in eval mode, across later
+    ``model.train()`` calls too. Calling it again re-locks from scratch, so a resumed run may unlock
+    more groups than the run it resumes.
+    """
+    groups = list(tower.layer_groups())
+    if unlocked < 0:
+        raise ValueError(f"unlocked layer groups must be >= 0, got {unlocked}")
+    unlocked = min(unlocked, len(groups))
+    locked = groups[: len(groups) - unlocked]
+    for param in tower.parameters():
+        param.requires_grad = False
+    for group in groups[len(groups) - unlocked:]:
+        for item in group:
+            for param in _params(item):
+                param.requires_grad = True
+    for group in locked:
+        for module in _modules(group):
+            if not freeze_layer_norm and isinstance(module, _NORMS):
+                for param in module.parameters(recurse=False):
+                    param.requires_grad = True
+            if freeze_bn_stats and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+                if not getattr(module, "_clipkit_stats_frozen", False):
+                    module.register_forward_pre_hook(_keep_eval)
+                    module._clipkit_stats_frozen = True

@@ -1,0 +1,346 @@
+"""The plugin manager and the registry of named parts.
+
+Builtin plugins (``clipkit.builtin.*``) and installed ones (entry-point group ``clipkit``) go through
+the same hooks. Loading happens once, on first use, never at ``import clipkit``; it imports plugin
+modules but no torch. Every registered name remembers the plugin and distribution that provided it.
+
+Environment:
+    ``CLIPKIT_DISABLE_PLUGINS=name,...`` skips installed plugins by entry-point or distribution name
+    (``all`` skips every installed plugin; builtins always load).
+    ``CLIPKIT_STRICT_PLUGINS=1`` turns plugin failures and conflicts into errors (for CI).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Dict, List, Optional, Tuple
+
+import pluggy
+
+from . import hookspecs
+from .errors import ClipkitError, PluginError
+
+ENTRY_POINT_GROUP = "clipkit"
+BUILTIN_DIST = "clipkit-torch"
+BUILTIN_PLUGINS = ("clipkit.builtin.vit", "clipkit.builtin.transformer")
+
+KIND_TITLES = {
+    "vision_tower": "vision tower type",
+    "text_tower": "text tower type",
+    "pooler": "pooler",
+    "tokenizer": "tokenizer",
+    "freezer": "freezer",
+    "model_config": "model config",
+}
+
+#: Parts that first-party plugin distributions provide, for the "pip install" hint.
+FIRST_PARTY: Dict[Tuple[str, str], str] = {
+    ("vision_tower", "resnet"): "clipkit-plugin-resnet",
+}
+
+
+class PluginWarning(UserWarning):
+    """A plugin was skipped because it failed to load or broke the contract."""
+
+
+class UnknownPartError(ClipkitError, LookupError):
+    """A name no installed plugin registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def import_target(target: str, *, what: str) -> Any:
+    """Import ``"package.module:attr"`` (attr may be dotted). ``what`` names it in errors."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise PluginError(f"{what}: {target!r} is not of the form 'package.module:attr'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise PluginError(f"{what}: cannot import {module_name!r}: {exc!r}") from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise PluginError(f"{what}: module {module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+@dataclass
+class PluginInfo:
+    """One plugin as ``clipkit plugins`` shows it."""
+
+    name: str
+    distribution: str
+    version: str
+    module: str
+    builtin: bool = False
+    status: str = "active"  # active | failed | disabled
+    error: Optional[str] = None
+    registered: List[Tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.distribution} {self.version} (plugin {self.name!r})"
+
+    def as_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {
+            "name": self.name, "distribution": self.distribution, "version": self.version,
+            "module": self.module, "builtin": self.builtin, "status": self.status,
+            "registers": {},
+        }
+        for kind, name in self.registered:
+            out["registers"].setdefault(kind, []).append(name)
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class Entry:
+    """A registered part: its factory (or data) and config class, both possibly lazy strings."""
+
+    kind: str
+    name: str
+    target: Any
+    config: Any
+    plugin: PluginInfo
+    meta: Dict[str, Any]
+
+    @property
+    def where(self) -> str:
+        return f"{KIND_TITLES[self.kind]} {self.name!r} from {self.plugin.label}"
+
+    def load(self) -> Any:
+        """The factory (or data), importing it on first use."""
+        if isinstance(self.target, str) and self.kind != "model_config":
+            self.target = import_target(self.target, what=self.where)
+        return self.target
+
+    def config_class(self) -> Optional[type]:
+        """The registered config class, imported on first use (``None`` when none was given)."""
+        if isinstance(self.config, str):
+            self.config = import_target(self.config, what=f"config class of {self.where}")
+        return self.config
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def strict_plugins() -> bool:
+    """Whether ``CLIPKIT_STRICT_PLUGINS`` asks for plugin problems to be errors."""
+    return _env_flag("CLIPKIT_STRICT_PLUGINS")
+
+
+def _disabled_names() -> set:
+    raw = os.environ.get("CLIPKIT_DISABLE_PLUGINS", "")
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+class Registry:
+    """All registered parts, keyed by ``(kind, name)``. Use the module-level :data:`registry`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._loaded = False
+        self._entries: Dict[Tuple[str, str], Entry] = {}
+        self._conflicts: Dict[Tuple[str, str], List[PluginInfo]] = {}
+        self._plugins: Dict[str, PluginInfo] = {}
+        self._pm: Optional[pluggy.PluginManager] = None
+        self._extra: List[Tuple[Any, str]] = []  # in-process plugins, kept across reload()
+
+    # -- loading ---------------------------------------------------------------------------------
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            with self._lock:
+                if not self._loaded:
+                    self._load()
+                    self._loaded = True
+
+    def reload(self) -> None:
+        """Forget everything and load the plugins again (after installing one, or in tests)."""
+        with self._lock:
+            self._loaded = False
+            self._entries.clear()
+            self._conflicts.clear()
+            self._plugins.clear()
+            self._pm = None
+        self._ensure_loaded()
+
+    def _load(self) -> None:
+        from . import __version__
+
+        pm = pluggy.PluginManager(hookspecs.PROJECT)
+        pm.add_hookspecs(hookspecs)
+        self._pm = pm
+        for module_name in BUILTIN_PLUGINS:
+            info = PluginInfo(module_name.rsplit(".", 1)[-1], BUILTIN_DIST, __version__, module_name, builtin=True)
+            self._add_plugin(pm, info, lambda m=module_name: importlib.import_module(m))
+        self._load_entry_points(pm)
+        for plugin, name in self._extra:
+            info = PluginInfo(name, getattr(plugin, "__name__", name), "in-process", getattr(plugin, "__name__", name))
+            self._add_plugin(pm, info, lambda p=plugin: p)
+        self._collect(pm)
+        if strict_plugins():
+            problems = [f"{p.label}: {p.error}" for p in self._plugins.values() if p.status == "failed"]
+            problems += [self._conflict_message(key) for key in self._conflicts]
+            if problems:
+                raise PluginError("CLIPKIT_STRICT_PLUGINS is set and plugins failed: " + "; ".join(problems))
+
+    def _load_entry_points(self, pm: pluggy.PluginManager) -> None:
+        disabled = _disabled_names()
+        seen = set()
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else "unknown"
+            version = dist.version if dist is not None else "unknown"
+            if (ep.name, dist_name) in seen:  # the same distribution visible twice on sys.path
+                continue
+            seen.add((ep.name, dist_name))
+            info = PluginInfo(ep.name, dist_name, version, ep.value)
+            if "all" in disabled or ep.name in disabled or dist_name in disabled:
+                info.status = "disabled"
+                self._plugins[info.name] = info
+                continue
+            self._add_plugin(pm, info, ep.load)
+
+    def _add_plugin(self, pm: pluggy.PluginManager, info: PluginInfo, load) -> None:
+        if info.name in self._plugins:
+            info.name = f"{info.name}@{info.distribution}"
+        self._plugins[info.name] = info
+        try:
+            plugin = load()
+            pm.register(plugin, name=info.name)
+        except Exception as exc:
+            self._fail(info, f"failed to load: {exc!r}")
+            return
+        unknown = [hc.name for hc in pm.get_hookcallers(plugin) or [] if not hc.has_spec()]
+        if unknown:
+            pm.unregister(plugin)
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, list(hookspecs.HOOK_KINDS), n=1)
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            self._fail(info, "unknown hook " + ", ".join(hints))
+
+    def _fail(self, info: PluginInfo, error: str) -> None:
+        info.status = "failed"
+        info.error = error
+        if info.builtin:
+            raise PluginError(f"builtin plugin {info.module} is broken: {error}")
+        warnings.warn(f"clipkit plugin skipped: {info.label} {error}", PluginWarning, stacklevel=4)
+
+    def _collect(self, pm: pluggy.PluginManager) -> None:
+        staged: Dict[str, List[Entry]] = {}
+        for hook_name, kind in hookspecs.HOOK_KINDS.items():
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                info = self._plugins[impl.plugin_name]
+                if info.status != "active":
+                    continue
+                bucket = staged.setdefault(info.name, [])
+
+                def register(name: str, factory: Any, *, config: Any = None, _kind=kind, _info=info,
+                             _bucket=bucket, **meta: Any) -> None:
+                    if not isinstance(name, str) or not name:
+                        raise PluginError(f"{_info.label}: registered a {KIND_TITLES[_kind]} with name {name!r}")
+                    _bucket.append(Entry(_kind, name, factory, config, _info, meta))
+
+                try:
+                    impl.function(**{arg: register for arg in impl.argnames})
+                except Exception as exc:
+                    staged.pop(info.name, None)
+                    self._fail(info, f"hook {hook_name} raised {exc!r}")
+        # builtins first: their names are the ones a conflict message compares against
+        for info in sorted(self._plugins.values(), key=lambda p: not p.builtin):
+            for entry in staged.get(info.name, []):
+                key = (entry.kind, entry.name)
+                if key in self._entries and self._entries[key].plugin is not info:
+                    self._conflicts.setdefault(key, [self._entries[key].plugin]).append(info)
+                self._entries.setdefault(key, entry)
+                info.registered.append(key)
+
+    # -- in-process plugins ---------------------------------------------------------------------
+    def register_plugin(self, plugin: Any, name: Optional[str] = None) -> None:
+        """Register a plugin object (a module or instance with hookimpls) in this process only."""
+        with self._lock:
+            self._extra.append((plugin, name or getattr(plugin, "__name__", repr(plugin))))
+        self.reload()
+
+    def unregister_plugin(self, plugin: Any) -> None:
+        """Undo :meth:`register_plugin`."""
+        with self._lock:
+            self._extra = [(p, n) for p, n in self._extra if p is not plugin]
+        self.reload()
+
+    # -- queries ---------------------------------------------------------------------------------
+    def names(self, kind: str) -> List[str]:
+        """Registered names of one kind, sorted."""
+        self._ensure_loaded()
+        return sorted(name for k, name in self._entries if k == kind)
+
+    def entries(self, kind: str) -> List[Entry]:
+        self._ensure_loaded()
+        return [self._entries[(kind, name)] for name in self.names(kind)]
+
+    def plugins(self) -> List[PluginInfo]:
+        """Every plugin seen, builtin ones first."""
+        self._ensure_loaded()
+        return sorted(self._plugins.values(), key=lambda p: (not p.builtin, p.name))
+
+    def conflicts(self) -> List[str]:
+        self._ensure_loaded()
+        return [self._conflict_message(key) for key in self._conflicts]
+
+    def _conflict_message(self, key: Tuple[str, str]) -> str:
+        kind, name = key
+        who = " and ".join(p.label for p in self._conflicts[key])
+        return (f"{KIND_TITLES[kind]} {name!r} is registered by both {who}; uninstall one or set "
+                f"CLIPKIT_DISABLE_PLUGINS to one of their names")
+
+    def has(self, kind: str, name: str) -> bool:
+        self._ensure_loaded()
+        return (kind, name) in self._entries
+
+    def get(self, kind: str, name: str, *, where: str = "") -> Entry:
+        """The entry for ``name``; an :class:`UnknownPartError` that teaches when there is none.
+
+        ``where`` (e.g. ``"vision_cfg.type"``) prefixes the message.
+        """
+        self._ensure_loaded()
+        key = (kind, name)
+        if key in self._conflicts:
+            raise PluginError((f"{where}: " if where else "") + self._conflict_message(key))
+        if key in self._entries:
+            return self._entries[key]
+        raise UnknownPartError(self.unknown_message(kind, name, where=where))
+
+    def unknown_message(self, kind: str, name: str, *, where: str = "") -> str:
+        """One line: what is unknown, what is installed, did-you-mean, failed plugins, pip hint."""
+        known = self.names(kind)
+        parts = [f"unknown {KIND_TITLES[kind]} {name!r}"]
+        close = difflib.get_close_matches(str(name), known, n=1)
+        if close:
+            parts[0] += f" (did you mean {close[0]!r}?)"
+        parts.append("installed: " + (", ".join(known) if known else "none"))
+        failed = [p for p in self._plugins.values() if p.status in ("failed", "disabled")]
+        for plugin in failed:
+            match = name in (plugin.name, plugin.distribution) or plugin.distribution.endswith(f"-{name}")
+            verb = "failed to load" if plugin.status == "failed" else "is disabled by CLIPKIT_DISABLE_PLUGINS"
+            if match or plugin.status == "failed":
+                parts.append(f"plugin {plugin.label} {verb}" + (" and may provide it" if match else "")
+                             + (f" ({plugin.error})" if plugin.error and match else ""))
+        dist = FIRST_PARTY.get((kind, name))
+        if dist and not any(p.distribution == dist for p in self._plugins.values()):
+            parts.append(f"it is provided by a plugin: pip install {dist}")
+        return (f"{where}: " if where else "") + "; ".join(parts)
+
+
+registry = Registry()
+"""The process-wide registry. Loads plugins on first query."""
