@@ -1,0 +1,46 @@
+import copy
+import sys
+import types
+
+import pytest
+
+from clipkit.registry import registry
+
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 48, "heads": 4, "layers": 2},
+}
+
+
+@pytest.fixture
+def tiny_cfg():
+    """A fresh copy of a tiny builtin-tower config (32-px images, 16-token texts)."""
+    return copy.deepcopy(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _clean_plugin_env(monkeypatch):
+    for name in ("CLIPKIT_DISABLE_PLUGINS", "CLIPKIT_STRICT_PLUGINS", "CLIPKIT_MODEL_CONFIG_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+
+
+@pytest.fixture
+def plugin_module():
+    """Make a throwaway plugin module from hook functions; registered in-process, removed afterwards."""
+    made = []
+
+    def make(name, **hooks):
+        module = types.ModuleType(name)
+        for hook_name, fn in hooks.items():
+            setattr(module, hook_name, fn)
+        sys.modules[name] = module
+        registry.register_plugin(module, name)
+        made.append(module)
+        return module
+
+    yield make
+    for module in made:
+        registry.unregister_plugin(module)
+        sys.modules.pop(module.__name__, None)
