@@ -17,7 +17,6 @@ _LAZY = {
     "list_models": "clipkit.config",
     "get_model_config": "clipkit.config",
     "validate_model_config": "clipkit.config",
-    "registry": "clipkit.registry",
     # factory and model (torch)
     "create_model": "clipkit.factory",
     "create_model_and_transforms": "clipkit.factory",
