@@ -1,0 +1,30 @@
+import dataclasses
+import re
+from pathlib import Path
+
+from clipkit._docgen import render_configs_md
+from clipkit.builtin.transformer import TextTransformerCfg
+from clipkit.builtin.vit import ViTCfg
+
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+def test_configs_md_is_generated_from_the_dataclasses():
+    assert (DOCS / "configs.md").read_text() == render_configs_md(), \
+        "docs/configs.md is stale: run python -m clipkit._docgen > docs/configs.md"
+
+
+def test_every_builtin_key_is_documented_with_a_meaning():
+    text = (DOCS / "configs.md").read_text()
+    for cls in (ViTCfg, TextTransformerCfg):
+        for field in dataclasses.fields(cls):
+            row = re.search(rf"^\| `{field.name}` \|.*\| (.+) \|$", text, re.M)
+            assert row and len(row.group(1)) > 10, field.name
+
+
+def test_every_hook_is_documented_in_plugins_md():
+    from clipkit import hookspecs
+
+    text = (DOCS / "plugins.md").read_text()
+    for hook in hookspecs.HOOK_KINDS:
+        assert hook in text, hook
