@@ -34,6 +34,7 @@ _LAZY = {
     "ClipkitError": "clipkit.errors",
     "ConfigError": "clipkit.errors",
     "PluginError": "clipkit.errors",
+    "PluginWarning": "clipkit.registry",
 }
 
 __all__ = ["__version__", "hookimpl", *_LAZY]

@@ -230,9 +230,10 @@ def json_schema(cls: type, title: str, extra: Optional[Dict[str, Any]] = None) -
         else:
             required.append(f.name)
         meta = f.metadata
-        for key, word in (("gt", "exclusiveMinimum"), ("ge", "minimum"), ("lt", "exclusiveMaximum"), ("le", "maximum")):
-            if meta.get(key) is not None:
-                prop[word] = meta[key]
+        bounds = {word: meta[key] for key, word in (("gt", "exclusiveMinimum"), ("ge", "minimum"),
+                                                    ("lt", "exclusiveMaximum"), ("le", "maximum"))
+                  if meta.get(key) is not None}
+        _add_bounds(prop, bounds)
         if meta.get("choices") is not None:
             prop["enum"] = list(meta["choices"])
         props[f.name] = prop
@@ -241,6 +242,19 @@ def json_schema(cls: type, title: str, extra: Optional[Dict[str, Any]] = None) -
     if required:
         schema["required"] = required
     return schema
+
+
+def _add_bounds(schema: Dict[str, Any], bounds: Dict[str, Any]) -> None:
+    """Put numeric bounds on every number inside ``schema`` (an int, or the items of a size pair)."""
+    if not bounds:
+        return
+    if schema.get("type") in ("integer", "number"):
+        schema.update(bounds)
+    for key in ("anyOf", "prefixItems"):
+        for sub in schema.get(key, []):
+            _add_bounds(sub, bounds)
+    if isinstance(schema.get("items"), dict):
+        _add_bounds(schema["items"], bounds)
 
 
 def _schema_type(tp: Any) -> Dict[str, Any]:

@@ -308,6 +308,9 @@ def create_model_from_pretrained(
         **model_kwargs: Any,
 ):
     """A model that must come with weights; returns ``model`` or ``(model, preprocess_val)``."""
+    if not pretrained and parse_model_name(model_name)[0] is None:
+        raise ClipkitError(f"create_model_from_pretrained({model_name!r}) needs pretrained= (a checkpoint file) "
+                           f"or a 'local-dir:'/'hf-hub:' model name")
     force_preprocess = {"mean": image_mean, "std": image_std, "interpolation": image_interpolation,
                         "resize_mode": image_resize_mode}
     model = create_model(

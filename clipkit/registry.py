@@ -235,7 +235,7 @@ class Registry:
         info.error = error
         if info.builtin:
             raise PluginError(f"builtin plugin {info.module} is broken: {error}")
-        warnings.warn(f"clipkit plugin skipped: {info.label} {error}", PluginWarning, stacklevel=4)
+        warnings.warn(f"clipkit plugin skipped: {info.label} {error}", PluginWarning, stacklevel=2)
 
     def _collect(self, pm: pluggy.PluginManager) -> None:
         staged: Dict[str, List[Entry]] = {}

@@ -80,3 +80,12 @@ def test_unknown_pretrained_and_model(tiny_model_path):
         clipkit.create_model("ViT-B-33")
     with pytest.raises(KeyError, match="pip install clipkit-plugin-resnet"):
         clipkit.create_model("RN50")
+
+
+def test_create_model_from_pretrained_needs_weights_before_building(tiny_model_path, tmp_path):
+    with pytest.raises(clipkit.ClipkitError, match="needs pretrained="):
+        clipkit.create_model_from_pretrained(tiny_model_path)
+    src = clipkit.create_model(tiny_model_path)
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    model, preprocess = clipkit.create_model_from_pretrained(tiny_model_path, pretrained=str(tmp_path / "w.pt"))
+    assert _same(src, model) and preprocess.transforms[1].size == (32, 32)

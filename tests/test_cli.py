@@ -97,3 +97,11 @@ def test_every_openclip_config_passes_or_fails_in_one_line_per_problem():
             for problem in exc.problems:
                 assert problem.path in ("multimodal_cfg", "vision_cfg.type", "text_cfg.type"), str(problem)
     assert ok == 45 and rejected == 99
+
+
+def test_schema_bounds_sit_on_numbers(capsys):
+    assert main(["config", "schema"]) == 0
+    image_size = json.loads(capsys.readouterr().out)["$defs"]["vision_tower.vit"]["properties"]["image_size"]
+    integer, pair = image_size["anyOf"]
+    assert integer == {"type": "integer", "exclusiveMinimum": 0}
+    assert all(item["exclusiveMinimum"] == 0 for item in pair["prefixItems"]) and "exclusiveMinimum" not in pair
