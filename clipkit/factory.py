@@ -10,7 +10,7 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -343,4 +343,40 @@ def get_tokenizer(model_name: str = "", context_length: Optional[int] = None, ca
     if cache_dir is not None:
         tokenizer_kwargs["cache_dir"] = cache_dir
     entry = registry.get("tokenizer", config.tokenizer_name, where=f"{model_name}: text_cfg.tokenizer")
-    return entry.load()(text_cfg, length, **tokenizer_kwargs)
+    tokenizer = entry.load()(text_cfg, length, **tokenizer_kwargs)
+    _check_special_ids(model_name, config, tokenizer)
+    return tokenizer
+
+
+def _check_special_ids(model_name: str, config: ModelConfig, tokenizer: Any) -> None:
+    """The text tower's special ids must be the tokenizer's, or pooling and masking read the wrong token."""
+    text = config.text
+    pool = getattr(text, "pool_type", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if pool == "eos" and eos is not None and getattr(text, "eos_id", eos) != eos:
+        raise ClipkitError(f"{model_name}: text_cfg.eos_id is {text.eos_id} but the tokenizer's end token is {eos}; "
+                           f"pool_type 'eos' would pool the wrong token")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if getattr(text, "embed_cls", False) and pad is not None and getattr(text, "pad_id", pad) != pad:
+        raise ClipkitError(f"{model_name}: text_cfg.pad_id is {text.pad_id} but the tokenizer pads with {pad}; "
+                           f"the attention mask would hide the wrong tokens")
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if vocab is not None and getattr(text, "vocab_size", vocab) < vocab:
+        raise ClipkitError(f"{model_name}: the tokenizer has {vocab} tokens but text_cfg.vocab_size is "
+                           f"{text.vocab_size}; token ids would fall outside the embedding table")
+
+
+_TOKENIZE_CACHE: Dict[str, Any] = {}
+
+
+def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77) -> torch.Tensor:
+    """CLIP BPE ids, as OpenCLIP's ``tokenize``. A model's own tokenizer comes from :func:`get_tokenizer`."""
+    if "clip" not in _TOKENIZE_CACHE:
+        _TOKENIZE_CACHE["clip"] = registry.get("tokenizer", "clip").load()({}, context_length)
+    return _TOKENIZE_CACHE["clip"](texts, context_length)
+
+
+def decode(ids: Union[Sequence[int], torch.Tensor]) -> str:
+    """Text of CLIP BPE ids, as OpenCLIP's ``decode``."""
+    tokenize("")
+    return _TOKENIZE_CACHE["clip"].decode(ids)

@@ -27,7 +27,7 @@ from .errors import ClipkitError, PluginError
 
 ENTRY_POINT_GROUP = "clipkit"
 BUILTIN_DIST = "clipkit-torch"
-BUILTIN_PLUGINS = ("clipkit.builtin.vit", "clipkit.builtin.transformer")
+BUILTIN_PLUGINS = ("clipkit.builtin.vit", "clipkit.builtin.transformer", "clipkit.builtin.tokenizers")
 
 KIND_TITLES = {
     "vision_tower": "vision tower type",

@@ -1,6 +1,11 @@
 import copy
+import os
 import sys
 import types
+
+# no test may touch the network: hub lookups fail fast instead of retrying
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest
 

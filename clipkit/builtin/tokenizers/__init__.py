@@ -1,0 +1,12 @@
+"""Builtin tokenizers: ``clip`` (OpenAI CLIP's byte-level BPE, shipped offline) and ``hf`` (any
+HuggingFace tokenizer). Selected by ``text_cfg.tokenizer`` or inferred (``hf_tokenizer_name`` -> hf).
+
+This module is the plugin and imports no torch; the tokenizers live beside it.
+"""
+from ...hookspecs import hookimpl
+
+
+@hookimpl
+def register_tokenizers(register):
+    register("clip", "clipkit.builtin.tokenizers.clip_bpe:build_clip_tokenizer")
+    register("hf", "clipkit.builtin.tokenizers.hf:build_hf_tokenizer")
