@@ -68,6 +68,8 @@ def load_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], *, strict:
     state = {k: v for k, v in state.items() if k not in _DROPPED_KEYS}
     _fit_scalars(model, state)
     canon = _canonical if hasattr(model, "flat_text") else (lambda key: key)
+    if hasattr(model, "flat_text"):
+        _resize_position_embeddings(model, state)
     own = {canon(k): v for k, v in model.state_dict().items()}
     given = {canon(k): v for k, v in state.items()}
     missing = sorted(set(own) - set(given))
@@ -87,6 +89,37 @@ def load_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], *, strict:
     if not strict:
         state = {k: v for k, v in state.items() if canon(k) in own}
     model.load_state_dict(state, strict=strict)
+
+
+def _resize_position_embeddings(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Weights trained at another resolution or context length: interpolate their position tables.
+
+    Image positions (one class token, then a square grid) are resized bicubically with antialiasing,
+    text positions linearly, as OpenCLIP does, so its resized checkpoints give the same features.
+    """
+    import torch.nn.functional as F
+
+    own = model.state_dict()
+    for key in [k for k in state if _canonical(k) == "visual.positional_embedding"]:
+        grid = getattr(model.visual, "grid_size", None)
+        old, new = state[key], own.get(key)
+        if grid is None or new is None or old.shape == new.shape or old.ndim != 2:
+            continue
+        side = int(round((old.shape[0] - 1) ** 0.5))
+        if side * side != old.shape[0] - 1:
+            raise CheckpointError(f"{key}: {old.shape[0] - 1} image positions are not a square grid; cannot resize")
+        table = old[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+        table = F.interpolate(table, size=tuple(grid), mode="bicubic", antialias=True, align_corners=False)
+        table = table.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(old.dtype)
+        state[key] = torch.cat([old[:1], table])
+        logger.info("resized %s from a %dx%d grid to %s", key, side, side, tuple(grid))
+    for key in [k for k in state if _canonical(k) == "text.positional_embedding"]:
+        old, new = state[key], own.get(key)
+        if new is None or old.shape == new.shape or old.ndim != 2 or old.shape[1] != new.shape[1]:
+            continue
+        table = F.interpolate(old.T[None].float(), size=new.shape[0], mode="linear", align_corners=False)
+        state[key] = table[0].T.to(old.dtype)
+        logger.info("resized %s from %d to %d positions", key, old.shape[0], new.shape[0])
 
 
 def _canonical(key: str) -> str:

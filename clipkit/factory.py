@@ -20,6 +20,7 @@ from .config import (ModelConfig, get_model_config, model_config_source, parse_m
 from .errors import ClipkitError, TowerContractError, UnknownModelError
 from .hookspecs import TowerContext
 from .model import ClipModel
+from .pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model, preprocess_of
 from .registry import Entry, registry
 from .transforms import AugmentationCfg, PreprocessCfg, image_transform, merge_preprocess
 
@@ -71,6 +72,48 @@ def _hub_weights(schema: str, ident: str, cache_dir: Optional[str]) -> str:
         except Exception as exc:  # not there: try the next name
             last = exc
     raise ClipkitError(f"hf-hub:{ident}: no open_clip weights file could be fetched ({last!r})")
+
+
+def _resolve_pretrained(model_name: str, pretrained: str, cache_dir: Optional[str]) -> Tuple[str, Dict[str, Any]]:
+    """(weights file, tag entry or {}) for a tag, a checkpoint file, or a saved model folder."""
+    tag_cfg = get_pretrained_cfg(model_name.replace("/", "-"), pretrained)
+    if tag_cfg:
+        return download_pretrained(tag_cfg, cache_dir), tag_cfg
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return str(path), {}
+    if path.is_dir():
+        return _hub_weights("local-dir", str(path), cache_dir), {}
+    tags = list_pretrained_tags_by_model(model_name.replace("/", "-"))
+    raise ClipkitError(f"pretrained {pretrained!r} is not a known pretrained tag of {model_name!r} "
+                       f"({'tags: ' + ', '.join(tags) if tags else 'it has no tags'}) or an existing file")
+
+
+def _folder_preprocess(folder: Path) -> Dict[str, Any]:
+    """The preprocess config saved beside weights by save_pretrained, when the folder has one."""
+    folder = folder if folder.is_dir() else folder.parent
+    config = folder / "open_clip_config.json"
+    if not config.is_file():
+        return {}
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("preprocess_cfg", {})
+    except ValueError:
+        return {}
+
+
+def _match_activation(raw: Dict[str, Any], tag_cfg: Dict[str, Any], model_name: str, tag: str, forced: bool) -> None:
+    """Weights trained with QuickGELU need it (OpenCLIP only warns, and computes wrong features)."""
+    wanted = bool(tag_cfg.get("quick_gelu", False))
+    if bool(raw.get("quick_gelu", False)) == wanted:
+        return
+    if forced:
+        logger.warning("%s:%s weights were trained %s QuickGELU, but the caller forced quick_gelu=%s; features "
+                       "will differ from the published ones", model_name, tag, "with" if wanted else "without",
+                       not wanted)
+        return
+    raw["quick_gelu"] = wanted
+    logger.info("%s:%s weights were trained %s QuickGELU: building the model with quick_gelu=%s",
+                model_name, tag, "with" if wanted else "without", wanted)
 
 
 def _apply_overrides(cfg: Dict[str, Any], *, force_quick_gelu: bool, force_custom_text: bool,
@@ -195,10 +238,14 @@ def create_model(
     raw, hub_preprocess, checkpoint, source = _resolve(model_name, cache_dir)
     if parse_model_name(model_name)[0] is not None and pretrained:
         logger.warning("%s: pretrained=%r ignored, the weights come with the model", model_name, pretrained)
-    elif pretrained:
-        if not Path(pretrained).expanduser().is_file():
-            raise ClipkitError(f"pretrained {pretrained!r} is not a known pretrained tag or an existing file")
-        checkpoint = str(Path(pretrained).expanduser())
+    elif pretrained and load_weights:
+        checkpoint, tag_cfg = _resolve_pretrained(model_name, pretrained, cache_dir)
+        if tag_cfg:
+            hub_preprocess = preprocess_of(tag_cfg)
+            _match_activation(raw, tag_cfg, model_name, pretrained,
+                              forced=force_quick_gelu or "quick_gelu" in model_kwargs)
+        else:  # a file saved by save_pretrained brings its preprocessing (OpenCLIP drops it: its #1068)
+            hub_preprocess = _folder_preprocess(Path(checkpoint)) or hub_preprocess
     if not load_weights:
         checkpoint = None
     raw = _apply_overrides(raw, force_quick_gelu=force_quick_gelu, force_custom_text=force_custom_text,
@@ -360,10 +407,10 @@ def _check_special_ids(model_name: str, config: ModelConfig, tokenizer: Any) -> 
     if getattr(text, "embed_cls", False) and pad is not None and getattr(text, "pad_id", pad) != pad:
         raise ClipkitError(f"{model_name}: text_cfg.pad_id is {text.pad_id} but the tokenizer pads with {pad}; "
                            f"the attention mask would hide the wrong tokens")
-    vocab = getattr(tokenizer, "vocab_size", None)
-    if vocab is not None and getattr(text, "vocab_size", vocab) < vocab:
-        raise ClipkitError(f"{model_name}: the tokenizer has {vocab} tokens but text_cfg.vocab_size is "
-                           f"{text.vocab_size}; token ids would fall outside the embedding table")
+    vocab = getattr(text, "vocab_size", None)
+    if eos is not None and vocab is not None and eos >= vocab:
+        raise ClipkitError(f"{model_name}: the tokenizer's end token id {eos} is outside text_cfg.vocab_size "
+                           f"{vocab}; token ids would fall outside the embedding table")
 
 
 _TOKENIZE_CACHE: Dict[str, Any] = {}

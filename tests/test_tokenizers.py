@@ -133,7 +133,7 @@ def test_special_id_mismatch_is_an_error(tmp_path, tiny_cfg):
         clipkit.get_tokenizer(str(tmp_path / "eos_tiny.json"))
     tiny_cfg["text_cfg"].update(pool_type="argmax", vocab_size=1000)
     (tmp_path / "small_vocab.json").write_text(json.dumps(tiny_cfg))
-    with pytest.raises(ClipkitError, match="tokenizer has 49408 tokens but text_cfg.vocab_size is 1000"):
+    with pytest.raises(ClipkitError, match="end token id 49407 is outside text_cfg.vocab_size 1000"):
         clipkit.get_tokenizer(str(tmp_path / "small_vocab.json"))
 
 
