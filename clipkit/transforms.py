@@ -227,7 +227,8 @@ class ResizeKeepRatio:
         return TF.resize(img, list(self.target_size(height, width)), interpolation=self.interpolation)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, longest={self.longest}, interpolation={self.interpolation.value})"
+        return (f"{type(self).__name__}(size={self.size}, longest={self.longest}, "
+                f"interpolation={self.interpolation.value})")
 
 
 class CenterCropOrPad:
