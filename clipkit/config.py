@@ -310,7 +310,11 @@ def read_hub_config(schema: str, ident: str, cache_dir: Optional[str] = None) ->
     else:
         from huggingface_hub import hf_hub_download
 
-        path = Path(hf_hub_download(ident, HF_CONFIG_NAME, cache_dir=cache_dir))
+        try:
+            path = Path(hf_hub_download(ident, HF_CONFIG_NAME, cache_dir=cache_dir))
+        except Exception as exc:  # offline, missing repo, no such file: all mean "cannot use this name"
+            raise ClipkitError(f"hf-hub:{ident}: cannot fetch {HF_CONFIG_NAME} ({type(exc).__name__}); offline, "
+                               f"it must already be in the huggingface_hub cache") from exc
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:

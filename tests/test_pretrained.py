@@ -165,3 +165,26 @@ def test_every_checkpoint_kind_reads_with_weights_only(tmp_path, tiny_cfg, monke
     clipkit.save_pretrained(model, tmp_path / "saved")
     clipkit.create_model(f"local-dir:{tmp_path / 'saved'}")
     assert calls == [True, True, True]
+
+
+def test_hf_hub_model_name_from_prepared_cache(tmp_path, tiny_cfg):
+    """hf-hub:org/repo reads open_clip_config.json and the weights from the huggingface_hub cache."""
+    tiny_cfg["text_cfg"]["vocab_size"] = 49408
+    (tmp_path / "hubtiny.json").write_text(json.dumps(tiny_cfg))
+    model = clipkit.create_model(str(tmp_path / "hubtiny.json"),
+                                 force_preprocess_cfg={"mean": (0.4, 0.4, 0.4)}).eval()
+    folder = clipkit.save_pretrained(model, tmp_path / "export")
+    repo = tmp_path / "cache" / "models--acme--hubtiny"
+    snapshot = repo / "snapshots" / "feedbeef"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("feedbeef")
+    for file in folder.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    cache = str(tmp_path / "cache")
+    loaded = clipkit.create_model("hf-hub:acme/hubtiny", cache_dir=cache).eval()
+    assert loaded.preprocess_cfg["mean"] == (0.4, 0.4, 0.4)
+    _close(loaded, model, *_inputs())
+    assert clipkit.get_tokenizer("hf-hub:acme/hubtiny", cache_dir=cache)("a cat").shape == (1, 16)
+    with pytest.raises(ClipkitError, match="hf-hub:acme/missing"):
+        clipkit.create_model("hf-hub:acme/missing", cache_dir=cache)
