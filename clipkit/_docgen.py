@@ -21,7 +21,9 @@ def _default(value: Any) -> str:
 
 def _table(cls: type) -> str:
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for row in field_docs(cls):
+    own = set(cls.__dict__.get("__annotations__", {}))
+    # the part's own keys first, then the ones it shares with other parts (base classes)
+    for row in sorted(field_docs(cls), key=lambda r: r["name"] not in own):
         default = "required" if row["required"] else _default(row["default"])
         bounds = [f"{word} {row['meta'][key]:g}" for key, word in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
                   if row["meta"].get(key) is not None]

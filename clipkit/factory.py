@@ -282,6 +282,11 @@ def create_model(
     return model
 
 
+def _image_overrides(mean, std, interpolation, resize_mode) -> Dict[str, Any]:
+    """The ``image_*`` arguments of the factory functions as preprocess overrides (None = keep)."""
+    return {"mean": mean, "std": std, "interpolation": interpolation, "resize_mode": resize_mode}
+
+
 def set_model_preprocess_cfg(model: nn.Module, preprocess_cfg: Dict[str, Any]) -> None:
     """Attach the preprocessing a model expects; saved with it and used by its transforms."""
     model.preprocess_cfg = dict(preprocess_cfg)
@@ -321,8 +326,7 @@ def create_model_and_transforms(
         **model_kwargs: Any,
 ):
     """``(model, preprocess_train, preprocess_val)``; the ``image_*`` arguments override preprocessing."""
-    force_preprocess = {"mean": image_mean, "std": image_std, "interpolation": image_interpolation,
-                        "resize_mode": image_resize_mode}
+    force_preprocess = _image_overrides(image_mean, image_std, image_interpolation, image_resize_mode)
     model = create_model(
         model_name, pretrained, load_weights=load_weights, precision=precision, device=device, jit=jit,
         force_quick_gelu=force_quick_gelu, force_custom_text=force_custom_text,
@@ -358,8 +362,7 @@ def create_model_from_pretrained(
     if not pretrained and parse_model_name(model_name)[0] is None:
         raise ClipkitError(f"create_model_from_pretrained({model_name!r}) needs pretrained= (a checkpoint file) "
                            f"or a 'local-dir:'/'hf-hub:' model name")
-    force_preprocess = {"mean": image_mean, "std": image_std, "interpolation": image_interpolation,
-                        "resize_mode": image_resize_mode}
+    force_preprocess = _image_overrides(image_mean, image_std, image_interpolation, image_resize_mode)
     model = create_model(
         model_name, pretrained, precision=precision, device=device, jit=jit, force_quick_gelu=force_quick_gelu,
         force_custom_text=force_custom_text, force_image_size=force_image_size,

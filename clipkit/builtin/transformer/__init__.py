@@ -6,14 +6,15 @@ holds the ``nn.Module``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Literal, Optional
+from typing import Literal
 
 from ...hookspecs import hookimpl
 from ..._typed import option
+from .._block_cfg import TransformerBlockCfg
 
 
 @dataclass
-class TextTransformerCfg:
+class TextTransformerCfg(TransformerBlockCfg):
     """Keys of ``text_cfg`` for the builtin text transformer (OpenCLIP's ``CLIPTextCfg`` names and defaults)."""
 
     context_length: int = option(77, "Tokens per text: the tokenizer's output length and the number of positions.", gt=0)
@@ -21,8 +22,6 @@ class TextTransformerCfg:
     width: int = option(512, "Hidden size of the transformer.", gt=0)
     heads: int = option(8, "Attention heads.", gt=0)
     layers: int = option(12, "Number of transformer blocks.", gt=0)
-    mlp_ratio: float = option(4.0, "MLP hidden size as a multiple of width.", gt=0)
-    ls_init_value: Optional[float] = option(None, "LayerScale initial value; null disables LayerScale.")
     embed_cls: bool = option(False, "Append a learned class token and pool it (with ln_final after pooling).")
     pad_id: int = option(0, "Token id of padding; masked from attention when embed_cls is set.", ge=0)
     eos_id: int = option(2, "Token id that ends a text; pool_type 'eos' pools its first occurrence.", ge=0)
@@ -34,16 +33,6 @@ class TextTransformerCfg:
     proj_type: Literal["linear", "none"] = option("linear", "Projection to embed_dim: linear, or none (width must equal embed_dim).")
     proj_bias: bool = option(False, "Give the projection a bias (an nn.Linear instead of a bare matrix).")
     output_tokens: bool = option(False, "forward returns (pooled, token features) instead of pooled.")
-    act_kwargs: Optional[Dict[str, Any]] = option(None, "Keyword arguments of the activation, e.g. {\"approximate\": \"tanh\"}.")
-    norm_kwargs: Optional[Dict[str, Any]] = option(None, "Keyword arguments of LayerNorm, e.g. {\"eps\": 1e-6}.")
-    block_type: Optional[Literal["default", "custom"]] = option(
-        None, "'custom' enables the block extras below; chosen automatically when any extra is set.")
-    qk_norm: bool = option(False, "LayerNorm on queries and keys of each head.")
-    scaled_cosine_attn: bool = option(False, "Cosine attention with a learned per-head temperature (Swin v2).")
-    scale_heads: bool = option(False, "Learned per-head output scale (NormFormer).")
-    scale_attn_inner: bool = option(False, "LayerNorm on the attention output before its projection.")
-    scale_attn: bool = option(False, "LayerNorm after the attention sub-block.")
-    scale_fc: bool = option(False, "LayerNorm inside the MLP, after the activation.")
 
     def check(self):
         if self.width % self.heads:
@@ -52,12 +41,7 @@ class TextTransformerCfg:
             yield "pad_id", f"{self.pad_id} is outside the vocabulary (vocab_size {self.vocab_size})"
         if self.pool_type == "eos" and self.eos_id >= self.vocab_size:
             yield "eos_id", f"{self.eos_id} is outside the vocabulary (vocab_size {self.vocab_size})"
-        if self.qk_norm and self.scaled_cosine_attn:
-            yield "qk_norm", "cannot be combined with scaled_cosine_attn"
-        extras = (self.qk_norm, self.scaled_cosine_attn, self.scale_heads, self.scale_attn_inner, self.scale_attn,
-                  self.scale_fc)
-        if self.block_type == "default" and any(extras):
-            yield "block_type", "'default' blocks have no qk_norm/scaled_cosine_attn/scale_* extras; use 'custom'"
+        yield from self.block_problems()
 
 
 @hookimpl

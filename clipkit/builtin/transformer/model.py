@@ -30,10 +30,8 @@ class TextTransformer(nn.Module):
         self.cls_emb = nn.Parameter(torch.empty(width)) if cfg.embed_cls else None
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length + int(cfg.embed_cls), width))
         self.transformer = Transformer(
-            width, cfg.layers, cfg.heads, cfg.mlp_ratio, ls_init_value=cfg.ls_init_value,
-            act_layer=make_act(quick_gelu, cfg.act_kwargs), norm_layer=norm, qk_norm=cfg.qk_norm,
-            scaled_cosine_attn=cfg.scaled_cosine_attn, scale_heads=cfg.scale_heads,
-            scale_attn_inner=cfg.scale_attn_inner, scale_attn=cfg.scale_attn, scale_fc=cfg.scale_fc)
+            width, cfg.layers, cfg.heads, cfg.mlp_ratio, act_layer=make_act(quick_gelu, cfg.act_kwargs),
+            norm_layer=norm, **cfg.block_kwargs())
         self.ln_final = norm(width)
         if cfg.proj_type == "none":
             self.text_projection: Union[nn.Parameter, nn.Linear, None] = None

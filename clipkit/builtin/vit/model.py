@@ -73,10 +73,8 @@ class VisionTransformer(nn.Module):
         self.patch_dropout = PatchDropout(cfg.patch_dropout) if cfg.patch_dropout > 0 else nn.Identity()
         self.ln_pre = nn.Identity() if cfg.no_ln_pre else norm(width)
         self.transformer = Transformer(
-            width, cfg.layers, width // cfg.head_width, cfg.mlp_ratio, ls_init_value=cfg.ls_init_value,
-            act_layer=make_act(quick_gelu, cfg.act_kwargs), norm_layer=norm, qk_norm=cfg.qk_norm,
-            scaled_cosine_attn=cfg.scaled_cosine_attn, scale_heads=cfg.scale_heads,
-            scale_attn_inner=cfg.scale_attn_inner, scale_attn=cfg.scale_attn, scale_fc=cfg.scale_fc)
+            width, cfg.layers, width // cfg.head_width, cfg.mlp_ratio, act_layer=make_act(quick_gelu, cfg.act_kwargs),
+            norm_layer=norm, **cfg.block_kwargs())
         if cfg.attentional_pool:
             self.attn_pool: Optional[AttentionalPooler] = AttentionalPooler(
                 output_dim, width, heads=cfg.attn_pooler_heads, n_queries=cfg.attn_pooler_queries, norm_layer=norm)
