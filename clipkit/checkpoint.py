@@ -13,7 +13,8 @@ from .errors import CheckpointError
 logger = logging.getLogger("clipkit")
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_DROPPED_KEYS = ("text.transformer.embeddings.position_ids",)
+# not weights: OpenAI's archives store their hyper-parameters beside the tensors
+_DROPPED_KEYS = ("text.transformer.embeddings.position_ids", "input_resolution", "context_length", "vocab_size")
 
 
 def read_state_dict(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
@@ -32,6 +33,12 @@ def read_state_dict(path: Union[str, Path], device: Union[str, torch.device] = "
             state: Any = load_file(str(path), device=str(device))
         except Exception as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    elif _is_torchscript(path):
+        # OpenAI's released .pt files are TorchScript archives: read their tensors, run none of their code
+        try:
+            state = torch.jit.load(str(path), map_location=device).state_dict()
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a readable TorchScript archive ({exc})") from exc
     else:
         try:
             state = torch.load(path, map_location=device, weights_only=True)
@@ -49,6 +56,15 @@ def read_state_dict(path: Union[str, Path], device: Union[str, torch.device] = "
                 key = key[len(prefix):]
         out[key] = value
     return out
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
 
 
 def _fit_scalars(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:

@@ -89,3 +89,18 @@ def test_create_model_from_pretrained_needs_weights_before_building(tiny_model_p
     torch.save(src.state_dict(), tmp_path / "w.pt")
     model, preprocess = clipkit.create_model_from_pretrained(tiny_model_path, pretrained=str(tmp_path / "w.pt"))
     assert _same(src, model) and preprocess.transforms[1].size == (32, 32)
+
+
+def test_openai_torchscript_archive_and_hyperparameter_keys(tiny_model_path, tmp_path):
+    """OpenAI's .pt files are TorchScript archives with extra int entries; both load."""
+    torch.manual_seed(4)
+    src = clipkit.create_model(tiny_model_path).eval()
+    image, text = torch.randn(1, 3, 32, 32), torch.randint(1, 99, (1, 16))
+    traced = torch.jit.trace(src, (image, text), check_trace=False)
+    traced.save(str(tmp_path / "openai.pt"))
+    loaded = clipkit.create_model(tiny_model_path, pretrained=str(tmp_path / "openai.pt"))
+    assert _same(src, loaded)
+    state = dict(src.state_dict(), input_resolution=torch.tensor(32), context_length=torch.tensor(16),
+                 vocab_size=torch.tensor(100))
+    torch.save(state, tmp_path / "openai_dict.pt")
+    assert _same(src, clipkit.create_model(tiny_model_path, pretrained=str(tmp_path / "openai_dict.pt")))
