@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from ._typed import option, validate
 from .errors import ClipkitError, ConfigError, Problem
-from .registry import UnknownPartError, registry
+from .registry import FIRST_PARTY_MODELS, KIND_TITLES, registry
 
 logger = logging.getLogger("clipkit")
 
@@ -127,23 +127,24 @@ def _tower(section_key: str, kind: str, data: Any, infer, extra_known: Tuple[str
     if not isinstance(tower_type, str) or not tower_type:
         problems.append(Problem(f"{section_key}.type", f"expected a registered tower type name, got {tower_type!r}"))
         return None, None
+    if not registry.has(kind, tower_type):
+        problems.append(Problem(f"{section_key}.type",
+                                registry.unknown_message(kind, tower_type, note=_inferred_from(data, tower_type))))
+        return tower_type, None
     try:
         entry = registry.get(kind, tower_type)
-    except (UnknownPartError, ClipkitError) as exc:
-        message = str(exc)
-        if isinstance(exc, UnknownPartError):
-            message = message.replace(f"{tower_type!r}", f"{tower_type!r}{_inferred_from(data, tower_type)}", 1)
-        problems.append(Problem(f"{section_key}.type", message))
-        return tower_type, None
-    try:
         cls = entry.config_class()
-    except ClipkitError as exc:
+    except ClipkitError as exc:  # a name conflict, or a config class that cannot be imported
         problems.append(Problem(f"{section_key}.type", str(exc)))
         return tower_type, None
-    if cls is None:  # a plugin without a config class gets the raw mapping
+    if cls is None:  # a plugin without a config class gets the raw mapping and validates it itself
         return tower_type, {k: v for k, v in data.items() if k not in ("type",) + extra_known}
-    instance, found = validate(cls, data, section_key, f"{entry.where.split(' from ')[0]}",
-                               extra_known=("type",) + extra_known)
+    try:
+        instance, found = validate(cls, data, section_key, f"{KIND_TITLES[kind]} {tower_type!r}",
+                                   extra_known=("type",) + extra_known)
+    except Exception as exc:  # the plugin's config class itself is broken: name it, do not crash
+        problems.append(Problem(f"{section_key}.type", f"config class of {entry.where} failed: {exc!r}"))
+        return tower_type, None
     problems.extend(found)
     return tower_type, instance
 
@@ -198,6 +199,8 @@ class _Store:
     def __init__(self) -> None:
         self.user_paths: List[Path] = []
         self._configs: Optional[Dict[str, Tuple[Dict[str, Any], str]]] = None
+        self._generation = -1  # the registry load the cache was built from
+        self._reported: set = set()  # scan messages already logged, so rescans stay quiet
 
     def invalidate(self) -> None:
         self._configs = None
@@ -208,37 +211,49 @@ class _Store:
 
     @property
     def configs(self) -> Dict[str, Tuple[Dict[str, Any], str]]:
-        if self._configs is None:
+        entries = registry.entries("model_config")  # loads plugins first: generation is then current
+        if self._configs is None or self._generation != registry.generation:
             found: Dict[str, Tuple[Dict[str, Any], str]] = {}
-            self._scan(BUILTIN_CONFIG_DIR, found, quiet=True)
-            for entry in registry.entries("model_config"):
+            self._scan(BUILTIN_CONFIG_DIR, found, "builtin")
+            for entry in entries:
                 data, where = self._plugin_config(entry)
                 if data is not None:
                     found[entry.name] = (data, where)
             for path in self._env_paths():
                 if not path.exists():
-                    logger.warning("CLIPKIT_MODEL_CONFIG_PATH: %s does not exist; skipped", path)
+                    self._report(logging.WARNING, f"CLIPKIT_MODEL_CONFIG_PATH: {path} does not exist; skipped")
                     continue
-                self._scan(path, found)
+                self._scan(path, found, "CLIPKIT_MODEL_CONFIG_PATH")
             for path in self.user_paths:
-                self._scan(path, found)
+                self._scan(path, found, "add_model_config")
             self._configs = dict(sorted(found.items(), key=lambda kv: _natural_key(kv[0])))
+            self._generation = registry.generation
         return self._configs
 
-    @staticmethod
-    def _plugin_config(entry) -> Tuple[Optional[Dict[str, Any]], str]:
+    def _report(self, level: int, message: str) -> None:
+        if message not in self._reported:
+            self._reported.add(message)
+            logger.log(level, message)
+
+    def _plugin_config(self, entry) -> Tuple[Optional[Dict[str, Any]], str]:
         target = entry.target
         where = f"{entry.plugin.label}"
         if isinstance(target, Mapping):
             return copy.deepcopy(dict(target)), where
+        path = Path(target)
+        if not path.is_absolute():  # relative to the plugin's package, not to the current directory
+            import importlib.util
+
+            spec = importlib.util.find_spec(entry.plugin.module.split(":")[0])
+            if spec is not None and spec.origin:
+                path = Path(spec.origin).parent / path
         try:
-            return json.loads(Path(target).read_text(encoding="utf-8")), str(target)
+            return json.loads(path.read_text(encoding="utf-8")), str(path)
         except (OSError, ValueError, TypeError) as exc:
-            logger.warning("model config %r from %s cannot be read: %s", entry.name, where, exc)
+            self._report(logging.WARNING, f"model config {entry.name!r} from {where} cannot be read: {exc}")
             return None, where
 
-    @staticmethod
-    def _scan(path: Path, found: Dict[str, Tuple[Dict[str, Any], str]], quiet: bool = False) -> int:
+    def _scan(self, path: Path, found: Dict[str, Tuple[Dict[str, Any], str]], origin: str) -> int:
         files = [path] if path.is_file() else sorted(path.glob("*.json"))
         skipped = 0
         for file in files:
@@ -252,9 +267,9 @@ class _Store:
                 skipped += 1
                 continue
             found[file.stem] = (data, str(file))
-        if skipped and not quiet:
-            logger.info("add_model_config(%s): skipped %d JSON file(s) that are not model configs "
-                        "(a model config has embed_dim, vision_cfg and text_cfg)", path, skipped)
+        if skipped and origin != "builtin":
+            self._report(logging.INFO, f"{origin}({path}): skipped {skipped} JSON file(s) that are not model "
+                                       f"configs (a model config has embed_dim, vision_cfg and text_cfg)")
         return skipped
 
 
@@ -268,7 +283,7 @@ def add_model_config(path: Union[str, os.PathLike]) -> None:
     and counted in the log. Configs added here are process-local; use ``CLIPKIT_MODEL_CONFIG_PATH``
     to reach subprocesses and the ``clipkit`` command.
     """
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().resolve()  # later scans must not depend on the working directory
     if not path.exists():
         raise ClipkitError(f"add_model_config: {path} does not exist")
     _store.user_paths.append(path)
@@ -301,8 +316,11 @@ def parse_model_name(model_name: str) -> Tuple[Optional[str], str]:
     return None, model_name
 
 
-def read_hub_config(schema: str, ident: str, cache_dir: Optional[str] = None) -> Dict[str, Any]:
-    """The ``open_clip_config.json`` of a ``local-dir:`` folder or ``hf-hub:`` repo."""
+def read_hub_config(schema: str, ident: str, cache_dir: Optional[str] = None, offline: bool = False) -> Dict[str, Any]:
+    """The ``open_clip_config.json`` of a ``local-dir:`` folder or ``hf-hub:`` repo.
+
+    ``offline`` reads hub repos from the huggingface_hub cache only (``clipkit config`` never downloads).
+    """
     if schema == "local-dir":
         path = Path(ident).expanduser() / HF_CONFIG_NAME
         if not path.is_file():
@@ -311,14 +329,18 @@ def read_hub_config(schema: str, ident: str, cache_dir: Optional[str] = None) ->
         from huggingface_hub import hf_hub_download
 
         try:
-            path = Path(hf_hub_download(ident, HF_CONFIG_NAME, cache_dir=cache_dir))
-        except Exception as exc:  # offline, missing repo, no such file: all mean "cannot use this name"
-            raise ClipkitError(f"hf-hub:{ident}: cannot fetch {HF_CONFIG_NAME} ({type(exc).__name__}); offline, "
-                               f"it must already be in the huggingface_hub cache") from exc
+            path = Path(hf_hub_download(ident, HF_CONFIG_NAME, cache_dir=cache_dir, local_files_only=offline))
+        except Exception as exc:  # offline, gated, missing repo or file: say which, in one line
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ClipkitError(f"hf-hub:{ident}: cannot fetch {HF_CONFIG_NAME} ({type(exc).__name__}: {reason[:160]})"
+                               + ("; only the huggingface_hub cache was searched" if offline else "")) from exc
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise ClipkitError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ClipkitError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def get_model_config(model_name: str) -> Optional[Dict[str, Any]]:
@@ -326,7 +348,7 @@ def get_model_config(model_name: str) -> Optional[Dict[str, Any]]:
     schema, ident = parse_model_name(model_name)
     if schema is not None:
         data = read_hub_config(schema, ident)
-        return copy.deepcopy(data.get("model_cfg", data))
+        return copy.deepcopy(data.get("model_cfg", data) if isinstance(data, dict) else data)
     item = _store.configs.get(model_name)
     return copy.deepcopy(item[0]) if item else None
 
@@ -340,6 +362,7 @@ def unknown_model_message(model_name: str) -> str:
     close = difflib.get_close_matches(model_name, names, n=3)
     if close:
         message += f" (did you mean {', '.join(repr(c) for c in close)}?)"
-    if re.match(r"RN(50|101)", model_name):
-        message += "; ResNet models come with a plugin: pip install clipkit-plugin-resnet"
+    for pattern, dist in FIRST_PARTY_MODELS.items():
+        if re.fullmatch(pattern, model_name):
+            message += f"; {model_name} comes with a plugin: pip install {dist}"
     return message + "; see `clipkit models` for the list, or add_model_config() for your own"

@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .config import (ModelConfig, get_model_config, model_config_source, parse_model_name, read_hub_config,
-                     unknown_model_message, validate_model_config)
-from .errors import ClipkitError, TowerContractError, UnknownModelError
+from ._sources import folder_preprocess, hub_weights, match_activation, resolve_model, resolve_pretrained
+from .config import ModelConfig, parse_model_name, validate_model_config
+from .errors import ClipkitError, TowerContractError
 from .hookspecs import TowerContext
 from .model import ClipModel
-from .pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model, preprocess_of
+from .pretrained import get_pretrained_cfg, preprocess_of
 from .registry import Entry, registry
 from .transforms import AugmentationCfg, PreprocessCfg, image_transform, merge_preprocess
 
@@ -28,92 +27,8 @@ logger = logging.getLogger("clipkit")
 
 PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16", "amp_bfloat16")
 _LOW = {"fp16": torch.float16, "bf16": torch.bfloat16, "pure_fp16": torch.float16, "pure_bf16": torch.bfloat16}
-_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
-                 "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
-_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
-
-
-def _resolve(model_name: str, cache_dir: Optional[str]) -> Tuple[Dict[str, Any], Dict[str, Any], Optional[str], str]:
-    """(model config dict, preprocess overrides, weights file or None, where the config came from)."""
-    schema, ident = parse_model_name(model_name)
-    if schema is not None:
-        data = read_hub_config(schema, ident, cache_dir)
-        if "model_cfg" not in data:
-            raise ClipkitError(f"{model_name}: open_clip_config.json has no 'model_cfg'")
-        return data["model_cfg"], data.get("preprocess_cfg", {}), _hub_weights(schema, ident, cache_dir), model_name
-    cfg = get_model_config(model_name.replace("/", "-"))
-    if cfg is not None:
-        return cfg, {}, None, model_config_source(model_name.replace("/", "-")) or model_name
-    path = Path(model_name)
-    if path.suffix == ".json" and path.is_file():
-        try:
-            return json.loads(path.read_text(encoding="utf-8")), {}, None, str(path)
-        except ValueError as exc:
-            raise ClipkitError(f"{path}: not valid JSON ({exc})") from exc
-    raise UnknownModelError(unknown_model_message(model_name))
-
-
-def _hub_weights(schema: str, ident: str, cache_dir: Optional[str]) -> str:
-    if schema == "local-dir":
-        folder = Path(ident).expanduser()
-        for name in _WEIGHT_FILES:
-            if (folder / name).is_file():
-                return str(folder / name)
-        extra = sorted(p for ext in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(ext))
-        if extra:
-            return str(extra[0])
-        raise ClipkitError(f"local-dir:{ident}: no weights file ({', '.join(_WEIGHT_FILES[:3])}, ...) in that folder")
-    from huggingface_hub import hf_hub_download
-
-    last: Optional[Exception] = None
-    for name in _WEIGHT_FILES[:4]:
-        try:
-            return hf_hub_download(ident, name, cache_dir=cache_dir)
-        except Exception as exc:  # not there: try the next name
-            last = exc
-    raise ClipkitError(f"hf-hub:{ident}: no open_clip weights file could be fetched ({last!r})")
-
-
-def _resolve_pretrained(model_name: str, pretrained: str, cache_dir: Optional[str]) -> Tuple[str, Dict[str, Any]]:
-    """(weights file, tag entry or {}) for a tag, a checkpoint file, or a saved model folder."""
-    tag_cfg = get_pretrained_cfg(model_name.replace("/", "-"), pretrained)
-    if tag_cfg:
-        return download_pretrained(tag_cfg, cache_dir), tag_cfg
-    path = Path(pretrained).expanduser()
-    if path.is_file():
-        return str(path), {}
-    if path.is_dir():
-        return _hub_weights("local-dir", str(path), cache_dir), {}
-    tags = list_pretrained_tags_by_model(model_name.replace("/", "-"))
-    raise ClipkitError(f"pretrained {pretrained!r} is not a known pretrained tag of {model_name!r} "
-                       f"({'tags: ' + ', '.join(tags) if tags else 'it has no tags'}) or an existing file")
-
-
-def _folder_preprocess(folder: Path) -> Dict[str, Any]:
-    """The preprocess config saved beside weights by save_pretrained, when the folder has one."""
-    folder = folder if folder.is_dir() else folder.parent
-    config = folder / "open_clip_config.json"
-    if not config.is_file():
-        return {}
-    try:
-        return json.loads(config.read_text(encoding="utf-8")).get("preprocess_cfg", {})
-    except ValueError:
-        return {}
-
-
-def _match_activation(raw: Dict[str, Any], tag_cfg: Dict[str, Any], model_name: str, tag: str, forced: bool) -> None:
-    """Weights trained with QuickGELU need it (OpenCLIP only warns, and computes wrong features)."""
-    wanted = bool(tag_cfg.get("quick_gelu", False))
-    if bool(raw.get("quick_gelu", False)) == wanted:
-        return
-    if forced:
-        logger.warning("%s:%s weights were trained %s QuickGELU, but the caller forced quick_gelu=%s; features "
-                       "will differ from the published ones", model_name, tag, "with" if wanted else "without",
-                       not wanted)
-        return
-    raw["quick_gelu"] = wanted
-    logger.info("%s:%s weights were trained %s QuickGELU: building the model with quick_gelu=%s",
-                model_name, tag, "with" if wanted else "without", wanted)
+_KEEP_FP32_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
+_KEEP_FP32_NAMES = {"positional_embedding", "class_embedding", "cls_emb"}
 
 
 def _apply_overrides(cfg: Dict[str, Any], *, force_quick_gelu: bool, force_custom_text: bool,
@@ -186,20 +101,20 @@ def build_model(config: ModelConfig, *, precision: str = "fp32", output_dict: bo
 
 
 def _set_precision(model: nn.Module, precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ClipkitError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     dtype = _LOW.get(precision)
     if dtype is None:
         return
     if precision.startswith("pure_"):
         model.to(dtype)
         return
-    # fp16/bf16: matmul weights in low precision, norms (and the logit scale) stay fp32
+    # fp16/bf16 as OpenCLIP: matmul weights in low precision; norms, embedding tables, the logit
+    # scale and bias stay fp32 (the towers cast activations to their blocks' dtype)
     for module in model.modules():
-        if isinstance(module, _NORM_TYPES) or module is model:
+        if isinstance(module, _KEEP_FP32_TYPES) or module is model:
             continue
         for name, param in module.named_parameters(recurse=False):
-            param.data = param.data.to(dtype)
+            if name not in _KEEP_FP32_NAMES:
+                param.data = param.data.to(dtype)
 
 
 def create_model(
@@ -234,24 +149,32 @@ def create_model(
         raise ClipkitError("jit=True (TorchScript) is not supported by clipkit; use torch.compile(model) instead")
     if not weights_only:
         raise ClipkitError("weights_only=False is refused: clipkit loads checkpoints with weights_only=True only")
-    model_kwargs.pop("pretrained_hf", None)
-    raw, hub_preprocess, checkpoint, source = _resolve(model_name, cache_dir)
-    if parse_model_name(model_name)[0] is not None and pretrained:
-        logger.warning("%s: pretrained=%r ignored, the weights come with the model", model_name, pretrained)
-    elif pretrained and load_weights:
-        checkpoint, tag_cfg = _resolve_pretrained(model_name, pretrained, cache_dir)
-        if tag_cfg:
-            hub_preprocess = preprocess_of(tag_cfg)
-            _match_activation(raw, tag_cfg, model_name, pretrained,
-                              forced=force_quick_gelu or "quick_gelu" in model_kwargs)
-        else:  # a file saved by save_pretrained brings its preprocessing (OpenCLIP drops it: its #1068)
-            hub_preprocess = _folder_preprocess(Path(checkpoint)) or hub_preprocess
-    if not load_weights:
-        checkpoint = None
+    if precision not in PRECISIONS:
+        raise ClipkitError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    pretrained_text = model_kwargs.pop("pretrained_hf", pretrained_text)  # OpenCLIP's legacy name
+    source = resolve_model(model_name, cache_dir)
+    raw, saved_preprocess, checkpoint = source.config, source.preprocess, None
+    if source.schema is not None:
+        if pretrained:
+            logger.warning("%s: pretrained=%r ignored, the weights come with the model", model_name, pretrained)
+        if load_weights:
+            checkpoint = hub_weights(source.schema, source.ident, cache_dir)
+    elif pretrained:
+        tag_cfg = get_pretrained_cfg(model_name.replace("/", "-"), pretrained)
+        if tag_cfg:  # a tag sets preprocessing and activation even when its weights are not loaded
+            saved_preprocess = preprocess_of(tag_cfg)
+            match_activation(raw, tag_cfg, model_name, pretrained,
+                             forced=force_quick_gelu or "quick_gelu" in model_kwargs)
+        if load_weights or not tag_cfg:
+            checkpoint, _ = resolve_pretrained(model_name, pretrained, cache_dir)
+            if not tag_cfg:  # a file saved by save_pretrained brings its preprocessing (OpenCLIP drops it: its #1068)
+                saved_preprocess = folder_preprocess(Path(checkpoint)) or saved_preprocess
+        if not load_weights:
+            checkpoint = None
     raw = _apply_overrides(raw, force_quick_gelu=force_quick_gelu, force_custom_text=force_custom_text,
                            force_patch_dropout=force_patch_dropout, force_image_size=force_image_size,
                            force_context_length=force_context_length, model_kwargs=model_kwargs)
-    config = validate_model_config(raw, source=source, name=model_name)
+    config = validate_model_config(raw, source=source.label, name=model_name)
     tower_weights = checkpoint is None and pretrained_image_path is None and pretrained_text_path is None
     on_meta = torch.device(device).type == "meta"
     if on_meta and checkpoint is not None:
@@ -277,7 +200,7 @@ def create_model(
         model.to(device)
     preprocess = PreprocessCfg(size=tuple(model.visual.image_size) if not isinstance(model.visual.image_size, int)
                                else model.visual.image_size).as_dict()
-    preprocess = merge_preprocess(merge_preprocess(preprocess, hub_preprocess), force_preprocess_cfg)
+    preprocess = merge_preprocess(merge_preprocess(preprocess, saved_preprocess), force_preprocess_cfg)
     set_model_preprocess_cfg(model, preprocess)
     return model
 
@@ -290,7 +213,10 @@ def _image_overrides(mean, std, interpolation, resize_mode) -> Dict[str, Any]:
 def set_model_preprocess_cfg(model: nn.Module, preprocess_cfg: Dict[str, Any]) -> None:
     """Attach the preprocessing a model expects; saved with it and used by its transforms."""
     model.preprocess_cfg = dict(preprocess_cfg)
-    model.visual.preprocess_cfg = model.preprocess_cfg  # where OpenCLIP code looks for it
+    # where OpenCLIP code looks for it, legacy attributes included
+    model.visual.preprocess_cfg = model.preprocess_cfg
+    model.visual.image_mean = model.preprocess_cfg.get("mean")
+    model.visual.image_std = model.preprocess_cfg.get("std")
 
 
 def get_model_preprocess_cfg(model: nn.Module) -> Dict[str, Any]:
@@ -360,7 +286,7 @@ def create_model_from_pretrained(
 ):
     """A model that must come with weights; returns ``model`` or ``(model, preprocess_val)``."""
     if not pretrained and parse_model_name(model_name)[0] is None:
-        raise ClipkitError(f"create_model_from_pretrained({model_name!r}) needs pretrained= (a checkpoint file) "
+        raise ClipkitError(f"create_model_from_pretrained({model_name!r}) needs pretrained= (a tag or a checkpoint file) "
                            f"or a 'local-dir:'/'hf-hub:' model name")
     force_preprocess = _image_overrides(image_mean, image_std, image_interpolation, image_resize_mode)
     model = create_model(
@@ -373,60 +299,3 @@ def create_model_from_pretrained(
     return model, image_transform(get_model_preprocess_cfg(model), is_train=False)
 
 
-def get_tokenizer(model_name: str = "", context_length: Optional[int] = None, cache_dir: Optional[str] = None,
-                  **kwargs: Any):
-    """The tokenizer a model's config implies, at its ``context_length`` (or the one given).
-
-    An unknown model name is an error (OpenCLIP silently falls back to CLIP's BPE tokenizer).
-    """
-    if not model_name:
-        raise UnknownModelError("get_tokenizer needs a model name; see `clipkit models`")
-    raw, _, _, source = _resolve(model_name, cache_dir)
-    config = validate_model_config(raw, source=source, name=model_name)
-    text_cfg = dict(raw.get("text_cfg", {}))
-    schema, ident = parse_model_name(model_name)
-    if schema == "local-dir" and config.tokenizer.hf_tokenizer_name:
-        text_cfg["hf_tokenizer_name"] = ident  # a saved model carries its tokenizer files
-    length = context_length or text_cfg.get("context_length") or getattr(config.text, "context_length", None) or 77
-    tokenizer_kwargs = dict(config.tokenizer.tokenizer_kwargs or {})
-    tokenizer_kwargs.update(kwargs)
-    if cache_dir is not None:
-        tokenizer_kwargs["cache_dir"] = cache_dir
-    entry = registry.get("tokenizer", config.tokenizer_name, where=f"{model_name}: text_cfg.tokenizer")
-    tokenizer = entry.load()(text_cfg, length, **tokenizer_kwargs)
-    _check_special_ids(model_name, config, tokenizer)
-    return tokenizer
-
-
-def _check_special_ids(model_name: str, config: ModelConfig, tokenizer: Any) -> None:
-    """The text tower's special ids must be the tokenizer's, or pooling and masking read the wrong token."""
-    text = config.text
-    pool = getattr(text, "pool_type", None)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if pool == "eos" and eos is not None and getattr(text, "eos_id", eos) != eos:
-        raise ClipkitError(f"{model_name}: text_cfg.eos_id is {text.eos_id} but the tokenizer's end token is {eos}; "
-                           f"pool_type 'eos' would pool the wrong token")
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if getattr(text, "embed_cls", False) and pad is not None and getattr(text, "pad_id", pad) != pad:
-        raise ClipkitError(f"{model_name}: text_cfg.pad_id is {text.pad_id} but the tokenizer pads with {pad}; "
-                           f"the attention mask would hide the wrong tokens")
-    vocab = getattr(text, "vocab_size", None)
-    if eos is not None and vocab is not None and eos >= vocab:
-        raise ClipkitError(f"{model_name}: the tokenizer's end token id {eos} is outside text_cfg.vocab_size "
-                           f"{vocab}; token ids would fall outside the embedding table")
-
-
-_TOKENIZE_CACHE: Dict[str, Any] = {}
-
-
-def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77) -> torch.Tensor:
-    """CLIP BPE ids, as OpenCLIP's ``tokenize``. A model's own tokenizer comes from :func:`get_tokenizer`."""
-    if "clip" not in _TOKENIZE_CACHE:
-        _TOKENIZE_CACHE["clip"] = registry.get("tokenizer", "clip").load()({}, context_length)
-    return _TOKENIZE_CACHE["clip"](texts, context_length)
-
-
-def decode(ids: Union[Sequence[int], torch.Tensor]) -> str:
-    """Text of CLIP BPE ids, as OpenCLIP's ``decode``."""
-    tokenize("")
-    return _TOKENIZE_CACHE["clip"].decode(ids)

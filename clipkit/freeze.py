@@ -9,6 +9,8 @@ from typing import Iterator, Sequence, Union
 
 from torch import nn
 
+from .errors import ClipkitError
+
 _NORMS = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
@@ -29,6 +31,15 @@ def _keep_eval(module: nn.Module, _inputs) -> None:
     module.eval()
 
 
+def _release_bn_stats(tower: nn.Module) -> None:
+    """Undo an earlier ``freeze_bn_stats`` so each lock call starts from scratch."""
+    for module in tower.modules():
+        handle = module.__dict__.pop("_clipkit_bn_hook", None)
+        if handle is not None:
+            handle.remove()
+            module.train(tower.training)
+
+
 def lock_layer_groups(tower: nn.Module, unlocked: int = 0, *, freeze_layer_norm: bool = True,
                       freeze_bn_stats: bool = False) -> None:
     """Freeze ``tower`` except its last ``unlocked`` layer groups.
@@ -38,10 +49,14 @@ def lock_layer_groups(tower: nn.Module, unlocked: int = 0, *, freeze_layer_norm:
     ``model.train()`` calls too. Calling it again re-locks from scratch, so a resumed run may unlock
     more groups than the run it resumes.
     """
+    if not isinstance(unlocked, int) or unlocked < 0:
+        raise ClipkitError(f"unlocked layer groups must be an int >= 0, got {unlocked!r}")
     groups = list(tower.layer_groups())
-    if unlocked < 0:
-        raise ValueError(f"unlocked layer groups must be >= 0, got {unlocked}")
-    unlocked = min(unlocked, len(groups))
+    _release_bn_stats(tower)
+    if unlocked >= len(groups):  # everything unlocked, parameters outside any group included
+        for param in tower.parameters():
+            param.requires_grad = True
+        return
     locked = groups[: len(groups) - unlocked]
     for param in tower.parameters():
         param.requires_grad = False
@@ -54,8 +69,7 @@ def lock_layer_groups(tower: nn.Module, unlocked: int = 0, *, freeze_layer_norm:
             if not freeze_layer_norm and isinstance(module, _NORMS):
                 for param in module.parameters(recurse=False):
                     param.requires_grad = True
-            if freeze_bn_stats and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if freeze_bn_stats and isinstance(module, nn.modules.batchnorm._BatchNorm) \
+                    and "_clipkit_bn_hook" not in module.__dict__:
                 module.eval()
-                if not getattr(module, "_clipkit_stats_frozen", False):
-                    module.register_forward_pre_hook(_keep_eval)
-                    module._clipkit_stats_frozen = True
+                module.__dict__["_clipkit_bn_hook"] = module.register_forward_pre_hook(_keep_eval)

@@ -42,6 +42,10 @@ KIND_TITLES = {
 FIRST_PARTY: Dict[Tuple[str, str], str] = {
     ("vision_tower", "resnet"): "clipkit-plugin-resnet",
 }
+#: Model names (regular expressions) whose configs first-party plugins ship.
+FIRST_PARTY_MODELS: Dict[str, str] = {
+    r"RN(50|101|50x4|50x16|50x64)(-quickgelu)?": "clipkit-plugin-resnet",
+}
 
 
 class PluginWarning(UserWarning):
@@ -144,55 +148,40 @@ def _disabled_names() -> set:
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
-class Registry:
-    """All registered parts, keyed by ``(kind, name)``. Use the module-level :data:`registry`."""
+# metadata each kind's register() accepts besides ``config``; anything else is a plugin bug
+ALLOWED_META = {"text_tower": {"flat_state_dict"}, "tokenizer": {"options"}}
 
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._loaded = False
-        self._entries: Dict[Tuple[str, str], Entry] = {}
-        self._conflicts: Dict[Tuple[str, str], List[PluginInfo]] = {}
-        self._plugins: Dict[str, PluginInfo] = {}
-        self._pm: Optional[pluggy.PluginManager] = None
-        self._extra: List[Tuple[Any, str]] = []  # in-process plugins, kept across reload()
 
-    # -- loading ---------------------------------------------------------------------------------
-    def _ensure_loaded(self) -> None:
-        if not self._loaded:
-            with self._lock:
-                if not self._loaded:
-                    self._load()
-                    self._loaded = True
+@dataclass
+class _Snapshot:
+    """One complete load of every plugin; replaced whole, never mutated after loading."""
 
-    def reload(self) -> None:
-        """Forget everything and load the plugins again (after installing one, or in tests)."""
-        with self._lock:
-            self._loaded = False
-            self._entries.clear()
-            self._conflicts.clear()
-            self._plugins.clear()
-            self._pm = None
-        self._ensure_loaded()
+    entries: Dict[Tuple[str, str], Entry] = field(default_factory=dict)
+    conflicts: Dict[Tuple[str, str], List[PluginInfo]] = field(default_factory=dict)
+    plugins: Dict[str, PluginInfo] = field(default_factory=dict)
 
-    def _load(self) -> None:
+
+class _Loader:
+    """Builds a :class:`_Snapshot`: imports plugins one by one, isolating each one's failures."""
+
+    def __init__(self, extra: List[Tuple[Any, str]]):
+        self.snap = _Snapshot()
+        self.extra = extra
+
+    def load(self) -> _Snapshot:
         from . import __version__
 
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
-        self._pm = pm
         for module_name in BUILTIN_PLUGINS:
             info = PluginInfo(module_name.rsplit(".", 1)[-1], BUILTIN_DIST, __version__, module_name, builtin=True)
             self._add_plugin(pm, info, lambda m=module_name: importlib.import_module(m))
         self._load_entry_points(pm)
-        for plugin, name in self._extra:
+        for plugin, name in self.extra:
             info = PluginInfo(name, getattr(plugin, "__name__", name), "in-process", getattr(plugin, "__name__", name))
             self._add_plugin(pm, info, lambda p=plugin: p)
         self._collect(pm)
-        if strict_plugins():
-            problems = [f"{p.label}: {p.error}" for p in self._plugins.values() if p.status == "failed"]
-            problems += [self._conflict_message(key) for key in self._conflicts]
-            if problems:
-                raise PluginError("CLIPKIT_STRICT_PLUGINS is set and plugins failed: " + "; ".join(problems))
+        return self.snap
 
     def _load_entry_points(self, pm: pluggy.PluginManager) -> None:
         disabled = _disabled_names()
@@ -207,14 +196,14 @@ class Registry:
             info = PluginInfo(ep.name, dist_name, version, ep.value)
             if "all" in disabled or ep.name in disabled or dist_name in disabled:
                 info.status = "disabled"
-                self._plugins[info.name] = info
+                self.snap.plugins[info.name] = info
                 continue
             self._add_plugin(pm, info, ep.load)
 
     def _add_plugin(self, pm: pluggy.PluginManager, info: PluginInfo, load) -> None:
-        if info.name in self._plugins:
+        if info.name in self.snap.plugins:
             info.name = f"{info.name}@{info.distribution}"
-        self._plugins[info.name] = info
+        self.snap.plugins[info.name] = info
         try:
             plugin = load()
             pm.register(plugin, name=info.name)
@@ -230,7 +219,8 @@ class Registry:
                 hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             self._fail(info, "unknown hook " + ", ".join(hints))
 
-    def _fail(self, info: PluginInfo, error: str) -> None:
+    @staticmethod
+    def _fail(info: PluginInfo, error: str) -> None:
         info.status = "failed"
         info.error = error
         if info.builtin:
@@ -241,103 +231,152 @@ class Registry:
         staged: Dict[str, List[Entry]] = {}
         for hook_name, kind in hookspecs.HOOK_KINDS.items():
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
-                info = self._plugins[impl.plugin_name]
+                info = self.snap.plugins[impl.plugin_name]
                 if info.status != "active":
                     continue
                 bucket = staged.setdefault(info.name, [])
-
-                def register(name: str, factory: Any, *, config: Any = None, _kind=kind, _info=info,
-                             _bucket=bucket, **meta: Any) -> None:
-                    if not isinstance(name, str) or not name:
-                        raise PluginError(f"{_info.label}: registered a {KIND_TITLES[_kind]} with name {name!r}")
-                    _bucket.append(Entry(_kind, name, factory, config, _info, meta))
-
                 try:
-                    impl.function(**{arg: register for arg in impl.argnames})
+                    impl.function(**{arg: self._register_callback(kind, info, bucket) for arg in impl.argnames})
                 except Exception as exc:
                     staged.pop(info.name, None)
                     self._fail(info, f"hook {hook_name} raised {exc!r}")
         # builtins first: their names are the ones a conflict message compares against
-        for info in sorted(self._plugins.values(), key=lambda p: not p.builtin):
+        entries, conflicts = self.snap.entries, self.snap.conflicts
+        for info in sorted(self.snap.plugins.values(), key=lambda p: not p.builtin):
             for entry in staged.get(info.name, []):
                 key = (entry.kind, entry.name)
-                if key in self._entries and self._entries[key].plugin is not info:
-                    self._conflicts.setdefault(key, [self._entries[key].plugin]).append(info)
-                self._entries.setdefault(key, entry)
+                if key in entries:
+                    conflicts.setdefault(key, [entries[key].plugin]).append(info)
+                entries.setdefault(key, entry)
                 info.registered.append(key)
+
+    @staticmethod
+    def _register_callback(kind: str, info: PluginInfo, bucket: List[Entry]):
+        def register(name: str, factory: Any, *, config: Any = None, **meta: Any) -> None:
+            title = KIND_TITLES[kind]
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"registered a {title} with name {name!r}")
+            unknown = sorted(set(meta) - ALLOWED_META.get(kind, set()))
+            if unknown:
+                raise PluginError(f"register() of {title} {name!r} got unknown keyword(s) {', '.join(unknown)}")
+            if any(e.kind == kind and e.name == name for e in bucket):
+                raise PluginError(f"registered {title} {name!r} twice")
+            bucket.append(Entry(kind, name, factory, config, info, meta))
+        return register
+
+
+class Registry:
+    """All registered parts, keyed by ``(kind, name)``. Use the module-level :data:`registry`.
+
+    Loading builds a complete snapshot and swaps it in, so queries from other threads see either
+    the old or the new set of plugins, never half of one. ``generation`` counts loads, so caches
+    built from the registry (the config store) know when to rebuild.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._snap: Optional[_Snapshot] = None
+        self._extra: List[Tuple[Any, str]] = []  # in-process plugins, kept across reload()
+        self.generation = 0
+
+    def _snapshot(self) -> _Snapshot:
+        snap = self._snap
+        if snap is None:
+            with self._lock:
+                if self._snap is None:
+                    self._install(_Loader(list(self._extra)).load())
+                snap = self._snap
+        return snap  # type: ignore[return-value]
+
+    def _install(self, snap: _Snapshot) -> None:
+        self._snap = snap
+        self.generation += 1
+        if strict_plugins():
+            problems = [f"{p.label}: {p.error}" for p in snap.plugins.values() if p.status == "failed"]
+            problems += [self._conflict_message(snap, key) for key in snap.conflicts]
+            if problems:
+                raise PluginError("CLIPKIT_STRICT_PLUGINS is set and plugins failed: " + "; ".join(problems))
+
+    def reload(self) -> None:
+        """Load the plugins again (after installing one, or in tests) and swap the result in."""
+        with self._lock:
+            self._install(_Loader(list(self._extra)).load())
 
     # -- in-process plugins ---------------------------------------------------------------------
     def register_plugin(self, plugin: Any, name: Optional[str] = None) -> None:
         """Register a plugin object (a module or instance with hookimpls) in this process only."""
         with self._lock:
             self._extra.append((plugin, name or getattr(plugin, "__name__", repr(plugin))))
-        self.reload()
+            self.reload()
 
     def unregister_plugin(self, plugin: Any) -> None:
         """Undo :meth:`register_plugin`."""
         with self._lock:
             self._extra = [(p, n) for p, n in self._extra if p is not plugin]
-        self.reload()
+            self.reload()
 
     # -- queries ---------------------------------------------------------------------------------
     def names(self, kind: str) -> List[str]:
         """Registered names of one kind, sorted."""
-        self._ensure_loaded()
-        return sorted(name for k, name in self._entries if k == kind)
+        return sorted(name for k, name in self._snapshot().entries if k == kind)
 
     def entries(self, kind: str) -> List[Entry]:
-        self._ensure_loaded()
-        return [self._entries[(kind, name)] for name in self.names(kind)]
+        snap = self._snapshot()
+        return [snap.entries[key] for key in sorted(k for k in snap.entries if k[0] == kind)]
 
     def plugins(self) -> List[PluginInfo]:
         """Every plugin seen, builtin ones first."""
-        self._ensure_loaded()
-        return sorted(self._plugins.values(), key=lambda p: (not p.builtin, p.name))
+        return sorted(self._snapshot().plugins.values(), key=lambda p: (not p.builtin, p.name))
 
     def conflicts(self) -> List[str]:
-        self._ensure_loaded()
-        return [self._conflict_message(key) for key in self._conflicts]
+        snap = self._snapshot()
+        return [self._conflict_message(snap, key) for key in snap.conflicts]
 
-    def _conflict_message(self, key: Tuple[str, str]) -> str:
+    @staticmethod
+    def _conflict_message(snap: _Snapshot, key: Tuple[str, str]) -> str:
         kind, name = key
-        who = " and ".join(p.label for p in self._conflicts[key])
+        who = " and ".join(p.label for p in snap.conflicts[key])
         return (f"{KIND_TITLES[kind]} {name!r} is registered by both {who}; uninstall one or set "
                 f"CLIPKIT_DISABLE_PLUGINS to one of their names")
 
     def has(self, kind: str, name: str) -> bool:
-        self._ensure_loaded()
-        return (kind, name) in self._entries
+        return (kind, name) in self._snapshot().entries
 
     def get(self, kind: str, name: str, *, where: str = "") -> Entry:
         """The entry for ``name``; an :class:`UnknownPartError` that teaches when there is none.
 
         ``where`` (e.g. ``"vision_cfg.type"``) prefixes the message.
         """
-        self._ensure_loaded()
+        snap = self._snapshot()
         key = (kind, name)
-        if key in self._conflicts:
-            raise PluginError((f"{where}: " if where else "") + self._conflict_message(key))
-        if key in self._entries:
-            return self._entries[key]
+        if key in snap.conflicts:
+            raise PluginError((f"{where}: " if where else "") + self._conflict_message(snap, key))
+        if key in snap.entries:
+            return snap.entries[key]
         raise UnknownPartError(self.unknown_message(kind, name, where=where))
 
-    def unknown_message(self, kind: str, name: str, *, where: str = "") -> str:
-        """One line: what is unknown, what is installed, did-you-mean, failed plugins, pip hint."""
+    def unknown_message(self, kind: str, name: str, *, where: str = "", note: str = "") -> str:
+        """One line: what is unknown, what is installed, did-you-mean, failed plugins, pip hint.
+
+        ``note`` follows the name (e.g. how the name was inferred).
+        """
+        snap = self._snapshot()
         known = self.names(kind)
-        parts = [f"unknown {KIND_TITLES[kind]} {name!r}"]
+        parts = [f"unknown {KIND_TITLES[kind]} {name!r}{note}"]
         close = difflib.get_close_matches(str(name), known, n=1)
         if close:
             parts[0] += f" (did you mean {close[0]!r}?)"
         parts.append("installed: " + (", ".join(known) if known else "none"))
-        failed = [p for p in self._plugins.values() if p.status in ("failed", "disabled")]
-        for plugin in failed:
+        for plugin in snap.plugins.values():
+            if plugin.status not in ("failed", "disabled"):
+                continue
             match = name in (plugin.name, plugin.distribution) or plugin.distribution.endswith(f"-{name}")
             verb = "failed to load" if plugin.status == "failed" else "is disabled by CLIPKIT_DISABLE_PLUGINS"
             if match or plugin.status == "failed":
                 parts.append(f"plugin {plugin.label} {verb}" + (" and may provide it" if match else "")
                              + (f" ({plugin.error})" if plugin.error and match else ""))
         dist = FIRST_PARTY.get((kind, name))
-        if dist and not any(p.distribution == dist for p in self._plugins.values()):
+        if dist and not any(p.distribution == dist for p in snap.plugins.values()):
             parts.append(f"it is provided by a plugin: pip install {dist}")
         return (f"{where}: " if where else "") + "; ".join(parts)
 

@@ -155,3 +155,36 @@ def test_freeze_bn_stats_survives_train(tiny_cfg):
     tower(torch.randn(8, 4) + 5)
     assert torch.equal(tower.bn.running_mean, before)
     assert [n for n, p in tower.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+
+
+def test_relock_releases_bn_stats_and_all_unlocked_frees_everything():
+    from torch import nn
+
+    from clipkit.freeze import lock_layer_groups
+
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+            self.fc = nn.Linear(4, 4)
+            self.extra = nn.Parameter(torch.zeros(4))  # in no layer group
+
+        def layer_groups(self):
+            return [[self.bn], [self.fc]]
+
+        def forward(self, x):
+            return self.fc(self.bn(x)) + self.extra
+
+    tower = Tower().train()
+    lock_layer_groups(tower, 0, freeze_bn_stats=True)
+    assert not tower.bn.training
+    lock_layer_groups(tower, 2)  # gradual unfreezing: a later lock without the flag
+    tower.train()
+    before = tower.bn.running_mean.clone()
+    tower(torch.randn(8, 4) + 5)
+    assert not torch.equal(tower.bn.running_mean, before)  # statistics update again
+    assert all(p.requires_grad for p in tower.parameters())
+    lock_layer_groups(tower, 1)
+    assert not tower.extra.requires_grad and tower.fc.weight.requires_grad
+    with pytest.raises(clipkit.ClipkitError, match="must be an int >= 0, got -1"):
+        lock_layer_groups(tower, -1)

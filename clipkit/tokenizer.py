@@ -1,0 +1,73 @@
+"""Tokenizers for models: the one a model's config implies, checked against its text tower."""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Optional, Sequence, Union
+
+from ._sources import resolve_model
+from .config import ModelConfig, validate_model_config
+from .errors import ClipkitError, UnknownModelError
+from .registry import registry
+
+
+def get_tokenizer(model_name: str = "", context_length: Optional[int] = None, cache_dir: Optional[str] = None,
+                  **kwargs: Any):
+    """The tokenizer a model's config implies, at its ``context_length`` (or the one given).
+
+    An unknown model name is an error (OpenCLIP silently falls back to CLIP's BPE tokenizer).
+    """
+    if not model_name:
+        raise UnknownModelError("get_tokenizer needs a model name; see `clipkit models`")
+    source = resolve_model(model_name, cache_dir)
+    config = validate_model_config(source.config, source=source.label, name=model_name)
+    text_cfg = dict(source.config.get("text_cfg", {}))
+    if source.schema == "local-dir" and config.tokenizer.hf_tokenizer_name:
+        text_cfg["hf_tokenizer_name"] = source.ident  # a saved model carries its tokenizer files
+    length = context_length or text_cfg.get("context_length") or getattr(config.text, "context_length", None) or 77
+    tokenizer_kwargs = dict(config.tokenizer.tokenizer_kwargs or {})
+    tokenizer_kwargs.update(kwargs)
+    if cache_dir is not None:
+        tokenizer_kwargs["cache_dir"] = cache_dir
+    entry = registry.get("tokenizer", config.tokenizer_name, where=f"{model_name}: text_cfg.tokenizer")
+    factory = entry.load()
+    try:
+        tokenizer = factory(text_cfg, length, **tokenizer_kwargs)
+    except ClipkitError:
+        raise
+    except Exception as exc:
+        raise ClipkitError(f"{model_name}: building {entry.where} failed: {exc!r}") from exc
+    _check_special_ids(model_name, config, tokenizer)
+    return tokenizer
+
+
+def _check_special_ids(model_name: str, config: ModelConfig, tokenizer: Any) -> None:
+    """The text tower's special ids must be the tokenizer's, or pooling and masking read the wrong token."""
+    text = config.text
+    pool = getattr(text, "pool_type", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if pool == "eos" and eos is not None and getattr(text, "eos_id", eos) != eos:
+        raise ClipkitError(f"{model_name}: text_cfg.eos_id is {text.eos_id} but the tokenizer's end token is {eos}; "
+                           f"pool_type 'eos' would pool the wrong token")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if getattr(text, "embed_cls", False) and pad is not None and getattr(text, "pad_id", pad) != pad:
+        raise ClipkitError(f"{model_name}: text_cfg.pad_id is {text.pad_id} but the tokenizer pads with {pad}; "
+                           f"the attention mask would hide the wrong tokens")
+    vocab = getattr(text, "vocab_size", None)
+    if eos is not None and vocab is not None and eos >= vocab:
+        raise ClipkitError(f"{model_name}: the tokenizer's end token id {eos} is outside text_cfg.vocab_size "
+                           f"{vocab}; token ids would fall outside the embedding table")
+
+
+@lru_cache(maxsize=1)
+def _clip_bpe(generation: int) -> Any:
+    return registry.get("tokenizer", "clip").load()({}, 77)
+
+
+def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77):
+    """CLIP BPE ids, as OpenCLIP's ``tokenize``. A model's own tokenizer comes from :func:`get_tokenizer`."""
+    return _clip_bpe(registry.generation)(texts, context_length)
+
+
+def decode(ids) -> str:
+    """Text of CLIP BPE ids, as OpenCLIP's ``decode``."""
+    return _clip_bpe(registry.generation).decode(ids)
