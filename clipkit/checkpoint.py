@@ -1,9 +1,9 @@
-"""Reading weights into a model: every file through ``weights_only=True``, every mismatch named."""
+"""Reading weights into a model: safetensors, or ``torch.load(weights_only=True)``; every mismatch named."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, List, Union
 
 import torch
 from torch import nn
@@ -34,11 +34,11 @@ def read_state_dict(path: Union[str, Path], device: Union[str, torch.device] = "
         except Exception as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     elif _is_torchscript(path):
-        # OpenAI's released .pt files are TorchScript archives: read their tensors, run none of their code
-        try:
-            state = torch.jit.load(str(path), map_location=device).state_dict()
-        except Exception as exc:
-            raise CheckpointError(f"{path}: not a readable TorchScript archive ({exc})") from exc
+        # loading TorchScript deserialises code, which weights_only exists to forbid
+        raise CheckpointError(f"{path}: is a TorchScript archive (like OpenAI's original release); clipkit does not "
+                              f"load TorchScript. Use the 'openai' pretrained tag (the same weights as a state dict) "
+                              f"or, once and only for a file you trust: torch.save(torch.jit.load(path).state_dict(), "
+                              f"'weights.pt')")
     else:
         try:
             state = torch.load(path, map_location=device, weights_only=True)
@@ -75,7 +75,8 @@ def _fit_scalars(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
             state[key] = state[key].reshape(own[key].shape)
 
 
-def load_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], *, strict: bool = True, source: str = "") -> None:
+def load_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], *, strict: bool = True,
+                    source: str = "") -> Dict[str, List[str]]:
     """Load ``state`` into ``model``; any missing or unexpected key or wrong shape is an error naming it.
 
     For a :class:`~clipkit.model.ClipModel`, text keys may be in either OpenCLIP layout (flat
@@ -104,7 +105,15 @@ def load_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], *, strict:
                               + "; ".join(problems))
     if not strict:
         state = {k: v for k, v in state.items() if canon(k) in own}
+        if missing or unexpected:
+            logger.warning("%sloaded with strict=False: %d missing, %d unexpected keys", where(source),
+                           len(missing), len(unexpected))
     model.load_state_dict(state, strict=strict)
+    return {"missing_keys": missing, "unexpected_keys": unexpected}
+
+
+def where(source: str) -> str:
+    return f"{source}: " if source else ""
 
 
 def _resize_position_embeddings(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
@@ -115,10 +124,10 @@ def _resize_position_embeddings(model: nn.Module, state: Dict[str, torch.Tensor]
     """
     import torch.nn.functional as F
 
-    own = model.state_dict()
+    own = {_canonical(k): v for k, v in model.state_dict().items()}
     for key in [k for k in state if _canonical(k) == "visual.positional_embedding"]:
         grid = getattr(model.visual, "grid_size", None)
-        old, new = state[key], own.get(key)
+        old, new = state[key], own.get(_canonical(key))
         if grid is None or new is None or old.shape == new.shape or old.ndim != 2:
             continue
         side = int(round((old.shape[0] - 1) ** 0.5))
@@ -130,7 +139,7 @@ def _resize_position_embeddings(model: nn.Module, state: Dict[str, torch.Tensor]
         state[key] = torch.cat([old[:1], table])
         logger.info("resized %s from a %dx%d grid to %s", key, side, side, tuple(grid))
     for key in [k for k in state if _canonical(k) == "text.positional_embedding"]:
-        old, new = state[key], own.get(key)
+        old, new = state[key], own.get(_canonical(key))
         if new is None or old.shape == new.shape or old.ndim != 2 or old.shape[1] != new.shape[1]:
             continue
         table = F.interpolate(old.T[None].float(), size=new.shape[0], mode="linear", align_corners=False)
@@ -151,11 +160,13 @@ def _few(keys: list) -> str:
 
 def load_checkpoint(model: nn.Module, checkpoint_path: Union[str, Path], strict: bool = True,
                     weights_only: bool = True, device: Union[str, torch.device] = "cpu") -> Dict[str, list]:
-    """Load a checkpoint file into ``model`` (OpenCLIP-compatible signature); returns ``{}`` on success."""
+    """Load a checkpoint file into ``model`` (OpenCLIP-compatible signature).
+
+    Returns ``{"missing_keys": [...], "unexpected_keys": [...]}``; both are empty unless ``strict=False``.
+    """
     if not weights_only:
         raise CheckpointError("weights_only=False is refused: clipkit reads checkpoints with weights_only=True only")
-    load_state_dict(model, read_state_dict(checkpoint_path, device), strict=strict, source=str(checkpoint_path))
-    return {}
+    return load_state_dict(model, read_state_dict(checkpoint_path, device), strict=strict, source=str(checkpoint_path))
 
 
 def load_tower_weights(tower: nn.Module, path: Union[str, Path]) -> None:

@@ -91,16 +91,28 @@ def test_create_model_from_pretrained_needs_weights_before_building(tiny_model_p
     assert _same(src, model) and preprocess.transforms[1].size == (32, 32)
 
 
-def test_openai_torchscript_archive_and_hyperparameter_keys(tiny_model_path, tmp_path):
-    """OpenAI's .pt files are TorchScript archives with extra int entries; both load."""
+def test_torchscript_archives_are_refused_and_openai_keys_dropped(tiny_model_path, tmp_path):
+    """OpenAI's original .pt files are TorchScript: refused (loading them runs no pickle, but
+    deserialises code). Their state dicts carry hyper-parameter entries, which are dropped."""
     torch.manual_seed(4)
     src = clipkit.create_model(tiny_model_path).eval()
-    image, text = torch.randn(1, 3, 32, 32), torch.randint(1, 99, (1, 16))
-    traced = torch.jit.trace(src, (image, text), check_trace=False)
+    traced = torch.jit.trace(src, (torch.randn(1, 3, 32, 32), torch.randint(1, 99, (1, 16))), check_trace=False)
     traced.save(str(tmp_path / "openai.pt"))
-    loaded = clipkit.create_model(tiny_model_path, pretrained=str(tmp_path / "openai.pt"))
-    assert _same(src, loaded)
+    with pytest.raises(CheckpointError, match="is a TorchScript archive .*'openai' pretrained tag"):
+        clipkit.create_model(tiny_model_path, pretrained=str(tmp_path / "openai.pt"))
     state = dict(src.state_dict(), input_resolution=torch.tensor(32), context_length=torch.tensor(16),
                  vocab_size=torch.tensor(100))
     torch.save(state, tmp_path / "openai_dict.pt")
     assert _same(src, clipkit.create_model(tiny_model_path, pretrained=str(tmp_path / "openai_dict.pt")))
+
+
+def test_non_strict_load_reports_mismatches(tiny_model_path, tmp_path):
+    model = clipkit.create_model(tiny_model_path)
+    state = model.state_dict()
+    state.pop("ln_final.bias")
+    state["visual.extra"] = torch.zeros(1)
+    torch.save(state, tmp_path / "partial.pt")
+    result = clipkit.load_checkpoint(model, tmp_path / "partial.pt", strict=False)
+    assert result == {"missing_keys": ["text.ln_final.bias"], "unexpected_keys": ["visual.extra"]}
+    torch.save(model.state_dict(), tmp_path / "full.pt")
+    assert clipkit.load_checkpoint(model, tmp_path / "full.pt") == {"missing_keys": [], "unexpected_keys": []}

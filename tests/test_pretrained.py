@@ -132,6 +132,8 @@ def test_position_embeddings_resize_like_openclip(tmp_path, tiny_cfg):
     ours = clipkit.create_model(str(tmp_path / "big.json"), pretrained=str(weights)).eval()
     ref = open_clip.create_model("big", pretrained=str(weights)).eval()
     _close(ours, ref, *_inputs(size=48, ctx=12))
+    nested = clipkit.create_model(str(tmp_path / "big.json"), pretrained=str(weights), force_custom_text=True).eval()
+    _close(nested, ref, *_inputs(size=48, ctx=12))  # flat-layout weights into a text.-layout model
 
 
 @pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16-quickgelu"])
