@@ -188,3 +188,16 @@ def test_relock_releases_bn_stats_and_all_unlocked_frees_everything():
     assert not tower.extra.requires_grad and tower.fc.weight.requires_grad
     with pytest.raises(clipkit.ClipkitError, match="must be an int >= 0, got -1"):
         lock_layer_groups(tower, -1)
+
+
+def test_scaled_cosine_attention_runs_and_is_bounded(make, tiny_cfg):
+    """OpenCLIP 3.3.0 crashes on scaled_cosine_attn (bmm on 4-D tensors); clipkit computes it."""
+    tiny_cfg["vision_cfg"]["scaled_cosine_attn"] = True
+    tiny_cfg["text_cfg"].update(scaled_cosine_attn=True, scale_heads=True)
+    model = make(tiny_cfg).eval()
+    image, text = _inputs()
+    img, txt, _ = model(image, text)
+    assert torch.isfinite(img).all() and torch.isfinite(txt).all()
+    attn = model.visual.transformer.resblocks[0].attn
+    assert attn.logit_scale.shape == (4, 1, 1) and attn.head_scale is None
+    assert model.text.transformer.resblocks[0].attn.head_scale.shape == (4, 1, 1)

@@ -40,6 +40,7 @@ VARIANTS = {
     "custom-blocks": ({}, {"qk_norm": True, "scale_heads": True, "scale_attn_inner": True, "scale_attn": True,
                            "scale_fc": True}, {"scale_fc": True, "scale_attn": True}),
     "sincos-first-noproj": ({"embed_dim": 48}, {"pos_embed_type": "sin_cos_2d"}, {"pool_type": "first", "proj_type": "none"}),
+    "embed-cls": ({"custom_text": True}, {}, {"embed_cls": True}),
 }
 
 
@@ -70,6 +71,7 @@ def test_openclip_weights_give_same_features(variant, tiny_cfg, tmp_path):
     text = torch.randint(1, 97, (4, 16))
     text[:, 6] = 98  # eos for the eos variant
     text[:, 9] = 99  # highest id: CLIP's argmax end token
+    text[:, 12:] = 0  # padding
     with torch.no_grad():
         torch.testing.assert_close(ours.encode_image(image), ref.encode_image(image), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours.encode_text(text), ref.encode_text(text), rtol=1e-5, atol=1e-5)

@@ -99,8 +99,9 @@ class TextTransformer(nn.Module):
         mask: Optional[torch.Tensor] = None
         if self.cls_emb is not None:
             x = torch.cat([x, self.cls_emb.to(dtype).expand(x.shape[0], 1, -1)], dim=1)
-            # the class token must not see padding; padding keys are masked for every query
-            keep = torch.cat([text != self.pad_id, text.new_ones(text.shape[0], 1, dtype=torch.bool)], dim=1)
+            # OpenCLIP masks padding keys with the class token's entry placed first, although the token
+            # sits last (its CoCa weights were trained so): key j is hidden when token j-1 is padding
+            keep = torch.cat([text.new_ones(text.shape[0], 1, dtype=torch.bool), text != self.pad_id], dim=1)
             mask = torch.zeros(keep.shape, dtype=dtype, device=x.device).masked_fill(~keep, float("-inf"))
             mask = mask[:, None, None, :]  # [B, 1, 1, L]: broadcast over heads and queries
         x = x + self.positional_embedding[: x.shape[1]].to(dtype)
