@@ -40,6 +40,7 @@ _LAZY = {
     "is_pretrained_cfg": "clipkit.pretrained",
     "ClipModel": "clipkit.model",
     "image_transform": "clipkit.transforms",
+    "image_transform_v2": "clipkit.transforms",
     "AugmentationCfg": "clipkit.transforms",
     "PreprocessCfg": "clipkit.transforms",
     "OPENAI_DATASET_MEAN": "clipkit.transforms",

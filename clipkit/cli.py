@@ -41,9 +41,20 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _load_target(target: str) -> tuple:
-    """(config dict, source label, name) for a file path or a model name; raises _Usage when neither."""
-    from .config import get_model_config, model_config_source, unknown_model_message
+    """(config dict, source label, name) for a file path or a model name; raises _Usage when neither.
 
+    ``local-dir:`` folders are read; ``hf-hub:`` repos only from the local huggingface_hub cache.
+    """
+    from .config import get_model_config, model_config_source, parse_model_name, read_hub_config, unknown_model_message
+    from .errors import ClipkitError
+
+    try:
+        schema, ident = parse_model_name(target)
+        if schema is not None:
+            data = read_hub_config(schema, ident, offline=True)
+            return data.get("model_cfg", data), target, target
+    except ClipkitError as exc:
+        raise _Usage(str(exc)) from exc
     path = Path(target)
     if path.suffix == ".json" or path.exists():
         try:
@@ -67,22 +78,23 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     from .errors import ClipkitError, ConfigError
 
     status = EXIT_OK
-    for target in args.targets:
+    for target in args.targets:  # every target is checked; the exit status is the worst one
         try:
             cfg, source, name = _load_target(target)
         except _Usage as exc:
             print(f"{target}: {exc}" if not str(exc).startswith(target) else str(exc), file=sys.stderr)
-            return EXIT_USAGE
+            status = EXIT_USAGE
+            continue
         try:
             validate_model_config(cfg, source=source, name=name)
         except ConfigError as exc:
             for problem in exc.problems:
                 print(str(problem), file=sys.stderr)
-            status = EXIT_INVALID
+            status = max(status, EXIT_INVALID)
             continue
         except ClipkitError as exc:
             print(f"{source}: {exc}", file=sys.stderr)
-            status = EXIT_INVALID
+            status = max(status, EXIT_INVALID)
             continue
         if not args.quiet:
             print(f"{source}: ok")

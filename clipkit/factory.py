@@ -21,7 +21,7 @@ from .hookspecs import TowerContext
 from .model import ClipModel
 from .pretrained import get_pretrained_cfg, preprocess_of
 from .registry import Entry, registry
-from .transforms import AugmentationCfg, PreprocessCfg, image_transform, merge_preprocess
+from .transforms import AugmentationCfg, PreprocessCfg, image_transform_v2, merge_preprocess
 
 logger = logging.getLogger("clipkit")
 
@@ -262,7 +262,7 @@ def create_model_and_transforms(
         pretrained_image_path=pretrained_image_path, pretrained_text_path=pretrained_text_path,
         cache_dir=cache_dir, output_dict=output_dict, weights_only=weights_only, **model_kwargs)
     cfg = get_model_preprocess_cfg(model)
-    return model, image_transform(cfg, is_train=True, aug_cfg=aug_cfg), image_transform(cfg, is_train=False)
+    return model, image_transform_v2(cfg, is_train=True, aug_cfg=aug_cfg), image_transform_v2(cfg, is_train=False)
 
 
 def create_model_from_pretrained(
@@ -296,6 +296,6 @@ def create_model_from_pretrained(
         require_pretrained=True, weights_only=weights_only, **model_kwargs)
     if not return_transform:
         return model
-    return model, image_transform(get_model_preprocess_cfg(model), is_train=False)
+    return model, image_transform_v2(get_model_preprocess_cfg(model), is_train=False)
 
 

@@ -429,8 +429,8 @@ def _train_transform(cfg: PreprocessCfg, aug: AugmentationCfg):
     return T.Compose(steps)
 
 
-def image_transform(cfg: Union[PreprocessCfg, Dict[str, Any]], is_train: bool,
-                    aug_cfg: Optional[Union[AugmentationCfg, Dict[str, Any]]] = None):
+def image_transform_v2(cfg: Union[PreprocessCfg, Dict[str, Any]], is_train: bool,
+                       aug_cfg: Optional[Union[AugmentationCfg, Dict[str, Any]]] = None):
     """A torchvision pipeline from PIL image to normalised ``[3, H, W]`` tensor (OpenCLIP's ``image_transform_v2``).
 
     ``cfg`` is a :class:`PreprocessCfg` or a dict of its keys; ``aug_cfg`` an :class:`AugmentationCfg`
@@ -451,3 +451,13 @@ def image_transform(cfg: Union[PreprocessCfg, Dict[str, Any]], is_train: bool,
     cfg = _as_preprocess_cfg(cfg)
     aug = _as_augmentation_cfg(aug_cfg)
     return _train_transform(cfg, aug) if is_train else _eval_transform(cfg)
+
+
+def image_transform(image_size: Union[int, Tuple[int, int]], is_train: bool, mean: Optional[Sequence[float]] = None,
+                    std: Optional[Sequence[float]] = None, resize_mode: Optional[str] = None,
+                    interpolation: Optional[str] = None, fill_color: int = 0,
+                    aug_cfg: Optional[Union[AugmentationCfg, Dict[str, Any]]] = None):
+    """OpenCLIP's ``image_transform`` signature: the preprocessing keys as arguments (None = default)."""
+    keys = {"size": image_size, "mean": mean, "std": std, "resize_mode": resize_mode,
+            "interpolation": interpolation, "fill_color": fill_color}
+    return image_transform_v2({k: v for k, v in keys.items() if v is not None}, is_train, aug_cfg)

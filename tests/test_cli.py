@@ -105,3 +105,16 @@ def test_schema_bounds_sit_on_numbers(capsys):
     integer, pair = image_size["anyOf"]
     assert integer == {"type": "integer", "exclusiveMinimum": 0}
     assert all(item["exclusiveMinimum"] == 0 for item in pair["prefixItems"]) and "exclusiveMinimum" not in pair
+
+
+def test_config_check_goes_on_after_a_bad_target_and_reads_local_dirs(tmp_path, tiny_cfg, capsys):
+    assert main(["config", "check", "ViT-B-99", "ViT-B-32"]) == 2
+    captured = capsys.readouterr()
+    assert "ViT-B-32.json: ok" in captured.out and "unknown model 'ViT-B-99'" in captured.err
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_cfg}))
+    assert main(["config", "check", f"local-dir:{folder}"]) == 0
+    assert main(["config", "check", f"local-dir:{tmp_path / 'nope'}"]) == 2
+    assert main(["config", "check", "hf-hub:acme/not-cached"]) == 2
+    assert "only the huggingface_hub cache was searched" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from clipkit.errors import ClipkitError
-from clipkit.transforms import (AugmentationCfg, PreprocessCfg, PreprocessError, RandomErasing, image_transform,
+from clipkit.transforms import (AugmentationCfg, PreprocessCfg, PreprocessError, RandomErasing, image_transform_v2,
                                 merge_preprocess)
 
 open_clip_transform = pytest.importorskip("open_clip.transform")
@@ -102,14 +102,14 @@ def test_cfg_values_are_normalised():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: image_transform({"resize_mode": "crop"}, False), "resize_mode must be one of shortest, longest, squash"),
-    (lambda: image_transform({"interpolation": "nearest"}, False), "interpolation must be one of bicubic, bilinear"),
+    (lambda: image_transform_v2({"resize_mode": "crop"}, False), "resize_mode must be one of shortest, longest, squash"),
+    (lambda: image_transform_v2({"interpolation": "nearest"}, False), "interpolation must be one of bicubic, bilinear"),
     (lambda: PreprocessCfg(mode="L"), "mode must be one of RGB"),
     (lambda: PreprocessCfg(size=(1, 2, 3)), "size must be a positive int or"),
-    (lambda: image_transform({"sise": 32}, False),
+    (lambda: image_transform_v2({"sise": 32}, False),
      r"preprocess cfg: unknown key 'sise' \(did you mean 'size'\?\); allowed keys: size, mode,"),
-    (lambda: image_transform({}, True, {"re_prop": 0.5}), r"aug_cfg: unknown key 're_prop' \(did you mean 're_prob'"),
-    (lambda: image_transform({}, False, {"bogus": 1}), "allowed keys: scale, ratio, color_jitter, re_prob, re_count, "
+    (lambda: image_transform_v2({}, True, {"re_prop": 0.5}), r"aug_cfg: unknown key 're_prop' \(did you mean 're_prob'"),
+    (lambda: image_transform_v2({}, False, {"bogus": 1}), "allowed keys: scale, ratio, color_jitter, re_prob, re_count, "
                                                        "use_timm, color_jitter_prob, gray_scale_prob"),
     (lambda: AugmentationCfg(scale=(1.0, 0.5)), "scale must be"),
     (lambda: AugmentationCfg(color_jitter=(0.1, 0.2)), "color_jitter must be"),
@@ -135,7 +135,7 @@ def test_eval_equals_openclip(resize_mode, interpolation):
     for size in SIZES:
         for fill in fills:
             cfg = dict(size=size, resize_mode=resize_mode, interpolation=interpolation, fill_color=fill)
-            ours, theirs = image_transform(cfg, is_train=False), _openclip(False, **cfg)
+            ours, theirs = image_transform_v2(cfg, is_train=False), _openclip(False, **cfg)
             for image in IMAGES:
                 expected = theirs(image)
                 got = ours(image)
@@ -146,7 +146,7 @@ def test_eval_equals_openclip(resize_mode, interpolation):
 def test_eval_accepts_a_preprocess_cfg_and_imagenet_stats():
     cfg = dict(size=(40, 24), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), resize_mode="longest")
     image = IMAGES[0]
-    assert torch.equal(image_transform(PreprocessCfg(**cfg), False)(image), _openclip(False, **cfg)(image))
+    assert torch.equal(image_transform_v2(PreprocessCfg(**cfg), False)(image), _openclip(False, **cfg)(image))
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
@@ -154,14 +154,14 @@ def test_eval_converts_other_image_modes_like_openclip(mode):
     image = _noise(50, 30, mode=mode)
     for resize_mode in ("shortest", "longest", "squash"):
         cfg = dict(size=32, resize_mode=resize_mode)
-        assert torch.equal(image_transform(cfg, False)(image), _openclip(False, **cfg)(image))
+        assert torch.equal(image_transform_v2(cfg, False)(image), _openclip(False, **cfg)(image))
 
 
 def test_eval_accepts_tensors_like_openclip():
     image = torch.rand(3, 40, 56)
     for resize_mode in ("shortest", "squash"):  # OpenCLIP's 'longest' does not take tensors
         cfg = dict(size=32, resize_mode=resize_mode)
-        assert torch.equal(image_transform(cfg, False)(image), _openclip(False, **cfg)(image))
+        assert torch.equal(image_transform_v2(cfg, False)(image), _openclip(False, **cfg)(image))
 
 
 # --- training, without timm ----------------------------------------------------------------------
@@ -181,7 +181,7 @@ JITTER = (0.4, 0.4, 0.4, 0.1)
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 def test_train_equals_openclip_under_seed(aug_cfg, interpolation):
     cfg = dict(size=(24, 32), interpolation=interpolation)
-    ours, theirs = image_transform(cfg, True, aug_cfg), _openclip(True, aug_cfg, **cfg)
+    ours, theirs = image_transform_v2(cfg, True, aug_cfg), _openclip(True, aug_cfg, **cfg)
     for image in (IMAGES[0], IMAGES[2]):
         assert _same_under_seeds(ours, theirs, image)
 
@@ -190,11 +190,11 @@ def test_train_crop_ratio_is_applied():
     # OpenCLIP ignores `ratio` without use_timm (with a warning); clipkit passes it to the crop.
     cfg = dict(size=32)
     image = IMAGES[0]
-    default = image_transform(cfg, True, {"ratio": (3 / 4, 4 / 3)})
+    default = image_transform_v2(cfg, True, {"ratio": (3 / 4, 4 / 3)})
     assert _same_under_seeds(default, _openclip(True, None, **cfg), image)
 
     from torchvision import transforms as T
-    wide = image_transform(cfg, True, {"ratio": (2.5, 3.0)})
+    wide = image_transform_v2(cfg, True, {"ratio": (2.5, 3.0)})
     reference = T.Compose([T.RandomResizedCrop(32, scale=(0.9, 1.0), ratio=(2.5, 3.0),
                                                interpolation=T.InterpolationMode.BICUBIC),
                            T.ToTensor(), T.Normalize(PreprocessCfg().mean, PreprocessCfg().std)])
@@ -207,7 +207,7 @@ def test_train_color_jitter_without_probability_is_always_applied():
     # which is OpenCLIP's jitter at probability 1. A scalar strength means no hue jitter (timm's reading).
     cfg = dict(size=32)
     for ours, theirs in [(JITTER, JITTER), (0.4, (0.4, 0.4, 0.4, 0.0)), ((0.2, 0.3, 0.1), (0.2, 0.3, 0.1, 0.0))]:
-        assert _same_under_seeds(image_transform(cfg, True, {"color_jitter": ours}),
+        assert _same_under_seeds(image_transform_v2(cfg, True, {"color_jitter": ours}),
                                  _openclip(True, {"color_jitter": theirs, "color_jitter_prob": 1.0}, **cfg),
                                  IMAGES[0])
 
@@ -221,11 +221,11 @@ def test_train_random_erasing_is_timms_pixel_mode(count):
     from timm.data.random_erasing import RandomErasing as TimmRandomErasing
 
     cfg = dict(size=32)
-    ours = image_transform(cfg, True, {"re_prob": 0.7, "re_count": count})
+    ours = image_transform_v2(cfg, True, {"re_prob": 0.7, "re_count": count})
     theirs = T.Compose([_openclip(True, None, **cfg),
                         TimmRandomErasing(0.7, mode="pixel", max_count=count, device="cpu")])
     assert _same_under_seeds(ours, theirs, IMAGES[0], seeds=range(30))
-    assert _differs_under_seeds(ours, image_transform(cfg, True), IMAGES[0])
+    assert _differs_under_seeds(ours, image_transform_v2(cfg, True), IMAGES[0])
 
 
 def test_random_erasing_on_tensors_equals_timm():
@@ -254,7 +254,7 @@ def test_random_erasing_on_tensors_equals_timm():
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "random"])
 def test_timm_train_equals_openclip_under_seed(aug_cfg, interpolation):
     cfg = dict(size=(24, 32), interpolation=interpolation)
-    assert _same_under_seeds(image_transform(cfg, True, aug_cfg), _openclip(True, aug_cfg, **cfg), IMAGES[0])
+    assert _same_under_seeds(image_transform_v2(cfg, True, aug_cfg), _openclip(True, aug_cfg, **cfg), IMAGES[0])
 
 
 def test_timm_train_applies_jitter_and_grayscale_probabilities():
@@ -262,7 +262,7 @@ def test_timm_train_applies_jitter_and_grayscale_probabilities():
     from timm.data import create_transform
 
     aug = {"use_timm": True, "color_jitter": JITTER, "color_jitter_prob": 0.5, "gray_scale_prob": 0.5}
-    ours = image_transform({"size": 32}, True, aug)
+    ours = image_transform_v2({"size": 32}, True, aug)
     reference = create_transform((3, 32, 32), is_training=True, hflip=0.0, mean=PreprocessCfg().mean,
                                  std=PreprocessCfg().std, re_mode="pixel", interpolation="bicubic",
                                  scale=(0.9, 1.0), color_jitter=JITTER, color_jitter_prob=0.5, grayscale_prob=0.5)
@@ -273,7 +273,7 @@ def test_timm_train_applies_jitter_and_grayscale_probabilities():
 def test_timm_train_converts_grayscale_input():
     # timm does not convert image modes, so OpenCLIP's use_timm path fails on 'L' images; clipkit converts.
     gray = _noise(50, 40, mode="L")
-    ours = image_transform({"size": 32}, True, {"use_timm": True})
+    ours = image_transform_v2({"size": 32}, True, {"use_timm": True})
     theirs = _openclip(True, {"use_timm": True}, size=32)
     assert _same_under_seeds(ours, theirs, gray.convert("RGB")) and _same_under_seeds(ours, ours, gray)
     assert _seeded(ours, gray, 0).shape == (3, 32, 32)
@@ -296,10 +296,24 @@ def test_every_augmentation_key_changes_the_output(use_timm, base, changed):
     if changed == {"use_timm": "flip"}:
         changed = {"use_timm": not use_timm}
     base = {"use_timm": use_timm, **base}
-    before = image_transform({"size": 32}, True, base)
-    after = image_transform({"size": 32}, True, {**base, **changed})
+    before = image_transform_v2({"size": 32}, True, base)
+    after = image_transform_v2({"size": 32}, True, {**base, **changed})
     image = IMAGES[0]
     assert _differs_under_seeds(before, after, image)
     for seed in SEEDS:
         out = _seeded(after, image, seed)
         assert out.shape == (3, 32, 32) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_v1_signature_matches_openclip_image_transform():
+    import open_clip
+    from PIL import Image
+
+    from clipkit.transforms import image_transform
+
+    image = Image.new("RGB", (50, 30), (10, 200, 30))
+    ours = image_transform(40, is_train=False, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), resize_mode="longest",
+                           fill_color=7)
+    theirs = open_clip.image_transform(40, is_train=False, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2),
+                                       resize_mode="longest", fill_color=7)
+    assert torch.equal(ours(image), theirs(image))
