@@ -10,6 +10,7 @@ Validation binds each section to the config class its tower type registered, col
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
 import math
@@ -149,6 +150,28 @@ def _tower(section_key: str, kind: str, data: Any, infer, extra_known: Tuple[str
     return tower_type, instance
 
 
+def _tokenizer_problems(tok: TokenizerCfg) -> List[Problem]:
+    """The tokenizer named (or inferred) must exist, and take the keys given to it."""
+    name = tok.tokenizer or ("hf" if tok.hf_tokenizer_name else "clip")
+    where = "text_cfg.tokenizer" if tok.tokenizer else "text_cfg"
+    if not registry.has("tokenizer", name):
+        return [Problem(where, registry.unknown_message("tokenizer", name,
+                                                        note="" if tok.tokenizer else " (inferred)"))]
+    if name != "hf" and tok.hf_tokenizer_name:
+        return [Problem("text_cfg.hf_tokenizer_name", f"is used only by the 'hf' tokenizer, not {name!r}")]
+    if name != "hf" and tok.tokenizer_mode:
+        return [Problem("text_cfg.tokenizer_mode", f"is used only by the 'hf' tokenizer, not {name!r}")]
+    options = registry.get("tokenizer", name).meta.get("options")
+    problems = []
+    for key in sorted(tok.tokenizer_kwargs or {}):
+        if options is not None and key not in options:
+            close = difflib.get_close_matches(key, list(options), n=1)
+            problems.append(Problem(f"text_cfg.tokenizer_kwargs.{key}", f"unknown option of tokenizer {name!r}"
+                                    + (f" (did you mean {close[0]!r}?)" if close else "")
+                                    + f"; it takes {', '.join(options)}"))
+    return problems
+
+
 def validate_model_config(cfg: Any, source: Optional[str] = None, name: Optional[str] = None) -> ModelConfig:
     """Validate a model config mapping; raise :class:`ConfigError` listing every problem.
 
@@ -176,8 +199,8 @@ def validate_model_config(cfg: Any, source: Optional[str] = None, name: Optional
         tok_data = {k: v for k, v in cfg["text_cfg"].items() if k in TOKENIZER_KEYS}
         tokenizer, found = validate(TokenizerCfg, tok_data, "text_cfg", "a tokenizer")
         problems.extend(found)
-        if tokenizer is not None and tokenizer.tokenizer is not None and not registry.has("tokenizer", tokenizer.tokenizer):
-            problems.append(Problem("text_cfg.tokenizer", registry.unknown_message("tokenizer", tokenizer.tokenizer)))
+        if tokenizer is not None:
+            problems.extend(_tokenizer_problems(tokenizer))
     if problems:
         raise fail(problems)
     return ModelConfig(raw=copy.deepcopy(cfg), top=top, vision_type=vision_type, vision=vision,

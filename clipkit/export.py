@@ -18,7 +18,8 @@ _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 def _portable_config(raw: Dict[str, Any]) -> Dict[str, Any]:
     """The model config without clipkit-only keys that only restate a default, so OpenCLIP reads it too."""
     cfg = copy.deepcopy(raw)
-    cfg.pop("schema_version", None) if cfg.get("schema_version", 1) == 1 else None
+    if cfg.get("schema_version") == 1:
+        del cfg["schema_version"]
     for key, infer in (("vision_cfg", infer_vision_type), ("text_cfg", infer_text_type)):
         section = cfg.get(key, {})
         if "type" in section:

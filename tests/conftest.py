@@ -25,10 +25,16 @@ def tiny_cfg():
 
 
 @pytest.fixture(autouse=True)
-def _clean_plugin_env(monkeypatch):
+def _isolated_state(monkeypatch):
+    """No test sees another's environment switches or added model configs."""
+    from clipkit.config import _store
+
     for name in ("CLIPKIT_DISABLE_PLUGINS", "CLIPKIT_STRICT_PLUGINS", "CLIPKIT_MODEL_CONFIG_PATH"):
         monkeypatch.delenv(name, raising=False)
+    added = list(_store.user_paths)
     yield
+    _store.user_paths[:] = added
+    _store.invalidate()
 
 
 @pytest.fixture

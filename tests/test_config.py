@@ -144,3 +144,30 @@ def test_model_config_path_env(monkeypatch, tmp_path, tiny_cfg):
         monkeypatch.delenv("CLIPKIT_MODEL_CONFIG_PATH")
         _store.invalidate()
     assert "env_tiny" not in clipkit.list_models()
+
+
+def test_tokenizer_options_and_hf_only_keys(tiny_cfg):
+    tiny_cfg["text_cfg"]["tokenizer_kwargs"] = {"clena": "lower"}
+    (line,) = problems(tiny_cfg)
+    assert line.startswith("text_cfg.tokenizer_kwargs.clena: unknown option of tokenizer 'clip' (did you mean 'clean'?)")
+    tiny_cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": "canonicalize"}
+    tiny_cfg["text_cfg"]["tokenizer_mode"] = "clips"
+    assert problems(tiny_cfg) == ["text_cfg.tokenizer_mode: is used only by the 'hf' tokenizer, not 'clip'"]
+    del tiny_cfg["text_cfg"]["tokenizer_mode"]
+    tiny_cfg["text_cfg"].update(tokenizer="clip", hf_tokenizer_name="bert-base-uncased")
+    assert problems(tiny_cfg) == ["text_cfg.hf_tokenizer_name: is used only by the 'hf' tokenizer, not 'clip'"]
+
+
+def test_sincos_needs_width_divisible_by_four(tiny_cfg):
+    tiny_cfg["vision_cfg"].update(pos_embed_type="sin_cos_2d", width=66, head_width=33)
+    assert problems(tiny_cfg) == ["vision_cfg.pos_embed_type: sin_cos_2d needs a width divisible by 4, got 66"]
+
+
+def test_relative_added_paths_survive_chdir(tmp_path, tiny_cfg, monkeypatch):
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel" / "rel_tiny.json").write_text(json.dumps(tiny_cfg))
+    monkeypatch.chdir(tmp_path)
+    clipkit.add_model_config("rel")
+    monkeypatch.chdir(tmp_path / "rel")
+    clipkit.add_model_config("rel_tiny.json")
+    assert "rel_tiny" in clipkit.list_models()

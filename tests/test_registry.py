@@ -131,8 +131,84 @@ def test_plugin_shipped_model_config(plugin_module, tiny_cfg):
         register("shipped-tiny", tiny_cfg)
 
     plugin_module("cfgplug", register_model_configs=register_model_configs)
-    from clipkit.config import _store
-
-    _store.invalidate()
-    assert "shipped-tiny" in clipkit.list_models()
+    assert "shipped-tiny" in clipkit.list_models()  # the config store follows registry reloads
     assert clipkit.create_model("shipped-tiny").embed_dim == 32
+
+
+def test_register_callback_rejects_typos_and_duplicates(plugin_module):
+    @clipkit.hookimpl
+    def register_text_towers(register):
+        register("t2", "clipkit.builtin.transformer.model:build_text_transformer", flat_state_dcit=True)
+
+    with pytest.warns(PluginWarning, match="unknown keyword\\(s\\) flat_state_dcit"):
+        plugin_module("metaplug", register_text_towers=register_text_towers)
+
+    @clipkit.hookimpl
+    def register_poolers(register):
+        register("p", "x:y")
+        register("p", "x:z")
+
+    with pytest.warns(PluginWarning, match="registered pooler 'p' twice"):
+        plugin_module("dupplug", register_poolers=register_poolers)
+    assert not registry.has("pooler", "p")
+
+
+def test_broken_config_class_is_a_config_problem(plugin_module, tiny_cfg):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cfg:
+        size: int = 1
+
+        def check(self):
+            raise RuntimeError("check exploded")
+
+    @clipkit.hookimpl
+    def register_vision_towers(register):
+        register("fragile", "clipkit.builtin.vit.model:build_vit", config=Cfg)
+        register("notdc", "clipkit.builtin.vit.model:build_vit", config=int)
+
+    plugin_module("fragileplug", register_vision_towers=register_vision_towers)
+    for name in ("fragile", "notdc"):
+        tiny_cfg["vision_cfg"] = {"type": name}
+        with pytest.raises(ConfigError, match=f"vision_cfg.type: config class of vision tower type '{name}' from "
+                                              f"fragileplug .* failed"):
+            validate_model_config(tiny_cfg)
+
+
+def test_strict_failure_leaves_a_consistent_registry(plugin_module, monkeypatch):
+    @clipkit.hookimpl
+    def register_poolers(register):
+        raise ValueError("bad")
+
+    with pytest.warns(PluginWarning):
+        plugin_module("strict2", register_poolers=register_poolers)
+    monkeypatch.setenv("CLIPKIT_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        registry.reload()
+    assert registry.get("vision_tower", "vit").plugin.name == "vit"  # no '@' duplicates, no false conflict
+    assert not registry.conflicts()
+
+
+def test_queries_during_reloads_see_whole_snapshots():
+    import threading
+
+    errors = []
+
+    def query():
+        for _ in range(200):
+            try:
+                assert registry.get("vision_tower", "vit").name == "vit"
+                registry.names("text_tower")
+            except Exception as exc:  # collected: the assertion below reports them
+                errors.append(exc)
+
+    threads = [threading.Thread(target=query) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for _ in range(20):
+        registry.reload()
+    for thread in threads:
+        thread.join()
+    assert errors == []

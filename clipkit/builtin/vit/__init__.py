@@ -47,6 +47,8 @@ class ViTCfg(TransformerBlockCfg):
             yield "patch_size", f"{self.patch_size} is larger than image_size {self.image_size}"
         if self.pos_embed_type == "sin_cos_2d" and self.grid()[0] != self.grid()[1]:
             yield "pos_embed_type", "sin_cos_2d needs a square patch grid"
+        if self.pos_embed_type == "sin_cos_2d" and self.width % 4:
+            yield "pos_embed_type", f"sin_cos_2d needs a width divisible by 4, got {self.width}"
         yield from self.block_problems()
 
 
