@@ -1,5 +1,7 @@
 """A real plugin distribution, installed with pip, selected from JSON by "type"; then uninstalled."""
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,57 +30,66 @@ def _pip(*args):
 
 
 @pytest.fixture(scope="module")
-def installed_plugin(tmp_path_factory):
-    _pip("install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", str(PLUGIN_DIR))
-    yield
-    _pip("uninstall", "--yes", "--quiet", "clipkit-plugin-toyvision")
+def plugin_site(tmp_path_factory):
+    """The plugin pip-installed into its own folder; processes that put it on PYTHONPATH have it
+    installed, the others do not (the shared environment is never modified)."""
+    site = tmp_path_factory.mktemp("site")
+    build = tmp_path_factory.mktemp("build")
+    shutil.copytree(PLUGIN_DIR, build / "src")  # building writes build/ and egg-info beside the sources
+    _pip("install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--target", str(site),
+         str(build / "src"))
+    return site
 
 
-def _run(code, *args):
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+def _env(site=None, **extra):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if site is not None:
+        env["PYTHONPATH"] = str(site)
+    env.update(extra)
+    return env
 
 
-def test_installed_plugin_tower_selected_by_type_then_uninstalled(installed_plugin, tmp_path):
+def _run(code, *args, env=None):
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+
+
+def _clipkit(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "clipkit", *args], capture_output=True, text=True, env=env)
+
+
+def test_installed_plugin_tower_selected_by_type_then_uninstalled(plugin_site, tmp_path):
     path = tmp_path / "toy.json"
     path.write_text(json.dumps(CONFIG))
-    done = _run(BUILD, str(path))
+    done = _run(BUILD, str(path), env=_env(plugin_site))
     assert done.returncode == 0, done.stderr
     module, provider, shipped = done.stdout.strip().splitlines()
     assert module == "clipkit_plugin_toyvision.model (2, 16)"
     assert provider == "clipkit-plugin-toyvision 0.0.1 (plugin 'toyvision')"
     assert shipped == "True"
 
-    listing = subprocess.run([sys.executable, "-m", "clipkit", "plugins", "--json"], capture_output=True, text=True)
+    listing = _clipkit("plugins", "--json", env=_env(plugin_site))
     plugins = {p["name"]: p for p in json.loads(listing.stdout)["plugins"]}
     assert plugins["toyvision"]["registers"] == {"vision_tower": ["toyvision"], "model_config": ["toy-clip"]}
 
-    disabled = subprocess.run([sys.executable, "-m", "clipkit", "config", "check", str(path)],
-                              capture_output=True, text=True,
-                              env={**__import__("os").environ, "CLIPKIT_DISABLE_PLUGINS": "toyvision"})
+    disabled = _clipkit("config", "check", str(path), env=_env(plugin_site, CLIPKIT_DISABLE_PLUGINS="toyvision"))
     assert disabled.returncode == 1
     assert "is disabled by CLIPKIT_DISABLE_PLUGINS and may provide it" in disabled.stderr
 
-    _pip("uninstall", "--yes", "--quiet", "clipkit-plugin-toyvision")
-    try:
-        check = subprocess.run([sys.executable, "-m", "clipkit", "config", "check", str(path)],
-                               capture_output=True, text=True)
-        assert check.returncode == 1
-        assert check.stderr.strip() == (f"{path}: vision_cfg.type: unknown vision tower type 'toyvision'; "
-                                        f"installed: {check.stderr.split('installed: ')[1].strip()}")
-        assert "vit" in check.stderr.split("installed: ")[1]
-    finally:
-        _pip("install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", str(PLUGIN_DIR))
+    check = _clipkit("config", "check", str(path), env=_env())  # not installed
+    assert check.returncode == 1
+    line = check.stderr.strip()
+    assert line.startswith(f"{path}: vision_cfg.type: unknown vision tower type 'toyvision'; installed: ")
+    assert "vit" in line.split("installed: ")[1].split(", ") and "\n" not in line
 
 
-def test_broken_installed_plugin_is_isolated(installed_plugin, tmp_path, monkeypatch):
+def test_broken_installed_plugin_is_isolated(plugin_site, tmp_path):
     """Break the installed plugin's import: warned, shown as failed, everything else works."""
-    broken = tmp_path / "shadow"
-    broken.mkdir()
-    (broken / "clipkit_plugin_toyvision").mkdir()
-    (broken / "clipkit_plugin_toyvision" / "__init__.py").write_text("import no_such_dependency_xyz\n")
-    env = {**__import__("os").environ, "PYTHONPATH": str(broken)}
-    listing = subprocess.run([sys.executable, "-m", "clipkit", "plugins", "--json"], capture_output=True,
-                             text=True, env=env)
+    shadow = tmp_path / "shadow"
+    (shadow / "clipkit_plugin_toyvision").mkdir(parents=True)
+    (shadow / "clipkit_plugin_toyvision" / "__init__.py").write_text("import no_such_dependency_xyz\n")
+    env = _env(plugin_site)
+    env["PYTHONPATH"] = f"{shadow}{os.pathsep}{plugin_site}"
+    listing = _clipkit("plugins", "--json", env=env)
     assert listing.returncode == 0, listing.stderr
     plugins = {p["name"]: p for p in json.loads(listing.stdout)["plugins"]}
     assert plugins["toyvision"]["status"] == "failed"
@@ -86,11 +97,9 @@ def test_broken_installed_plugin_is_isolated(installed_plugin, tmp_path, monkeyp
     assert "clipkit plugin skipped: clipkit-plugin-toyvision 0.0.1" in listing.stderr
     path = tmp_path / "toy.json"
     path.write_text(json.dumps(CONFIG))
-    check = subprocess.run([sys.executable, "-m", "clipkit", "config", "check", str(path), "ViT-B-32"],
-                           capture_output=True, text=True, env=env)
+    check = _clipkit("config", "check", str(path), "ViT-B-32", env=env)
     assert check.returncode == 1
     assert "plugin clipkit-plugin-toyvision 0.0.1 (plugin 'toyvision') failed to load and may provide it" in check.stderr
     assert "ViT-B-32.json: ok" in check.stdout
-    strict = subprocess.run([sys.executable, "-m", "clipkit", "models"], capture_output=True, text=True,
-                            env={**env, "CLIPKIT_STRICT_PLUGINS": "1"})
+    strict = _clipkit("models", env={**env, "CLIPKIT_STRICT_PLUGINS": "1"})
     assert strict.returncode == 1 and "CLIPKIT_STRICT_PLUGINS is set and plugins failed" in strict.stderr
