@@ -51,3 +51,18 @@ class TowerContractError(PluginError, TypeError):
 
 class CheckpointError(ClipkitError):
     """A checkpoint cannot be read or does not fit the model."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin was skipped because it failed to load or broke the contract."""
+
+
+class UnknownPartError(ClipkitError, LookupError):
+    """A name no installed plugin registered (tower type, tokenizer, pooler, freezer)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class PreprocessError(ClipkitError, ValueError):
+    """A preprocessing or augmentation setting that clipkit cannot honour."""

@@ -15,7 +15,7 @@ time the part is used, so a plugin module imports without torch. This module its
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, Union
 
 import pluggy
 
@@ -144,6 +144,3 @@ HOOK_KINDS = {
     "register_model_configs": "model_config",
 }
 """Hook name -> the registry kind it fills."""
-
-LayerGroups = List[Sequence[Any]]
-"""What ``tower.layer_groups()`` returns: groups of modules or parameters, first (input) to last."""

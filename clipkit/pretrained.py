@@ -81,7 +81,8 @@ def download_from_hub(repo_id: str, filename: Optional[str] = None, cache_dir: O
         try:
             return hf_hub_download(repo_id=repo_id, filename=name, revision=revision, cache_dir=cache_dir)
         except Exception as exc:  # try the next candidate; report them all if none works
-            errors.append(f"{name}: {type(exc).__name__}")
+            reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+            errors.append(f"{name}: {type(exc).__name__} {reason}".strip())
     raise ClipkitError(f"hf-hub:{repo_id}: cannot fetch weights ({'; '.join(errors)}); offline, download them "
                        f"once with network access (they stay in the huggingface_hub cache) or pass pretrained= a "
                        f"local file")

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import pluggy
 
 from . import hookspecs
-from .errors import ClipkitError, PluginError
+from .errors import PluginError, PluginWarning, UnknownPartError  # noqa: F401 (re-exported)
 
 ENTRY_POINT_GROUP = "clipkit"
 BUILTIN_DIST = "clipkit-torch"
@@ -46,17 +46,6 @@ FIRST_PARTY: Dict[Tuple[str, str], str] = {
 FIRST_PARTY_MODELS: Dict[str, str] = {
     r"RN(50|101|50x4|50x16|50x64)(-quickgelu)?": "clipkit-plugin-resnet",
 }
-
-
-class PluginWarning(UserWarning):
-    """A plugin was skipped because it failed to load or broke the contract."""
-
-
-class UnknownPartError(ClipkitError, LookupError):
-    """A name no installed plugin registered."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 def import_target(target: str, *, what: str) -> Any:

@@ -17,7 +17,7 @@ import random
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
-from .errors import ClipkitError
+from .errors import PreprocessError
 
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -33,10 +33,6 @@ INTERPOLATIONS = ("bicubic", "bilinear", "random")
 IMAGE_MODES = ("RGB",)
 # torchvision's and timm's default aspect-ratio range for random resized crops.
 DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
-
-
-class PreprocessError(ClipkitError, ValueError):
-    """A preprocessing or augmentation setting that clipkit cannot honour."""
 
 
 def _unknown_keys_error(what: str, unknown: Sequence[str], allowed: Sequence[str]) -> PreprocessError:

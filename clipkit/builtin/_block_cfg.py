@@ -16,7 +16,8 @@ class TransformerBlockCfg:
     act_kwargs: Optional[Dict[str, Any]] = option(None, "Keyword arguments of the activation, e.g. {\"approximate\": \"tanh\"}.")
     norm_kwargs: Optional[Dict[str, Any]] = option(None, "Keyword arguments of LayerNorm, e.g. {\"eps\": 1e-6}.")
     block_type: Optional[Literal["default", "custom"]] = option(
-        None, "'custom' enables the block extras below; chosen automatically when any extra is set.")
+        None, "OpenCLIP's block class; 'default' forbids the extras below, 'custom' or null allows them "
+              "(clipkit has one block class for both).")
     qk_norm: bool = option(False, "LayerNorm on queries and keys of each head.")
     scaled_cosine_attn: bool = option(False, "Cosine attention with a learned per-head temperature (Swin v2).")
     scale_heads: bool = option(False, "Learned per-head output scale (NormFormer).")
