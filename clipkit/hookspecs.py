@@ -104,7 +104,10 @@ ModelConfigSource = Union[Mapping[str, Any], str]
 
 @hookspec
 def register_vision_towers(register: Register) -> None:
-    """Register image towers: ``register(type_name, factory: TowerFactory, config=ConfigClass)``."""
+    """Register image towers: ``register(type_name, factory: TowerFactory, config=ConfigClass)``.
+
+    ``example={...}`` gives a small section (without ``type``) that builds quickly; the contract
+    tests build every tower that has one."""
 
 
 @hookspec
@@ -112,7 +115,8 @@ def register_text_towers(register: Register) -> None:
     """Register text towers: ``register(type_name, factory: TowerFactory, config=ConfigClass)``.
 
     ``flat_state_dict=True`` declares that, in a model whose config does not set ``custom_text``, the
-    tower's state dict keys sit at the top level of the model (OpenCLIP's ``CLIP`` layout)."""
+    tower's state dict keys sit at the top level of the model (OpenCLIP's ``CLIP`` layout).
+    ``example={...}`` as for vision towers."""
 
 
 @hookspec
@@ -122,7 +126,9 @@ def register_poolers(register: Register) -> None:
 
 @hookspec
 def register_tokenizers(register: Register) -> None:
-    """Register tokenizers, selected by ``text_cfg.tokenizer``: ``register(name, factory: TokenizerFactory)``."""
+    """Register tokenizers, selected by ``text_cfg.tokenizer``: ``register(name, factory: TokenizerFactory)``.
+
+    ``options=(...)`` lists the ``tokenizer_kwargs`` it takes, so configs are checked against them."""
 
 
 @hookspec

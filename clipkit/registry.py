@@ -138,7 +138,7 @@ def _disabled_names() -> set:
 
 
 # metadata each kind's register() accepts besides ``config``; anything else is a plugin bug
-ALLOWED_META = {"text_tower": {"flat_state_dict"}, "tokenizer": {"options"}}
+ALLOWED_META = {"vision_tower": {"example"}, "text_tower": {"flat_state_dict", "example"}, "tokenizer": {"options", "example"}}
 
 
 @dataclass

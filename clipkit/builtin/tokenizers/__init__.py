@@ -9,6 +9,6 @@ from ...hookspecs import hookimpl
 @hookimpl
 def register_tokenizers(register):
     register("clip", "clipkit.builtin.tokenizers.clip_bpe:build_clip_tokenizer",
-             options=("clean", "reduction_mask", "additional_special_tokens", "vocab_path"))
+             options=("clean", "reduction_mask", "additional_special_tokens", "vocab_path"), example={})
     # any further keyword goes to transformers.AutoTokenizer.from_pretrained, so no closed list
     register("hf", "clipkit.builtin.tokenizers.hf:build_hf_tokenizer")

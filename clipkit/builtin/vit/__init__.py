@@ -58,7 +58,8 @@ def _pair(value: Size) -> Tuple[int, int]:
 
 @hookimpl
 def register_vision_towers(register):
-    register("vit", "clipkit.builtin.vit.model:build_vit", config=ViTCfg)
+    register("vit", "clipkit.builtin.vit.model:build_vit", config=ViTCfg,
+             example={"image_size": 32, "patch_size": 8, "layers": 2, "width": 32, "head_width": 16})
 
 
 @hookimpl
