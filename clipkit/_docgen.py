@@ -32,10 +32,23 @@ def _table(cls: type) -> str:
     return "\n".join(rows)
 
 
-def render_configs_md() -> str:
-    from .builtin.transformer import TextTransformerCfg
-    from .builtin.vit import ViTCfg
+def _tower_sections() -> list:
+    """One table per tower type the builtin plugins register, found through the registry."""
+    from .registry import registry
 
+    parts = []
+    for kind, section, title in (("vision_tower", "vision_cfg", "vision"), ("text_tower", "text_cfg", "text")):
+        for entry in registry.entries(kind):
+            cls = entry.config_class()
+            if not entry.plugin.builtin or cls is None:
+                continue
+            summary = (cls.__doc__ or "").strip().splitlines()[0]
+            parts += [f"## `{section}` with `\"type\": \"{entry.name}\"` (builtin {title} tower)", "", summary, "",
+                      _table(cls), ""]
+    return parts
+
+
+def render_configs_md() -> str:
     parts = [
         "# Model config reference",
         "",
@@ -56,17 +69,15 @@ def render_configs_md() -> str:
         "",
         "`multimodal_cfg` (CoCa) is rejected: clipkit does not build CoCa models.",
         "",
-        "## `vision_cfg` with `\"type\": \"vit\"` (builtin Vision Transformer)",
-        "",
-        _table(ViTCfg),
-        "",
-        "## `text_cfg` with `\"type\": \"transformer\"` (builtin text transformer)",
-        "",
-        _table(TextTransformerCfg),
-        "",
+        *_tower_sections(),
         "## Tokenizer keys of `text_cfg` (every text tower type)",
         "",
         _table(TokenizerCfg),
+        "",
+        "`tokenizer_kwargs` are checked against the options the tokenizer registers: the builtin `clip`",
+        "tokenizer takes `clean` (`lower`, `whitespace`, `canonicalize`), `reduction_mask` (`simple`,",
+        "`random`, `shuffle`), `additional_special_tokens` and `vocab_path`; the `hf` tokenizer takes",
+        "`clean`, `strip_sep_token`, `language` and any `AutoTokenizer.from_pretrained` argument.",
         "",
     ]
     return "\n".join(parts)
