@@ -89,8 +89,9 @@ def load_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], *, strict:
         _resize_position_embeddings(model, state)
     own = {canon(k): v for k, v in model.state_dict().items()}
     given = {canon(k): v for k, v in state.items()}
+    file_key = {canon(k): k for k in state}  # report unexpected keys as the file spells them
     missing = sorted(set(own) - set(given))
-    unexpected = sorted(set(given) - set(own))
+    unexpected = sorted(file_key[k] for k in set(given) - set(own))
     wrong = sorted(k for k in set(own) & set(given) if own[k].shape != given[k].shape)
     problems = []
     if strict and missing:

@@ -387,5 +387,10 @@ def unknown_model_message(model_name: str) -> str:
         message += f" (did you mean {', '.join(repr(c) for c in close)}?)"
     for pattern, dist in FIRST_PARTY_MODELS.items():
         if re.fullmatch(pattern, model_name):
-            message += f"; {model_name} comes with a plugin: pip install {dist}"
+            return message + f"; {model_name} comes with a plugin: pip install {dist}"
+    from .pretrained import list_pretrained_tags_by_model
+
+    if list_pretrained_tags_by_model(model_name):
+        message += ("; it is an OpenCLIP model with pretrained tags whose config clipkit does not ship yet "
+                    "(it needs a tower type clipkit does not build yet, e.g. timm or hf)")
     return message + "; see `clipkit models` for the list, or add_model_config() for your own"

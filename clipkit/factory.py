@@ -142,8 +142,10 @@ def create_model(
 ) -> ClipModel:
     """Build a model by name (``ViT-B-32``, ``local-dir:/path``, ``hf-hub:org/repo``, or a ``.json`` path).
 
-    ``pretrained`` is a checkpoint file (OpenCLIP, OpenAI-layout state dicts or clipkit training
-    checkpoints; ``.safetensors``, ``.pt``, ``.pth``, ``.bin``). Explicit arguments win over the JSON.
+    ``pretrained`` is a pretrained tag of the model (``list_pretrained_tags_by_model``), a checkpoint
+    file (OpenCLIP or OpenAI-layout state dicts, clipkit or OpenCLIP training checkpoints;
+    ``.safetensors``, ``.pt``, ``.pth``, ``.bin``) or a folder written by ``save_pretrained``.
+    Explicit arguments win over the JSON. See docs/pretrained.md.
     """
     if jit:
         raise ClipkitError("jit=True (TorchScript) is not supported by clipkit; use torch.compile(model) instead")
@@ -152,6 +154,7 @@ def create_model(
     if precision not in PRECISIONS:
         raise ClipkitError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     pretrained_text = model_kwargs.pop("pretrained_hf", pretrained_text)  # OpenCLIP's legacy name
+    PreprocessCfg(**merge_preprocess(PreprocessCfg(), force_preprocess_cfg))  # bad overrides fail before building
     source = resolve_model(model_name, cache_dir)
     raw, saved_preprocess, checkpoint = source.config, source.preprocess, None
     if source.schema is not None:

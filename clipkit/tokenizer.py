@@ -14,7 +14,8 @@ def get_tokenizer(model_name: str = "", context_length: Optional[int] = None, ca
                   **kwargs: Any):
     """The tokenizer a model's config implies, at its ``context_length`` (or the one given).
 
-    An unknown model name is an error (OpenCLIP silently falls back to CLIP's BPE tokenizer).
+    An unknown model name is an error (OpenCLIP logs a warning and falls back to CLIP's BPE tokenizer,
+    which silently mis-tokenizes for other models: its #1118).
     """
     if not model_name:
         raise UnknownModelError("get_tokenizer needs a model name; see `clipkit models`")

@@ -111,8 +111,9 @@ def test_non_strict_load_reports_mismatches(tiny_model_path, tmp_path):
     state = model.state_dict()
     state.pop("ln_final.bias")
     state["visual.extra"] = torch.zeros(1)
+    state["stray.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "partial.pt")
     result = clipkit.load_checkpoint(model, tmp_path / "partial.pt", strict=False)
-    assert result == {"missing_keys": ["text.ln_final.bias"], "unexpected_keys": ["visual.extra"]}
+    assert result == {"missing_keys": ["text.ln_final.bias"], "unexpected_keys": ["stray.weight", "visual.extra"]}
     torch.save(model.state_dict(), tmp_path / "full.pt")
     assert clipkit.load_checkpoint(model, tmp_path / "full.pt") == {"missing_keys": [], "unexpected_keys": []}

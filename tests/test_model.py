@@ -201,3 +201,16 @@ def test_scaled_cosine_attention_runs_and_is_bounded(make, tiny_cfg):
     attn = model.visual.transformer.resblocks[0].attn
     assert attn.logit_scale.shape == (4, 1, 1) and attn.head_scale is None
     assert model.text.transformer.resblocks[0].attn.head_scale.shape == (4, 1, 1)
+
+
+def test_bad_preprocessing_override_fails_before_building(make, tiny_cfg, monkeypatch):
+    import clipkit.factory as factory
+
+    monkeypatch.setattr(factory, "build_model", lambda *a, **k: pytest.fail("built before checking"))
+    with pytest.raises(clipkit.ClipkitError, match="interpolation must be one of"):
+        make(tiny_cfg, force_preprocess_cfg={"interpolation": "nearest"})
+
+
+def test_unknown_tagged_openclip_model_says_why():
+    with pytest.raises(KeyError, match="OpenCLIP model with pretrained tags whose config clipkit does not ship yet"):
+        clipkit.create_model("ViT-B-16-SigLIP")
