@@ -142,3 +142,14 @@ def test_offline_hub_tokenizer_gives_clear_error(tmp_path, tiny_cfg):
     (tmp_path / "hub_tiny.json").write_text(json.dumps(tiny_cfg))
     with pytest.raises(ClipkitError, match="cannot be loaded .*point hf_tokenizer_name at a local folder"):
         clipkit.get_tokenizer(str(tmp_path / "hub_tiny.json"))
+
+
+def test_hf_clips_mode_equals_openclip_and_needs_its_tokens():
+    from clipkit.builtin.tokenizers.hf import HFTokenizer
+
+    specials = {"bos_token": "[CLS]", "eos_token": "[SEP]"}
+    ours = HFTokenizer(str(MINILM), 16, tokenizer_mode="clips", **specials)
+    ref = open_clip.tokenizer.HFTokenizer(str(MINILM), 16, tokenizer_mode="clips", **specials)
+    assert torch.equal(ours(CORPUS), ref(CORPUS))
+    with pytest.raises(ClipkitError, match="tokenizer_mode 'clips' needs bos, eos token"):
+        HFTokenizer(str(MINILM), 16, tokenizer_mode="clips")(["a cat"])

@@ -75,6 +75,10 @@ class HFTokenizer:
 
     def _clips(self, texts: List[str], length: int) -> torch.Tensor:
         tok = self.tokenizer
+        missing = [name for name in ("bos", "eos", "cls") if getattr(tok, f"{name}_token_id") is None]
+        if missing:
+            raise ClipkitError(f"tokenizer_mode 'clips' needs {', '.join(missing)} token(s), which HF tokenizer "
+                               f"{self.name!r} lacks; pass them in tokenizer_kwargs (e.g. bos_token)")
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         out = torch.full((len(texts), length), pad, dtype=torch.long)
         for row, ids in enumerate(tok(texts, add_special_tokens=False)["input_ids"]):
