@@ -29,14 +29,12 @@ print(f"model digits-clip: {sum(p.numel() for p in model.parameters()) / 1e6:.1f
 digits = load_digits()
 images = [Image.fromarray((digits.images[i] * 255 / 16).astype("uint8")).convert("RGB") for i in range(16)]
 batch = torch.stack([preprocess(img) for img in images])
-# token ids in CLIP's layout: start token, a few word ids, end token (the highest id), padding
-text = torch.zeros(16, 32, dtype=torch.long)
-text[:, 0] = 49406
-text[:, 1] = torch.as_tensor(digits.target[:16]) + 256
-text[:, 2] = 49407
+tokenizer = clipkit.get_tokenizer("digits-clip")
+captions = [f"a handwritten digit {int(d)}" for d in digits.target[:16]]
+text = tokenizer(captions)
 
 with torch.no_grad():
     image_features, text_features, logit_scale = model(batch, text)
 print(f"images {tuple(batch.shape)} -> image embeddings {tuple(image_features.shape)}")
-print(f"texts {tuple(text.shape)} -> text embeddings {tuple(text_features.shape)}")
+print(f"texts {tuple(text.shape)} -> text embeddings {tuple(text_features.shape)}  (e.g. {captions[0]!r})")
 print(f"logit scale {logit_scale.item():.2f}; image-text similarity matrix {tuple((image_features @ text_features.T).shape)}")
