@@ -203,6 +203,10 @@ def create_model(
         model.to(device)
     preprocess = PreprocessCfg(size=tuple(model.visual.image_size) if not isinstance(model.visual.image_size, int)
                                else model.visual.image_size).as_dict()
+    # precedence: defaults < the tower's own (a timm model's pretrained config) < saved/tag < arguments
+    tower_defaults = getattr(model.visual, "preprocess_defaults", None)
+    if callable(tower_defaults):
+        preprocess = merge_preprocess(preprocess, tower_defaults())
     preprocess = merge_preprocess(merge_preprocess(preprocess, saved_preprocess), force_preprocess_cfg)
     set_model_preprocess_cfg(model, preprocess)
     return model

@@ -27,7 +27,14 @@ from .errors import PluginError, PluginWarning, UnknownPartError  # noqa: F401 (
 
 ENTRY_POINT_GROUP = "clipkit"
 BUILTIN_DIST = "clipkit-torch"
-BUILTIN_PLUGINS = ("clipkit.builtin.vit", "clipkit.builtin.transformer", "clipkit.builtin.tokenizers")
+def _builtin_plugins() -> Tuple[str, ...]:
+    """Every public subpackage of ``clipkit.builtin`` is a builtin plugin (found, not listed)."""
+    import pkgutil
+
+    from . import builtin
+
+    return tuple(f"clipkit.builtin.{m.name}" for m in sorted(pkgutil.iter_modules(builtin.__path__), key=lambda m: m.name)
+                 if m.ispkg and not m.name.startswith("_"))
 
 KIND_TITLES = {
     "vision_tower": "vision tower type",
@@ -162,7 +169,7 @@ class _Loader:
 
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
-        for module_name in BUILTIN_PLUGINS:
+        for module_name in _builtin_plugins():
             info = PluginInfo(module_name.rsplit(".", 1)[-1], BUILTIN_DIST, __version__, module_name, builtin=True)
             self._add_plugin(pm, info, lambda m=module_name: importlib.import_module(m))
         self._load_entry_points(pm)
