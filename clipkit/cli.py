@@ -1,4 +1,5 @@
-"""The ``clipkit`` command. Parsing imports nothing heavy; ``models`` and ``config`` never import torch."""
+"""The ``clipkit`` command. Parsing imports nothing heavy; ``models``, ``plugins`` and ``config`` never
+import torch (``trainable`` builds a model, so it does)."""
 from __future__ import annotations
 
 import argparse
@@ -165,12 +166,43 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_trainable(args: argparse.Namespace) -> int:
+    """Build the model on the meta device (no weights, no memory), lock it as asked, list what trains."""
+    from .factory import create_model
+
+    model = create_model(args.model, device="meta")
+    if args.lock_image:
+        model.lock_image_tower(unlocked_groups=args.lock_image_unlocked_groups,
+                               freeze_bn_stats=args.lock_image_freeze_bn_stats)
+    if args.lock_text:
+        model.lock_text_tower(unlocked_layers=args.lock_text_unlocked_layers,
+                              freeze_layer_norm=args.lock_text_freeze_layer_norm)
+    rows = [(name, p.numel(), p.requires_grad) for name, p in model.named_parameters()]
+    summary = {}
+    for tower in ("visual", "text", "other"):
+        part = [r for r in rows if (r[0].split(".")[0] if r[0].split(".")[0] in ("visual", "text") else "other") == tower]
+        summary[tower] = {"trainable": sum(n for _, n, t in part if t), "total": sum(n for _, n, _ in part)}
+    if args.json:
+        print(json.dumps({"model": args.model, "towers": summary,
+                          "trainable": [name for name, _, trainable in rows if trainable]}, indent=2))
+        return EXIT_OK
+    for name, count, trainable in rows:
+        if trainable or args.all:
+            print(f"{'train' if trainable else 'frozen':6s} {count:>12,d}  {name}")
+    for tower, counts in summary.items():
+        if counts["total"]:
+            print(f"{tower}: {counts['trainable']:,d} of {counts['total']:,d} parameters trainable")
+    return EXIT_OK
+
+
 EPILOG = """examples:
   clipkit models                        list every model config (builtin, plugin-shipped, added)
   clipkit plugins                       installed plugins, their versions and what each registers
   clipkit config check my_model.json    validate a config file (exit 0 ok, 1 invalid, 2 usage)
   clipkit config show ViT-B-32 --full   a config with every default written out
   clipkit config schema > schema.json   JSON Schema of model configs for your editor
+  clipkit trainable ViT-B-32 --lock-text --lock-text-unlocked-layers 2
+                                        what a lock leaves trainable, before a long run
 """
 
 
@@ -217,6 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=_cmd_config_schema)
     config.set_defaults(func=lambda a: _missing_action(config))
+
+    p = sub.add_parser("trainable", help="list the parameters a lock leaves trainable (builds on the meta device)",
+                       epilog="The lock flags mean what they mean to clipkit-train.\n\nexamples:\n"
+                              "  clipkit trainable roberta-ViT-B-32 --lock-text --lock-text-unlocked-layers 10\n"
+                              "  clipkit trainable ViT-B-32 --lock-image --lock-image-unlocked-groups 1 --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model name, local-dir:/hf-hub: name, or a .json config file")
+    p.add_argument("--lock-image", action="store_true", help="lock the image tower")
+    p.add_argument("--lock-image-unlocked-groups", type=int, default=0, metavar="N",
+                   help="leave the last N layer groups of the image tower trainable")
+    p.add_argument("--lock-image-freeze-bn-stats", action="store_true", help="keep locked BatchNorms in eval mode")
+    p.add_argument("--lock-text", action="store_true", help="lock the text tower")
+    p.add_argument("--lock-text-unlocked-layers", type=int, default=0, metavar="N",
+                   help="leave the last N layers (groups) of the text tower trainable")
+    p.add_argument("--lock-text-freeze-layer-norm", action="store_true",
+                   help="also freeze LayerNorm parameters of locked text layers")
+    p.add_argument("--all", action="store_true", help="list frozen parameters too")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_trainable)
     return parser
 
 

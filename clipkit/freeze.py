@@ -14,6 +14,11 @@ from .errors import ClipkitError
 _NORMS = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
+def _is_norm(module: nn.Module) -> bool:
+    # transformers' own norms (T5LayerNorm, LlamaRMSNorm...) are not nn.LayerNorm subclasses
+    return isinstance(module, _NORMS) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
 def _params(item: Union[nn.Module, nn.Parameter]) -> Iterator[nn.Parameter]:
     if isinstance(item, nn.Parameter):
         yield item
@@ -66,7 +71,7 @@ def lock_layer_groups(tower: nn.Module, unlocked: int = 0, *, freeze_layer_norm:
                 param.requires_grad = True
     for group in locked:
         for module in _modules(group):
-            if not freeze_layer_norm and isinstance(module, _NORMS):
+            if not freeze_layer_norm and _is_norm(module):
                 for param in module.parameters(recurse=False):
                     param.requires_grad = True
             if freeze_bn_stats and isinstance(module, nn.modules.batchnorm._BatchNorm) \

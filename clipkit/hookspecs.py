@@ -73,7 +73,10 @@ class TowerFactory(Protocol):
 
 class PoolerFactory(Protocol):
     """``register_poolers`` factories: ``factory(cfg)`` returns a module called as
-    ``pooler(hidden_states [B, L, D], attention_mask [B, L]) -> [B, D]``."""
+    ``pooler(hidden_states [B, L, D], attention_mask [B, L], pooler_output=None) -> [B, D]``.
+
+    ``pooler_output`` is the encoder's own pooled output when it has one (BERT's). A pooler that
+    represents the text by one token sets ``cls_token_position`` to its index (else ``None``)."""
 
     def __call__(self, cfg: Any) -> "nn.Module": ...
 

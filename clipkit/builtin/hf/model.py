@@ -1,0 +1,150 @@
+"""A HuggingFace encoder as a text tower: tokens -> encoder -> pooler -> projection to embed_dim.
+
+Parameter names are OpenCLIP's ``HFTextEncoder`` ones (``transformer.*``, ``proj.*``), so its
+state dicts load directly.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, List, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ...errors import ClipkitError
+from ...freeze import lock_layer_groups
+from ...hookspecs import TowerContext
+from ...registry import registry
+from . import HFTextCfg
+
+
+def _load_encoder(cfg: HFTextCfg, pretrained: bool, cache_dir: Any) -> Tuple[nn.Module, Any]:
+    from transformers import AutoConfig, AutoModel
+
+    name = cfg.hf_model_name
+    remote = {"trust_remote_code": True} if cfg.trust_remote_code else {}
+    try:
+        config = AutoConfig.from_pretrained(name, cache_dir=cache_dir, **remote)
+    except (OSError, ValueError) as exc:
+        raise ClipkitError(f"text_cfg.hf_model_name {name!r} cannot be loaded ({str(exc).splitlines()[0]}); "
+                           f"offline, point it at a local folder with the model's config (and weights)") from exc
+    kwargs = dict(remote)
+    if not getattr(config, "is_encoder_decoder", False):
+        model_class = _model_class(config)
+        # BERT-like models build their own pooler only when it will be used (OpenCLIP's parameter set)
+        if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+            kwargs["add_pooling_layer"] = cfg.hf_pooler_type == "cls_pooler"
+    try:
+        if pretrained:
+            model = AutoModel.from_pretrained(name, config=config, cache_dir=cache_dir, **kwargs)
+        else:
+            model = AutoModel.from_config(config, **kwargs)
+    except OSError as exc:
+        raise ClipkitError(f"text_cfg.hf_model_name {name!r}: pretrained weights cannot be loaded "
+                           f"({str(exc).splitlines()[0]}); set hf_model_pretrained false or use a local folder") from exc
+    if getattr(config, "is_encoder_decoder", False):
+        model = model.get_encoder()  # T5/mT5, NLLB: the text tower is the encoder half
+    return model, config
+
+
+def _model_class(config: Any):
+    from transformers import AutoModel
+
+    try:
+        return AutoModel._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        return None
+
+
+def _find_layers(encoder: nn.Module) -> nn.ModuleList:
+    """The encoder's stack of layers: the longest ModuleList of identical blocks."""
+    best = None
+    for module in encoder.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 \
+                and len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+            best = module
+    if best is None:
+        raise ClipkitError(f"{type(encoder).__name__}: no list of transformer layers found; this encoder "
+                           f"cannot be locked by layers")
+    return best
+
+
+class HFTextTower(nn.Module):
+    def __init__(self, cfg: HFTextCfg, output_dim: int, pretrained: bool, cache_dir: Any = None):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer, self.config = _load_encoder(cfg, pretrained, cache_dir)
+        self.pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        self.vocab_size = self.config.vocab_size
+        self.context_length = cfg.context_length
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if limit and cfg.context_length > limit:
+            raise ClipkitError(f"text_cfg.context_length {cfg.context_length} exceeds {cfg.hf_model_name}'s "
+                               f"max_position_embeddings {limit}")
+        self.output_dim = output_dim
+        self.output_tokens = cfg.output_tokens
+        self.pooler = registry.get("pooler", cfg.hf_pooler_type, where="text_cfg.hf_pooler_type").load()(cfg)
+        width = self.transformer.get_input_embeddings().embedding_dim
+        if cfg.hf_proj_type in (None, "none"):
+            if width != output_dim:
+                raise ClipkitError(f"text_cfg.hf_proj_type is none but {cfg.hf_model_name} is {width} wide and "
+                                   f"embed_dim is {output_dim}; use linear or mlp")
+            self.proj: nn.Module = nn.Identity()
+        elif cfg.hf_proj_type == "linear":
+            self.proj = nn.Linear(width, output_dim, bias=False)
+        else:
+            hidden = (width + output_dim) // 2
+            self.proj = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(),
+                                      nn.Linear(hidden, output_dim, bias=False))
+
+    def layer_groups(self) -> List[Sequence[Union[nn.Module, nn.Parameter]]]:
+        """Embeddings (everything before the layers), each layer, what follows them, the projection."""
+        layers = _find_layers(self.transformer)
+        in_layers = {id(p) for p in layers.parameters()}
+        before: List[nn.Parameter] = []
+        after: List[nn.Parameter] = []
+        seen_layers = False
+        for param in self.transformer.parameters():
+            if id(param) in in_layers:
+                seen_layers = True
+            else:
+                (after if seen_layers else before).append(param)
+        return [before, *[[layer] for layer in layers], after, [self.proj, self.pooler]]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if not getattr(self.transformer, "supports_gradient_checkpointing", False):
+            raise ClipkitError(f"{self.cfg.hf_model_name}: this encoder does not support gradient checkpointing")
+        if enable:
+            self.transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.transformer.gradient_checkpointing_disable()
+
+    def forward(self, text: torch.Tensor):
+        mask = (text != self.pad_id).long()
+        out = self.transformer(input_ids=text, attention_mask=mask)
+        hidden = out.last_hidden_state
+        pooled = self.proj(self.pooler(hidden, mask, getattr(out, "pooler_output", None)))
+        if not self.output_tokens:
+            return pooled
+        position = getattr(self.pooler, "cls_token_position", None)
+        tokens = hidden if position is None else torch.cat([hidden[:, :position], hidden[:, position + 1:]], dim=1)
+        return pooled, tokens
+
+
+def build_hf_text(cfg: HFTextCfg, ctx: TowerContext) -> HFTextTower:
+    """Factory registered as text tower ``hf``."""
+    return HFTextTower(cfg, ctx.embed_dim, pretrained=cfg.hf_model_pretrained and ctx.pretrained,
+                       cache_dir=ctx.cache_dir)
+
+
+def lock_hf_text(tower: HFTextTower, unlocked: int = 0, *, freeze_layer_norm: bool = True,
+                 freeze_bn_stats: bool = False) -> None:
+    """Lock all but the last ``unlocked`` encoder layers; the projection (added by clipkit) stays trainable.
+
+    With ``unlocked >= 1`` whatever follows the layers (a final norm, BERT's pooler) is trainable too.
+    """
+    if not isinstance(unlocked, int) or unlocked < 0:
+        raise ClipkitError(f"unlocked layers must be an int >= 0, got {unlocked!r}")
+    # groups: [embeddings, *layers, after, head]; the head always, after-layers with any layer
+    groups = unlocked + 2 if unlocked else 1
+    lock_layer_groups(tower, groups, freeze_layer_norm=freeze_layer_norm, freeze_bn_stats=freeze_bn_stats)
