@@ -55,3 +55,23 @@ def plugin_module():
     for module in made:
         registry.unregister_plugin(module)
         sys.modules.pop(module.__name__, None)
+
+
+@pytest.fixture
+def without_plugins(monkeypatch):
+    """Hide installed plugin distributions from clipkit, as if they were not installed."""
+    from clipkit import registry as registry_module
+
+    real = registry_module.metadata.entry_points
+
+    def hide(*names):
+        def entry_points(**kwargs):
+            return [ep for ep in real(**kwargs) if getattr(ep, "dist", None) is None
+                    or ep.dist.metadata["Name"] not in names]
+
+        monkeypatch.setattr(registry_module.metadata, "entry_points", entry_points)
+        registry.reload()
+
+    yield hide
+    monkeypatch.undo()
+    registry.reload()

@@ -73,7 +73,8 @@ def test_pickled_objects_are_refused(tiny_model_path, tmp_path):
         clipkit.load_checkpoint(clipkit.create_model(tiny_model_path), tmp_path / "evil.pt", weights_only=False)
 
 
-def test_unknown_pretrained_and_model(tiny_model_path):
+def test_unknown_pretrained_and_model(tiny_model_path, without_plugins):
+    without_plugins("clipkit-plugin-resnet")
     with pytest.raises(clipkit.ClipkitError, match="not a known pretrained tag of .* \\(it has no tags\\) or an existing file"):
         clipkit.create_model(tiny_model_path, pretrained="laion9000")
     with pytest.raises(KeyError, match="unknown model 'ViT-B-33' \\(did you mean"):

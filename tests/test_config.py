@@ -62,14 +62,14 @@ def test_unknown_type_lists_installed_and_suggests(tiny_cfg):
     assert "vit" in line.split("installed: ")[1].split("; ")[0].split(", ")
 
 
-def test_inferred_types_are_named_in_errors(tiny_cfg):
-    tiny_cfg["vision_cfg"] = {"timm_model_name": "convnext_base", "image_size": 224}
-    (line,) = problems(tiny_cfg)
-    assert "unknown vision tower type 'timm' (inferred from timm_model_name)" in line
+def test_inferred_types_are_named_in_errors(tiny_cfg, without_plugins):
+    without_plugins("clipkit-plugin-resnet")
     tiny_cfg["vision_cfg"] = {"layers": [3, 4, 6, 3], "width": 64}
     (line,) = problems(tiny_cfg)
-    assert "'resnet' (inferred from a list of layers)" in line
-    assert "pip install clipkit-plugin-resnet" in line
+    assert "unknown vision tower type 'resnet' (inferred from a list of layers)" in line
+    assert line.endswith("it is provided by a plugin: pip install clipkit-plugin-resnet")
+    tiny_cfg["text_cfg"] = {"hf_model_name": "roberta-base", "hf_pooler_type": "nosuch"}
+    assert any(p.startswith("text_cfg.hf_pooler_type: unknown pooler 'nosuch'") for p in problems(tiny_cfg))
 
 
 def test_coca_rejected_in_one_line(tiny_cfg):
