@@ -391,6 +391,6 @@ def unknown_model_message(model_name: str) -> str:
     from .pretrained import list_pretrained_tags_by_model
 
     if list_pretrained_tags_by_model(model_name):
-        message += ("; it is an OpenCLIP model with pretrained tags whose config clipkit does not ship yet "
-                    "(it needs a tower type clipkit does not build yet, e.g. timm or hf)")
+        message += ("; it is an OpenCLIP model with pretrained tags whose config clipkit does not ship "
+                    "(CoCa models are not supported)")
     return message + "; see `clipkit models` for the list, or add_model_config() for your own"

@@ -179,6 +179,9 @@ def create_model(
                            force_context_length=force_context_length, model_kwargs=model_kwargs)
     config = validate_model_config(raw, source=source.label, name=model_name)
     tower_weights = checkpoint is None and pretrained_image_path is None and pretrained_text_path is None
+    # the JSON may ask for the image tower's own weights too (OpenCLIP's key); pretrained_image's
+    # default False cannot tell "no" from "not said", so either one asks
+    pretrained_image = pretrained_image or config.raw["vision_cfg"].get("timm_model_pretrained") is True
     on_meta = torch.device(device).type == "meta"
     if on_meta and checkpoint is not None:
         raise ClipkitError("device='meta' builds shapes only; it cannot load the weights of a checkpoint")

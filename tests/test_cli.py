@@ -78,6 +78,8 @@ def test_plugins_json(capsys):
 
 
 def test_every_openclip_config_passes_or_fails_in_one_line_per_problem():
+    """All 144 configs of OpenCLIP 3.3.0: 140 validate (builtin, timm and HF towers, and the ResNet plugin
+    that the test setup installs); the 4 CoCa ones are rejected in one line."""
     open_clip = pytest.importorskip("open_clip")
     from pathlib import Path
 
@@ -87,17 +89,17 @@ def test_every_openclip_config_passes_or_fails_in_one_line_per_problem():
     folder = Path(open_clip.__file__).parent / "model_configs"
     files = sorted(folder.glob("*.json"))
     assert len(files) == 144
-    ok, rejected = 0, 0
+    ok, rejected = [], []
     for file in files:
         try:
             validate_model_config(json.loads(file.read_text()), source=str(file))
-            ok += 1
+            ok.append(file.stem)
         except ConfigError as exc:
-            rejected += 1
-            for problem in exc.problems:
-                assert problem.path in ("multimodal_cfg", "vision_cfg.type", "text_cfg.type"), str(problem)
-    assert ok == 45 and rejected == 99
-
+            rejected.append(file.stem)
+            assert [str(p) for p in exc.problems] == [
+                f"{file}: multimodal_cfg: CoCa models (multimodal_cfg) are not supported by clipkit"]
+    assert sorted(rejected) == ["coca_ViT-B-32", "coca_ViT-L-14", "coca_base", "coca_roberta-ViT-B-32"]
+    assert len(ok) == 140
 
 def test_schema_bounds_sit_on_numbers(capsys):
     assert main(["config", "schema"]) == 0

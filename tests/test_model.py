@@ -212,5 +212,6 @@ def test_bad_preprocessing_override_fails_before_building(make, tiny_cfg, monkey
 
 
 def test_unknown_tagged_openclip_model_says_why():
-    with pytest.raises(KeyError, match="OpenCLIP model with pretrained tags whose config clipkit does not ship yet"):
-        clipkit.create_model("ViT-B-16-SigLIP")
+    with pytest.raises(KeyError, match="OpenCLIP model with pretrained tags whose config clipkit does not ship "
+                                       "\\(CoCa models are not supported\\)"):
+        clipkit.create_model("coca_ViT-B-32")
