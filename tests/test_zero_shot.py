@@ -17,7 +17,7 @@ from clipkit.zero_shot_metadata import (
     PromptTemplate,
 )
 
-open_clip = pytest.importorskip("open_clip")
+import open_clip
 from open_clip import zero_shot_metadata as oc_meta  # noqa: E402
 
 CONTEXT_LENGTH = 16
