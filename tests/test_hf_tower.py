@@ -86,11 +86,19 @@ def tiny_folders(tmp_path_factory):
                                pad_token_id=0, decoder_start_token_id=0)
     roberta.save_pretrained(root / "roberta")
     t5.save_pretrained(root / "t5")
+    xlmr = transformers.XLMRobertaConfig(**{k: getattr(roberta, k) for k in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+        "max_position_embeddings", "pad_token_id")})
+    mt5 = transformers.MT5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
+                                 pad_token_id=0, decoder_start_token_id=0)
+    xlmr.save_pretrained(root / "xlmr")
+    mt5.save_pretrained(root / "mt5")
     return root
 
 
 @pytest.mark.parametrize("arch,layer_prefix,norm_name", [
-    ("roberta", "transformer.encoder.layer", "LayerNorm"), ("t5", "transformer.block", "layer_norm")])
+    ("roberta", "transformer.encoder.layer", "LayerNorm"), ("xlmr", "transformer.encoder.layer", "LayerNorm"),
+    ("t5", "transformer.block", "layer_norm"), ("mt5", "transformer.block", "layer_norm")])
 def test_tiny_random_models_build_lock_and_train(tmp_path, tiny_folders, arch, layer_prefix, norm_name):
     model, _ = _model(tmp_path, {"hf_model_name": str(tiny_folders / arch), "hf_model_pretrained": False,
                                  "context_length": 12}, name=arch)
