@@ -102,3 +102,21 @@ def test_lock_trainable_sets_equal_openclip(unlocked, tiny_cfg, tmp_path):
         internal = key if key.startswith(("visual.", "logit_")) else "text." + key
         ours_state[key] = ours_names[internal].requires_grad
     assert ours_state == ref_state
+
+
+@pytest.mark.parametrize("unlocked", [0, 1, 2, 10])
+def test_text_lock_without_layer_norm_freezing_adds_exactly_the_locked_norms(unlocked, tiny_cfg, tmp_path):
+    """OpenCLIP asserts on freeze_layer_norm=False for its text tower; clipkit leaves the LayerNorms
+    of the locked groups trainable and changes nothing else."""
+    path = tmp_path / "lntiny.json"
+    path.write_text(json.dumps(tiny_cfg))
+    open_clip.add_model_config(path)
+    ref = open_clip.create_model("lntiny")
+    ref.lock_text_tower(unlocked_layers=unlocked)
+    ref_trainable = {n for n, p in ref.named_parameters()
+                     if p.requires_grad and not n.startswith(("visual.", "logit_"))}
+    ours = clipkit.create_model(str(path))
+    ours.lock_text_tower(unlocked_layers=unlocked, freeze_layer_norm=False)
+    ours_trainable = {n[len("text."):] for n, p in ours.named_parameters() if p.requires_grad and n.startswith("text.")}
+    norms = {n for n, _ in ours.text.named_parameters() if ".ln_" in f".{n}"}
+    assert ours_trainable == ref_trainable | norms
