@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 from .config import HF_CONFIG_NAME, get_model_config, model_config_source, parse_model_name, read_hub_config, \
-    unknown_model_message
+    read_json_object, unknown_model_message
 from .errors import ClipkitError, UnknownModelError
 from .pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, download_from_hub, download_pretrained, \
     get_pretrained_cfg, list_pretrained_tags_by_model
@@ -45,13 +45,7 @@ def resolve_model(model_name: str, cache_dir: Optional[str] = None, offline: boo
         return ModelSource(cfg, {}, model_config_source(model_name.replace("/", "-")) or model_name, None, model_name)
     path = Path(model_name)
     if path.suffix == ".json" and path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ClipkitError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ClipkitError(f"{path}: a model config must be a JSON object, got {type(data).__name__}")
-        return ModelSource(data, {}, str(path), None, model_name)
+        return ModelSource(read_json_object(path), {}, str(path), None, model_name)
     raise UnknownModelError(unknown_model_message(model_name))
 
 

@@ -357,8 +357,15 @@ def read_hub_config(schema: str, ident: str, cache_dir: Optional[str] = None, of
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise ClipkitError(f"hf-hub:{ident}: cannot fetch {HF_CONFIG_NAME} ({type(exc).__name__}: {reason[:160]})"
                                + ("; only the huggingface_hub cache was searched" if offline else "")) from exc
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> Dict[str, Any]:
+    """A JSON file that must hold an object; any other content is a one-line ClipkitError."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ClipkitError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except ValueError as exc:
         raise ClipkitError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
