@@ -340,3 +340,19 @@ def test_shipped_timm_config_has_openclips_vision_parameters(name, _fast_meta_in
             gc.enable()
     ours, ref = _fast_meta_init[key]
     assert ours == ref
+
+
+def test_grad_checkpointing_unsupported_is_an_error():
+    from clipkit.builtin.timm.model import TimmTower
+
+    class NoCheckpointing(torch.nn.Module):
+        def set_grad_checkpointing(self, enable=True):
+            raise NotImplementedError("no checkpointing here")
+
+    tower = TimmTower.__new__(TimmTower)
+    torch.nn.Module.__init__(tower)
+    tower.trunk = NoCheckpointing()
+    tower.cfg = type("Cfg", (), {"timm_model_name": "fake"})()
+    with pytest.raises(ClipkitError, match="timm model fake does not support gradient checkpointing"):
+        tower.set_grad_checkpointing(True)
+    tower.set_grad_checkpointing(False)  # turning it off is always fine

@@ -11,7 +11,6 @@ Which part pools and which projects depends on ``timm_pool`` and ``timm_proj``:
 from __future__ import annotations
 
 import difflib
-import logging
 import os
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
@@ -25,7 +24,6 @@ from ...freeze import lock_layer_groups
 from ...hookspecs import TowerContext
 from . import ATTENTION_POOLS, TimmCfg
 
-logger = logging.getLogger("clipkit")
 
 _LOCAL_FILE_HINT = ('point timm at a local file with vision_cfg.timm_model_kwargs '
                     '{"pretrained_cfg_overlay": {"file": "/path/to/weights.safetensors"}}')
@@ -172,9 +170,10 @@ class TimmTower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         try:
             self.trunk.set_grad_checkpointing(enable)
-        except (AttributeError, AssertionError, NotImplementedError) as exc:
-            logger.warning("timm model %s does not support gradient checkpointing (%s); continuing without",
-                           self.cfg.timm_model_name, exc)
+        except (AttributeError, AssertionError, NotImplementedError) as exc:  # timm's ways of saying "not here"
+            if enable:  # asked for memory savings that would silently not happen
+                raise ClipkitError(f"timm model {self.cfg.timm_model_name} does not support gradient "
+                                   f"checkpointing ({exc!r})") from exc
 
     def no_weight_decay(self) -> Set[str]:
         names = getattr(self.trunk, "no_weight_decay", None)
