@@ -157,9 +157,12 @@ def test_clear_errors(tmp_path, tiny_folders):
         clipkit.create_model(str(path))
     with pytest.raises(ClipkitError, match="'no-org/no-model' cannot be loaded .*local folder"):
         _model(tmp_path, {"hf_model_name": "no-org/no-model"}, name="offline")
-    with pytest.raises(ClipkitError, match="context_length 64 exceeds .* max_position_embeddings 40"):
+    # RoBERTa's 40 position embeddings hold 38 tokens: its positions start after the padding index (1)
+    with pytest.raises(ClipkitError, match="context_length 39 exceeds the 38 positions of"):
         _model(tmp_path, {"hf_model_name": str(tiny_folders / "roberta"), "hf_model_pretrained": False,
-                          "context_length": 64}, name="long")
+                          "context_length": 39}, name="long")
+    _model(tmp_path, {"hf_model_name": str(tiny_folders / "roberta"), "hf_model_pretrained": False,
+                      "context_length": 38}, name="longest")[0].encode_text(torch.full((1, 38), 5))
     from clipkit.config import validate_model_config
 
     with pytest.raises(ClipkitError, match="text_cfg.hf_pooler_type: unknown pooler 'mean_pool' \\(did you mean 'mean_pooler'"):

@@ -78,9 +78,12 @@ class HFTextTower(nn.Module):
         self.vocab_size = self.config.vocab_size
         self.context_length = cfg.context_length
         limit = getattr(self.config, "max_position_embeddings", None)
+        embeddings = getattr(self.transformer, "embeddings", None)
+        if limit and isinstance(getattr(embeddings, "padding_idx", None), int):
+            limit -= embeddings.padding_idx + 1  # RoBERTa-style positions start after the padding index
         if limit and cfg.context_length > limit:
-            raise ClipkitError(f"text_cfg.context_length {cfg.context_length} exceeds {cfg.hf_model_name}'s "
-                               f"max_position_embeddings {limit}")
+            raise ClipkitError(f"text_cfg.context_length {cfg.context_length} exceeds the {limit} positions of "
+                               f"{cfg.hf_model_name}")
         self.output_dim = output_dim
         self.output_tokens = cfg.output_tokens
         self.pooler = registry.get("pooler", cfg.hf_pooler_type, where="text_cfg.hf_pooler_type").load()(cfg)
