@@ -157,6 +157,9 @@ class _Snapshot:
     plugins: Dict[str, PluginInfo] = field(default_factory=dict)
 
 
+_WARNED: set = set()
+
+
 class _Loader:
     """Builds a :class:`_Snapshot`: imports plugins one by one, isolating each one's failures."""
 
@@ -221,7 +224,10 @@ class _Loader:
         info.error = error
         if info.builtin:
             raise PluginError(f"builtin plugin {info.module} is broken: {error}")
-        warnings.warn(f"clipkit plugin skipped: {info.label} {error}", PluginWarning, stacklevel=2)
+        message = f"clipkit plugin skipped: {info.label} {error}"
+        if message not in _WARNED:  # a reload does not repeat what the process was already told
+            _WARNED.add(message)
+            warnings.warn(message, PluginWarning, stacklevel=2)
 
     def _collect(self, pm: pluggy.PluginManager) -> None:
         staged: Dict[str, List[Entry]] = {}

@@ -92,6 +92,7 @@ def test_create_model_from_pretrained_needs_weights_before_building(tiny_model_p
     assert _same(src, model) and preprocess.transforms[1].size == (32, 32)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # the test makes the archive it refuses
 def test_torchscript_archives_are_refused_and_openai_keys_dropped(tiny_model_path, tmp_path):
     """OpenAI's original .pt files are TorchScript: refused (loading them runs no pickle, but
     deserialises code). Their state dicts carry hyper-parameter entries, which are dropped."""

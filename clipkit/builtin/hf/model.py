@@ -117,10 +117,16 @@ class HFTextTower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if not getattr(self.transformer, "supports_gradient_checkpointing", False):
             raise ClipkitError(f"{self.cfg.hf_model_name}: this encoder does not support gradient checkpointing")
-        if enable:
-            self.transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = self.transformer
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
+            if enable:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.activation_checkpointing_disable()
+        elif enable:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.transformer.gradient_checkpointing_disable()
+            model.gradient_checkpointing_disable()
 
     def forward(self, text: torch.Tensor):
         mask = (text != self.pad_id).long()
