@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+#: The kinds ``clipkit plugin new`` writes (``clipkit._scaffold.KINDS``), listed here so parsing imports nothing.
+PLUGIN_KINDS = ("vision", "text", "pooler", "tokenizer", "freezer")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -42,10 +44,12 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _load_target(target: str) -> tuple:
-    """(config dict, source label, name) for a file path or a model name; raises _Usage when neither.
+    """(config dict, source label, name, parts record) for a file path or a model name; raises _Usage
+    when neither. The record (which plugin provided each part) comes with saved models only.
 
     ``local-dir:`` folders are read; ``hf-hub:`` repos only from the local huggingface_hub cache.
     """
+    from ._provenance import PROVENANCE_KEY
     from .config import get_model_config, model_config_source, parse_model_name, read_hub_config, unknown_model_message
     from .errors import ClipkitError
 
@@ -53,13 +57,13 @@ def _load_target(target: str) -> tuple:
         schema, ident = parse_model_name(target)
         if schema is not None:
             data = read_hub_config(schema, ident, offline=True)
-            return data.get("model_cfg", data), target, target
+            return data.get("model_cfg", data), target, target, data.get(PROVENANCE_KEY)
     except ClipkitError as exc:
         raise _Usage(str(exc)) from exc
     path = Path(target)
     if path.suffix == ".json" or path.exists():
         try:
-            return json.loads(path.read_text(encoding="utf-8")), str(path), path.stem
+            return json.loads(path.read_text(encoding="utf-8")), str(path), path.stem, None
         except OSError as exc:
             raise _Usage(f"{path}: cannot read: {exc.strerror or exc}") from exc
         except ValueError as exc:
@@ -67,7 +71,7 @@ def _load_target(target: str) -> tuple:
     cfg = get_model_config(target)
     if cfg is None:
         raise _Usage(unknown_model_message(target))
-    return cfg, model_config_source(target) or target, target
+    return cfg, model_config_source(target) or target, target, None
 
 
 class _Usage(Exception):
@@ -75,18 +79,20 @@ class _Usage(Exception):
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
+    from ._provenance import check_provenance
     from .config import validate_model_config
     from .errors import ClipkitError, ConfigError
 
     status = EXIT_OK
     for target in args.targets:  # every target is checked; the exit status is the worst one
         try:
-            cfg, source, name = _load_target(target)
+            cfg, source, name, parts = _load_target(target)
         except _Usage as exc:
             print(f"{target}: {exc}" if not str(exc).startswith(target) else str(exc), file=sys.stderr)
             status = EXIT_USAGE
             continue
         try:
+            check_provenance(parts, source)  # a missing plugin: say which package to install
             validate_model_config(cfg, source=source, name=name)
         except ConfigError as exc:
             for problem in exc.problems:
@@ -120,7 +126,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     from .errors import ConfigError
 
     try:
-        cfg, source, name = _load_target(args.target)
+        cfg, source, name, _ = _load_target(args.target)
     except _Usage as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
@@ -134,35 +140,27 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def model_config_schema() -> Dict[str, Any]:
-    """JSON Schema of a model config, reflecting the tower types installed now."""
-    from ._typed import json_schema
-    from .config import ModelCfg, TokenizerCfg
-    from .registry import registry
-
-    defs: Dict[str, Any] = {}
-    branches: Dict[str, List[Dict[str, Any]]] = {"vision_tower": [], "text_tower": []}
-    tokenizer = json_schema(TokenizerCfg, "tokenizer keys")["properties"]
-    for kind in branches:
-        for entry in registry.entries(kind):
-            cls = entry.config_class()
-            extra = {"type": {"const": entry.name, "description": f"provided by {entry.plugin.label}"}}
-            if kind == "text_tower":
-                extra.update(tokenizer)
-            schema = json_schema(cls, f"{kind} {entry.name}", extra) if cls else {"type": "object"}
-            key = f"{kind}.{entry.name}"
-            defs[key] = schema
-            branches[kind].append({"$ref": f"#/$defs/{key}"})
-    top = json_schema(ModelCfg, "clipkit model config", {
-        "vision_cfg": {"anyOf": branches["vision_tower"]}, "text_cfg": {"anyOf": branches["text_tower"]}})
-    top["required"] = ["embed_dim", "vision_cfg", "text_cfg"]
-    top["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    top["$defs"] = defs
-    return top
-
-
 def _cmd_config_schema(args: argparse.Namespace) -> int:
+    from ._schema import model_config_schema
+
     print(json.dumps(model_config_schema(), indent=2))
+    return EXIT_OK
+
+
+def _cmd_plugin_new(args: argparse.Namespace) -> int:
+    from ._scaffold import scaffold_plugin
+    from .errors import ClipkitError
+
+    try:
+        written = scaffold_plugin(args.name, args.kind, args.output)
+    except ClipkitError as exc:
+        print(f"clipkit plugin new: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    root, package = written[0], next(path.parent for path in written if path.name == "__init__.py")
+    for path in written[1:]:
+        print(f"wrote {path}")
+    print(f"\nnext:\n  pip install -e {root}\n  pytest {root}\n  clipkit plugins\n"
+          f"then make the example part in {package}/ yours, and publish it as docs/plugins.md shows")
     return EXIT_OK
 
 
@@ -201,8 +199,10 @@ EPILOG = """examples:
   clipkit config check my_model.json    validate a config file (exit 0 ok, 1 invalid, 2 usage)
   clipkit config show ViT-B-32 --full   a config with every default written out
   clipkit config schema > schema.json   JSON Schema of model configs for your editor
+  clipkit plugin new tinyconv           scaffold clipkit-plugin-tinyconv/, a vision tower plugin with tests
   clipkit trainable ViT-B-32 --lock-text --lock-text-unlocked-layers 2
                                         what a lock leaves trainable, before a long run
+  clipkit data digits data/digits       the demo dataset as WebDataset shards (then see clipkit-train)
 """
 
 
@@ -250,6 +250,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_config_schema)
     config.set_defaults(func=lambda a: _missing_action(config))
 
+    plugin = sub.add_parser("plugin", help="write a new plugin distribution",
+                            epilog="example:\n  clipkit plugin new tinyconv --kind vision",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    psub = plugin.add_subparsers(dest="plugin_command", metavar="ACTION")
+    p = psub.add_parser("new", help="scaffold clipkit-plugin-NAME/: a working example part, its typed config, "
+                                    "a model config using it, README and contract tests",
+                        epilog="The plugin installs and passes its tests as written; then make the part yours.\n\n"
+                               "examples:\n"
+                               "  clipkit plugin new tinyconv\n"
+                               "  pip install -e ./clipkit-plugin-tinyconv && pytest clipkit-plugin-tinyconv\n"
+                               "  clipkit plugin new bytes --kind tokenizer --output ~/src\n\n"
+                               "kinds:\n"
+                               "  vision     a vision tower type (small conv net)\n"
+                               "  text       a text tower type (convolutions over token embeddings)\n"
+                               "  pooler     a pooler for HuggingFace text towers (last real token)\n"
+                               "  tokenizer  a tokenizer (UTF-8 bytes)\n"
+                               "  freezer    a freezer, for a tower type reusing the builtin ViT\n",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", metavar="NAME", help="registry and entry-point name; the distribution is "
+                                                "clipkit-plugin-NAME and the package clipkit_plugin_NAME")
+    p.add_argument("--kind", choices=PLUGIN_KINDS, default="vision", help="what the plugin registers (default: vision)")
+    p.add_argument("--output", "-o", type=Path, default=Path("."), metavar="DIR",
+                   help="where to create clipkit-plugin-NAME/ (default: the current folder)")
+    p.set_defaults(func=_cmd_plugin_new)
+    plugin.set_defaults(func=lambda a: _missing_action(plugin))
+
     p = sub.add_parser("trainable", help="list the parameters a lock leaves trainable (builds on the meta device)",
                        epilog="The lock flags mean what they mean to clipkit-train.\n\nexamples:\n"
                               "  clipkit trainable roberta-ViT-B-32 --lock-text --lock-text-unlocked-layers 10\n"
@@ -268,7 +294,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="list frozen parameters too")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_trainable)
+
+    data = sub.add_parser("data", help="write demo datasets as WebDataset shards",
+                          epilog="example:\n  clipkit data digits data/digits",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    dsub = data.add_subparsers(dest="data_command", metavar="DATASET")
+    p = dsub.add_parser("digits", help="scikit-learn's handwritten digits, captioned ('a handwritten digit seven')",
+                        epilog="Writes OUT/train/*.tar, OUT/test/00000.tar (with cls labels), classnames.txt, "
+                               "templates.txt\nand OUT/digits-minilm.json. example:\n  clipkit data digits data/digits",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", metavar="OUT", help="folder to write")
+    p.add_argument("--per-shard", type=int, default=256, help="samples per training shard (default: 256)")
+    p.set_defaults(func=_cmd_data_digits)
+    data.set_defaults(func=lambda a: _missing_action(data))
     return parser
+
+
+def _cmd_data_digits(args: argparse.Namespace) -> int:
+    from .train.digits import write_digits
+
+    try:
+        written = write_digits(Path(args.out), per_shard=args.per_shard)
+    except RuntimeError as exc:
+        print(f"clipkit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {written['train_samples']} training digits: {written['train']}")
+    print(f"wrote {written['test_samples']} held-out digits (with cls labels): {written['test']}")
+    print(f"class names: {written['classnames']}, templates: {written['templates']}")
+    if written["model"]:
+        print(f"model config (ViT image tower + all-MiniLM-L6-v2 text tower): {written['model']}")
+    return EXIT_OK
 
 
 def _missing_action(parser: argparse.ArgumentParser) -> int:

@@ -1,0 +1,27 @@
+"""``clipkit-train`` and ``python -m clipkit.train``: train a CLIP-style model with OpenCLIP's flags.
+
+Parsing imports no torch; the run (``clipkit.train.loop``) does.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the trainer; errors clipkit can explain end the process with one line and exit code 1."""
+    from ..errors import ClipkitError
+    from .args import parse_args
+
+    try:
+        args = parse_args(argv)
+        from .loop import run
+
+        run(args)
+    except ClipkitError as exc:
+        print(f"clipkit-train: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("clipkit-train: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,471 @@
+"""Training and evaluation data with a deterministic order that a resumed run can replay.
+
+Every dataset (WebDataset shards, CSV, image folders, synthetic) is a list of *units* (shards or
+rows) that one epoch orders with a generator seeded by ``(seed, epoch)`` and deals out round-robin
+to ``rank + world * worker``, as OpenCLIP splits by node then by worker. Each loader worker turns its
+units into batches of ``batch_size`` itself and numbers them; the ``DataLoader`` hands workers' items
+over in a fixed cycle. Which batch comes next is therefore a function of the flags alone, and a
+resumed run reaches the exact position of a killed one by letting each worker skip the items it had
+delivered, undecoded and untransformed, and rotating the worker cycle to where it stopped.
+
+Unreadable samples are dropped before batching and counted by kind (see :data:`SKIP_KINDS`); each
+item carries its worker's running counts, so the counts survive resume and reach the log.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import ClipkitError
+from . import shards as wds
+
+logger = logging.getLogger("clipkit.train")
+
+SKIP_KINDS = ("bad_image", "empty_image", "missing_image", "missing_caption", "missing_label", "bad_caption",
+              "too_large", "bad_shard")
+SHUFFLE_BUFFER = 2000  # raw samples per worker between shard order and batching (OpenCLIP: 5000 decoded)
+MAX_IMAGE_PIXELS = 128_000_000  # decompression-bomb guard, as OpenCLIP
+
+
+class DataError(ClipkitError):
+    """Data that cannot be read as asked: a bad path, wrong CSV columns, mostly broken shards."""
+
+
+# -- sources: what the units are and how a unit becomes raw samples ---------------------------------
+class Source:
+    """A dataset as units; ``read(units, counts)`` yields raw samples ``{"__key__", "image", "text", "label"}``."""
+
+    shuffle_buffer = 0  # samples: shards need a sample-level shuffle, row lists are permuted whole
+
+    def units(self) -> List[Any]:
+        raise NotImplementedError
+
+    def read(self, units: Sequence[Any], counts: Dict[str, int]) -> Iterator[Dict[str, Any]]:
+        raise NotImplementedError
+
+
+class ShardSource(Source):
+    shuffle_buffer = SHUFFLE_BUFFER
+
+    def __init__(self, spec: str, weights: Optional[Sequence[float]] = None, label: bool = False):
+        self.spec = spec
+        self.sources = wds.expand_sources(spec)
+        self.label = label
+        if not any(self.sources):
+            raise DataError(f"{spec!r}: the pattern names no shards")
+        missing = [u for urls in self.sources for u in urls
+                   if not (u.startswith("pipe:") or "://" in u) and not os.path.exists(u.removeprefix("file:"))]
+        if missing:
+            raise DataError(f"{spec!r}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+        self.urls = [u for urls in self.sources for u in urls]
+        # as OpenCLIP, every shard of a source carries that source's factor
+        self.weights = [w for urls, w in zip(self.sources, weights or [1.0] * len(self.sources)) for _ in urls]
+
+    def units(self) -> List[Any]:
+        return list(self.urls)
+
+    def read(self, units, counts):
+        wanted = (wds.LABEL_EXT,) if self.label else (wds.TEXT_EXT,)
+        for url in units:
+            for raw in wds.iter_shard(url, wanted + wds.IMAGE_EXTS, counts):
+                image = next((raw[e] for e in wds.IMAGE_EXTS if e in raw), None)
+                yield {"__key__": f"{url}:{raw['__key__']}", "image": image,
+                       "text": raw.get(wds.TEXT_EXT), "label": raw.get(wds.LABEL_EXT)}
+
+
+class CsvSource(Source):
+    def __init__(self, path: str, img_key: str, caption_key: str, separator: str):
+        self.path = Path(path)
+        try:
+            with open(self.path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f, delimiter=separator)
+                columns = reader.fieldnames or []
+                if img_key not in columns or caption_key not in columns:
+                    wanted = [k for k in (img_key, caption_key) if k not in columns]
+                    hint = ""
+                    if len(columns) == 1 and any(s in columns[0] for s in (",", "\t", ";", "|")):
+                        sep = next(s for s in (",", "\t", ";", "|") if s in columns[0])
+                        hint = f"; the header looks {sep!r}-separated: pass --csv-separator {sep!r}"
+                    raise DataError(f"{self.path}: column(s) {', '.join(map(repr, wanted))} not found; columns "
+                                    f"found with --csv-separator {separator!r}: {columns}{hint} "
+                                    f"(set --csv-img-key/--csv-caption-key)")
+                self.rows = [(row[img_key], row[caption_key]) for row in reader]
+        except OSError as exc:
+            raise DataError(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
+        base = self.path.parent
+        self.rows = [(p if os.path.isabs(p) or os.path.exists(p) else str(base / p), c) for p, c in self.rows]
+
+    def units(self):
+        return list(range(len(self.rows)))
+
+    def read(self, units, counts):
+        for i in units:
+            path, caption = self.rows[i]
+            try:
+                image = Path(path).read_bytes()
+            except OSError:
+                image = None
+            yield {"__key__": f"{self.path}:{i + 2}", "image": image, "text": caption, "label": None}
+
+
+class FolderSource(Source):
+    """An image folder with one sub-folder per class (ImageNet's validation layout)."""
+
+    def __init__(self, root: str):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"{root}: not a folder of class sub-folders")
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        if not self.classes:
+            raise DataError(f"{root}: no class sub-folders")
+        self.items = [(str(f), label) for label, name in enumerate(self.classes)
+                      for f in sorted((self.root / name).iterdir())
+                      if f.suffix.lower().lstrip(".") in wds.IMAGE_EXTS]
+
+    def units(self):
+        return list(range(len(self.items)))
+
+    def read(self, units, counts):
+        for i in units:
+            path, label = self.items[i]
+            yield {"__key__": path, "image": Path(path).read_bytes(), "text": None, "label": label}
+
+
+class SyntheticSource(Source):
+    """Learnable random pairs: a coloured shape on noise, captioned with its colour and shape.
+
+    Unlike OpenCLIP's synthetic data (one black image, one caption), the contrastive loss can fall,
+    so a synthetic run tests learning, not only plumbing.
+    """
+
+    COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
+               "purple": (150, 60, 190), "white": (240, 240, 240)}
+    SHAPES = ("square", "circle", "stripe")
+
+    def __init__(self, num_samples: int, seed: int, size: int = 64):
+        self.num_samples, self.seed, self.size = num_samples, seed, size
+
+    def units(self):
+        return list(range(self.num_samples))
+
+    def sample(self, index: int):
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng([self.seed, index])
+        colour = list(self.COLOURS)[int(rng.integers(len(self.COLOURS)))]
+        shape = self.SHAPES[int(rng.integers(len(self.SHAPES)))]
+        s = self.size
+        img = rng.integers(0, 60, (s, s, 3)).astype(np.uint8)
+        yy, xx = np.mgrid[:s, :s]
+        cy, cx, r = rng.integers(s // 4, 3 * s // 4, 2).tolist() + [s // 5]
+        mask = {"square": (abs(yy - cy) < r) & (abs(xx - cx) < r),
+                "circle": (yy - cy) ** 2 + (xx - cx) ** 2 < r * r,
+                "stripe": abs(yy - cy) < r // 3}[shape]
+        img[mask] = self.COLOURS[colour]
+        return Image.fromarray(img), f"a {colour} {shape}"
+
+    def read(self, units, counts):
+        for i in units:
+            image, caption = self.sample(i)
+            yield {"__key__": f"synthetic:{i}", "image": image, "text": caption, "label": None}
+
+
+# -- the per-worker stream ------------------------------------------------------------------------
+def _decode(raw: Dict[str, Any], needs: str, counts: Dict[str, int]):
+    """``(PIL RGB image, text or label)`` or ``None`` after counting why the sample is unusable."""
+    from PIL import Image
+
+    def skip(kind: str):
+        counts[kind] = counts.get(kind, 0) + 1
+        return None
+
+    if needs == "text":
+        target = raw["text"]
+        if target is None:
+            return skip("missing_caption")
+        if isinstance(target, bytes):
+            try:
+                target = target.decode("utf-8")
+            except UnicodeDecodeError:
+                return skip("bad_caption")
+        if not target.strip():
+            return skip("missing_caption")
+    else:
+        target = raw["label"]
+        if target is None:
+            return skip("missing_label")
+        try:
+            target = int(target.decode("utf-8") if isinstance(target, bytes) else target)
+        except ValueError:
+            return skip("missing_label")
+    image = raw["image"]
+    if image is None:
+        return skip("missing_image")
+    if isinstance(image, bytes):
+        if not image:
+            return skip("empty_image")
+        try:
+            with Image.open(io.BytesIO(image)) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    return skip("too_large")
+                image = img.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return skip("bad_image")
+    return image.convert("RGB") if image.mode != "RGB" else image, target
+
+
+def _shuffled(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[Any]:
+    """A seeded buffer shuffle: memory ``size`` items, output order a function of the seed alone."""
+    buffer: List[Any] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            i = rng.randrange(len(buffer))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# seeds are hashes of int tuples: stable across processes, unlike hashes of strings
+class EpochStream(IterableDataset):
+    """One epoch of batches from a :class:`Source`, split over ranks and loader workers.
+
+    Items are dicts: batches ``{"worker", "index", "images", "texts"|"labels", "stats"}``, and one last
+    ``{"worker", "index", "final": True, "stats", "dropped"}`` per worker with its closing counts.
+    Set :attr:`epoch`, :attr:`skip` and :attr:`rotate` before iterating (workers are forked per epoch).
+    """
+
+    def __init__(self, source: Source, *, batch_size: int, transform: Callable, tokenizer: Optional[Callable],
+                 train: bool, seed: int = 0, rank: int = 0, world: int = 1, resampled: bool = False):
+        self.source, self.batch_size, self.transform, self.tokenizer = source, batch_size, transform, tokenizer
+        self.train, self.seed, self.rank, self.world, self.resampled = train, seed, rank, world, resampled
+        self.needs = "text" if tokenizer is not None else "label"
+        self.epoch = 0
+        self.skip: List[int] = []  # items each logical worker already delivered (resume)
+        self.rotate = 0  # the logical worker that physical worker 0 plays (resume)
+
+    def _units(self, slot: int, slots: int) -> Iterator[Any]:
+        units = self.source.units()
+        if self.resampled:  # endless draws with replacement, a generator per worker
+            rng = random.Random(hash((self.seed, self.epoch, slot, 1)))
+            weights = getattr(self.source, "weights", None)
+            while True:
+                yield rng.choices(units, weights=weights, k=1)[0]
+        if self.train:
+            random.Random(hash((self.seed, self.epoch, 2))).shuffle(units)
+        yield from units[slot::slots]
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        info = get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (physical + self.rotate) % workers
+        skip = self.skip[worker] if worker < len(self.skip) else 0
+        slot, slots = self.rank + self.world * worker, self.world * workers
+        counts: Dict[str, int] = {}
+        raws = self.source.read(self._units(slot, slots), counts)
+        if self.train and self.source.shuffle_buffer:
+            raws = _shuffled(raws, random.Random(hash((self.seed, self.epoch, slot, 3))),
+                             self.source.shuffle_buffer)
+        index, pending = 0, []
+        for raw in raws:
+            sample = _decode(raw, self.needs, counts)
+            if sample is None:
+                continue
+            pending.append(sample)
+            if len(pending) == self.batch_size:
+                if index >= skip:
+                    yield self._batch(pending, worker, index, counts)
+                index, pending = index + 1, []
+        if pending and not self.train:
+            if index >= skip:
+                yield self._batch(pending, worker, index, counts)
+            index, pending = index + 1, []
+        if index >= skip:
+            yield {"worker": worker, "index": index, "final": True, "stats": dict(counts), "dropped": len(pending)}
+
+    def _batch(self, samples: List[Any], worker: int, index: int, counts: Dict[str, int]) -> Dict[str, Any]:
+        images, targets = zip(*samples)
+        if self.train:
+            # augmentations draw from torch's and Python's global generators: seed them per batch
+            # position, so a replayed batch is augmented exactly as the first time
+            state = random.getstate()
+            with torch.random.fork_rng(devices=[]):
+                seed = hash((self.seed, self.epoch, self.rank, worker, index)) & 0x7FFF_FFFF_FFFF_FFFF
+                torch.manual_seed(seed)
+                random.seed(seed)
+                pixels = torch.stack([self.transform(img) for img in images])
+            random.setstate(state)
+        else:
+            pixels = torch.stack([self.transform(img) for img in images])
+        item = {"worker": worker, "index": index, "images": pixels, "stats": dict(counts), "final": False}
+        if self.needs == "text":
+            item["texts"] = self.tokenizer(list(targets))
+        else:
+            item["labels"] = torch.tensor(targets, dtype=torch.long)
+        return item
+
+
+@dataclass
+class Progress:
+    """Where an epoch's data stands: items taken from each logical worker, and its latest counts."""
+
+    consumed: List[int]
+    last_worker: int = -1
+    stats: Dict[int, Dict[str, int]] = field(default_factory=dict)
+    dropped: Dict[int, int] = field(default_factory=dict)
+    batches: int = 0
+    samples: int = 0
+
+    def as_state(self) -> Dict[str, Any]:
+        return {"consumed": list(self.consumed), "last_worker": self.last_worker, "batches": self.batches,
+                "samples": self.samples, "stats": {str(k): dict(v) for k, v in self.stats.items()},
+                "dropped": {str(k): v for k, v in self.dropped.items()}}
+
+    @classmethod
+    def from_state(cls, state: Dict[str, Any]) -> "Progress":
+        return cls(consumed=list(state["consumed"]), last_worker=int(state["last_worker"]),
+                   stats={int(k): dict(v) for k, v in state["stats"].items()},
+                   dropped={int(k): int(v) for k, v in state.get("dropped", {}).items()},
+                   batches=int(state["batches"]), samples=int(state["samples"]))
+
+    def skipped(self) -> Dict[str, int]:
+        total: Dict[str, int] = {}
+        for counts in self.stats.values():
+            for kind, n in counts.items():
+                total[kind] = total.get(kind, 0) + n
+        return {k: total[k] for k in SKIP_KINDS if total.get(k)}
+
+
+@dataclass
+class Loader:
+    """A :class:`EpochStream` behind a ``DataLoader``, with the bookkeeping that makes resume exact."""
+
+    stream: EpochStream
+    workers: int
+    num_samples: int
+    num_batches: Optional[int]  # per epoch on this rank; None: until the data runs out
+    pin_memory: bool = False
+
+    def epoch(self, epoch: int, progress: Optional[Progress] = None) -> Iterator[Dict[str, Any]]:
+        """The epoch's batches after what ``progress`` says was consumed; updates ``self.progress``."""
+        workers = max(1, self.workers)
+        if progress is not None and len(progress.consumed) != workers:
+            logger.warning("the checkpoint was written with %d data workers and this run has %d: the rest of "
+                           "epoch %d is read from its beginning, not from where the first run stopped",
+                           len(progress.consumed), workers, epoch + 1)
+            progress = Progress(consumed=[0] * workers, batches=progress.batches, samples=progress.samples)
+        self.progress = progress or Progress(consumed=[0] * workers)
+        self.stream.epoch = epoch
+        self.stream.skip = list(self.progress.consumed)
+        self.stream.rotate = (self.progress.last_worker + 1) % workers
+        if self.num_batches is not None and self.progress.batches >= self.num_batches:
+            return
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
+                            generator=torch.Generator().manual_seed(self.stream.seed + epoch),
+                            persistent_workers=False)
+        for item in loader:
+            worker = item["worker"]
+            self.progress.consumed[worker] += 1
+            self.progress.last_worker = worker
+            self.progress.stats[worker] = item["stats"]
+            if item["final"]:
+                self.progress.dropped[worker] = item["dropped"]
+                continue
+            self.progress.batches += 1
+            self.progress.samples += len(item["images"])
+            yield item
+            if self.num_batches is not None and self.progress.batches >= self.num_batches:
+                return
+
+
+# -- building loaders from flags -------------------------------------------------------------------
+def _weights(args) -> Optional[List[float]]:
+    factors = getattr(args, "train_data_upsampling_factors", None)
+    return [float(f) for f in factors.split("::")] if factors else None
+
+
+def _source(spec: str, dataset_type: str, args, *, label: bool = False) -> Source:
+    if dataset_type == "auto":
+        from .args import infer_dataset_type
+
+        dataset_type = infer_dataset_type(spec, "data")
+    if dataset_type == "csv":
+        return CsvSource(spec, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+    if dataset_type == "folder":
+        return FolderSource(spec)
+    return ShardSource(spec, _weights(args) if not label else None, label=label)
+
+
+def train_loader(args, transform, tokenizer, rank: int, world: int, image_size: int) -> Loader:
+    """The training loader; the sample count comes from the flags, ``sizes.json``/``__len__``, or counting."""
+    if args.dataset_type == "synthetic":
+        source: Source = SyntheticSource(args.train_num_samples, args.seed, size=max(32, image_size))
+        num_samples = args.train_num_samples
+    else:
+        source = _source(args.train_data, args.dataset_type, args)
+        num_samples = args.train_num_samples
+        if num_samples is None:
+            if isinstance(source, ShardSource):
+                if args.dataset_resampled:
+                    raise DataError("--dataset-resampled needs --train-num-samples (an epoch's length); "
+                                    "the shards are drawn forever")
+                num_samples, how = wds.count_samples(args.train_data)
+                logger.info("train data: %d samples (%s); pass --train-num-samples to set it", num_samples, how)
+            else:
+                num_samples = len(source.units())
+    global_batch = args.batch_size * world
+    num_batches = num_samples // global_batch
+    if num_batches == 0:
+        raise DataError(f"--train-data: {num_samples} samples are fewer than one global batch "
+                        f"({args.batch_size} x {world} processes); lower --batch-size")
+    if isinstance(source, ShardSource) and not args.dataset_resampled:
+        slots = world * max(1, args.workers)
+        if len(source.urls) < slots:
+            logger.warning("%d shards for %d data workers: %d workers will have no data (no hang, but slower); "
+                           "write more shards or lower --workers", len(source.urls), slots, slots - len(source.urls))
+    stream = EpochStream(source, batch_size=args.batch_size, transform=transform, tokenizer=tokenizer, train=True,
+                         seed=args.seed, rank=rank, world=world, resampled=args.dataset_resampled)
+    return Loader(stream, args.workers, num_samples, num_batches)
+
+
+def eval_loader(spec: str, dataset_type: str, args, transform, tokenizer, *, label: bool = False,
+                num_samples: Optional[int] = None) -> Loader:
+    """An evaluation loader on one process: natural order, partial last batches, no augmentation."""
+    source = _source(spec, dataset_type, args, label=label)
+    stream = EpochStream(source, batch_size=args.batch_size, transform=transform, tokenizer=tokenizer, train=False,
+                         seed=args.seed)
+    limit = None if num_samples is None else math.ceil(num_samples / args.batch_size)
+    return Loader(stream, args.workers, num_samples or 0, limit)
+
+
+def read_list(path: str, what: str) -> List[str]:
+    """Class names or templates: a JSON list of strings, or one per line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError as exc:
+            raise DataError(f"{path}: {what} look like JSON but do not parse: {exc}") from exc
+        if not all(isinstance(i, str) for i in items):
+            raise DataError(f"{path}: {what} must be a JSON list of strings")
+    else:
+        items = [line.strip() for line in text.splitlines() if line.strip()]
+    if not items:
+        raise DataError(f"{path}: no {what}")
+    return items

@@ -1,0 +1,491 @@
+"""The training run: model and data from the flags, the optimisation loop, checkpoints and evaluation."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import ClipkitError
+from . import checkpoints as ckpt
+from . import distributed
+from .data import DataError, Loader, Progress, eval_loader, read_list, train_loader
+from .evaluate import evaluate
+from .loss import ClipLoss, SigLipLoss
+from .report import Reporter, setup_logging
+from .schedule import learning_rate
+
+logger = logging.getLogger("clipkit.train")
+
+
+class TrainingError(ClipkitError):
+    """The run cannot go on (a non-finite loss, a run folder in the way)."""
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def precision_setup(precision: str, device: torch.device) -> Tuple[Optional[torch.dtype], bool, Optional[torch.dtype]]:
+    """``(autocast dtype or None, use a GradScaler, input dtype or None)`` for a ``--precision``."""
+    if precision == "amp":
+        # fp16 autocast needs loss scaling on GPU; the CPU's fast low precision is bf16
+        return (torch.float16, True, None) if device.type == "cuda" else (torch.bfloat16, False, None)
+    if precision in ("amp_bf16", "amp_bfloat16"):
+        return torch.bfloat16, False, None
+    if precision in ("bf16", "pure_bf16"):
+        return None, False, torch.bfloat16
+    if precision in ("fp16", "pure_fp16"):
+        return None, False, torch.float16
+    return None, False, None
+
+
+def build_optimizer(args, model: nn.Module) -> Tuple[torch.optim.Optimizer, Dict[int, str]]:
+    """AdamW with OpenCLIP's weight-decay exclusions (1-d tensors, norms, biases, the logit scale)
+    plus the names the towers list in ``no_weight_decay()``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+
+    def excluded(name: str, p: nn.Parameter) -> bool:
+        return (p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+                or name in skip)
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("every parameter is frozen: nothing to train (check the --lock-* flags)")
+    groups = [{"params": [p for n, p in params if excluded(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in params if not excluded(n, p)], "weight_decay": args.wd}]
+    groups = [g for g in groups if g["params"]]
+    if args.opt.startswith("timm/"):
+        from timm.optim import create_optimizer_v2
+
+        extra = {"momentum": args.momentum} if args.momentum is not None else {}
+        optimizer = create_optimizer_v2(groups, args.opt[len("timm/"):], lr=args.lr, weight_decay=args.wd,
+                                        betas=(args.beta1, args.beta2), eps=args.eps, **extra)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    return optimizer, names
+
+
+def _tokenizer(args, model_name: str, model) -> Callable:
+    from ..tokenizer import _check_special_ids, get_tokenizer
+
+    if not args.hf_tokenizer_name:
+        return get_tokenizer(model_name, cache_dir=args.cache_dir)
+    from ..registry import registry
+
+    text_cfg = dict(model.model_config.raw.get("text_cfg", {}), hf_tokenizer_name=args.hf_tokenizer_name)
+    kwargs = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+    tokenizer = registry.get("tokenizer", "hf").load()(text_cfg, model.context_length, **kwargs)
+    _check_special_ids(f"--hf-tokenizer-name {args.hf_tokenizer_name}", model.model_config, tokenizer)
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if vocab is not None and vocab > model.vocab_size:
+        raise TrainingError(f"--hf-tokenizer-name {args.hf_tokenizer_name}: its {vocab} tokens do not fit the text "
+                            f"tower's vocab_size {model.vocab_size}")
+    return tokenizer
+
+
+def _prepare_run_dir(args, env) -> Tuple[Optional[Path], Optional[Path]]:
+    """The run folder and the checkpoint to resume from (``None`` for a fresh start)."""
+    run_dir = Path(args.logs) / args.name if args.logs else None
+    resume: Optional[Path] = None
+    if args.resume and args.resume != "latest":
+        resume = Path(args.resume)
+        if not resume.is_file():
+            raise TrainingError(f"--resume {args.resume}: no such file")
+    if run_dir is not None and env.main:
+        started = (run_dir / "out.log").exists() or (run_dir / "checkpoints").exists()
+        if started and args.resume is None:
+            raise TrainingError(f"run folder {run_dir} already exists: pass --resume latest to continue that run, "
+                                f"or a new --name")
+        if args.resume == "latest":
+            resume = ckpt.find_latest(run_dir / "checkpoints")
+    if args.resume == "latest":
+        resume = distributed.broadcast(str(resume) if resume else None, env)
+        resume = Path(resume) if resume else None
+    return run_dir, resume
+
+
+def _write_params(args, run_dir: Path) -> None:
+    with open(run_dir / "params.txt", "w", encoding="utf-8") as f:
+        for key in sorted(vars(args)):
+            f.write(f"{key}: {getattr(args, key)}\n")
+
+
+def _copy_codebase(run_dir: Path) -> None:
+    package = Path(__file__).resolve().parents[1]
+    target = run_dir / "code" / "clipkit"
+    if not target.exists():
+        shutil.copytree(package, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+# -- the run --------------------------------------------------------------------------------------
+class Run:
+    """One training run. ``run()`` returns the final evaluation metrics (empty without eval data)."""
+
+    def __init__(self, args):
+        self.args = args
+
+    # model and optimiser ------------------------------------------------------------------------
+    def _build(self) -> None:
+        from ..factory import create_model_and_transforms
+
+        args, env = self.args, self.env
+        extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if args.siglip else {}
+        seed_everything(args.seed)  # the same initial weights on every process
+        self.model, self.preprocess_train, self.preprocess_val = create_model_and_transforms(
+            args.model, args.pretrained or None, precision=args.precision, device=env.device,
+            force_quick_gelu=args.force_quick_gelu, force_custom_text=args.force_custom_text,
+            force_patch_dropout=args.force_patch_dropout,
+            force_image_size=(args.force_image_size[0] if args.force_image_size and len(args.force_image_size) == 1
+                              else tuple(args.force_image_size) if args.force_image_size else None),
+            force_context_length=args.force_context_length, image_mean=args.image_mean, image_std=args.image_std,
+            image_interpolation=args.image_interpolation, image_resize_mode=args.image_resize_mode,
+            aug_cfg=args.aug_cfg or None, pretrained_image=args.pretrained_image, cache_dir=args.cache_dir,
+            output_dict=True, **extra)
+        self.tokenizer = _tokenizer(args, args.model, self.model)
+        self._lock(args)
+        if args.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        if env.distributed and args.use_bn_sync:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        logger.info("model %s: %.2fM parameters, %.2fM trainable", args.model, total / 1e6, trainable / 1e6)
+
+    def _lock(self, args) -> None:
+        if args.lock_image:
+            self.model.lock_image_tower(unlocked_groups=args.lock_image_unlocked_groups,
+                                        freeze_bn_stats=args.lock_image_freeze_bn_stats)
+        if args.lock_text:
+            self.model.lock_text_tower(unlocked_layers=args.lock_text_unlocked_layers,
+                                       freeze_layer_norm=args.lock_text_freeze_layer_norm)
+
+    def _wrap(self) -> None:
+        """DDP and ``torch.compile`` around the model; checkpoints always save the bare model."""
+        args, env = self.args, self.env
+        self.module = self.model
+        if env.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=ids, static_graph=args.ddp_static_graph)
+        if args.torchcompile:
+            if args.grad_checkpointing and env.distributed:
+                import torch._dynamo
+
+                torch._dynamo.config.optimize_ddp = False  # DDP graph splitting breaks checkpointed blocks
+            self.model = torch.compile(self.model, backend=args.torchcompile_backend)
+
+    # checkpoints --------------------------------------------------------------------------------
+    def _payload(self, completed_epochs: int, progress: Optional[Progress]) -> Dict[str, Any]:
+        payload: Dict[str, Any] = {
+            "epoch": completed_epochs, "name": self.args.name,
+            "state_dict": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "clipkit": {"step": self.step, "data": progress.as_state() if progress is not None else None,
+                        "rng": ckpt.rng_state(), "param_names": ckpt.optimizer_names(self.optimizer, self.names),
+                        "model": self.args.model, "version": _version()},
+        }
+        if self.scaler is not None:
+            payload["scaler"] = self.scaler.state_dict()
+        return payload
+
+    def save(self, completed_epochs: int, progress: Optional[Progress], epoch_end: bool) -> None:
+        """Write ``epoch_N.pt`` at epoch ends the flags ask for, and always ``epoch_latest.pt``."""
+        if self.ckpt_dir is None or not self.env.main:
+            return
+        bad = [n for n, p in self.module.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # a checkpoint that cannot be trained from is worse than none
+            raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}); not saving a checkpoint")
+        payload = self._payload(completed_epochs, progress)
+        args = self.args
+        numbered = epoch_end and args.save_frequency > 0 and (
+            completed_epochs == args.epochs or completed_epochs % args.save_frequency == 0)
+        latest = self.ckpt_dir / ckpt.LATEST
+        if numbered:
+            path = self.ckpt_dir / f"epoch_{completed_epochs}.pt"
+            ckpt.atomic_save(payload, path)
+            ckpt.atomic_copy(path, latest)
+            logger.info("saved %s", path)
+            previous = self.ckpt_dir / f"epoch_{completed_epochs - 1}.pt"
+            if args.delete_previous_checkpoint and previous.exists():
+                previous.unlink()
+        else:
+            ckpt.atomic_save(payload, latest)
+            logger.info("saved %s (epoch %d, step %d)", latest, completed_epochs + (0 if epoch_end else 1), self.step)
+        if self.remote is not None:
+            self.remote.sync(final=False)
+
+    def _resume(self, path: Path) -> Optional[Progress]:
+        """Load a checkpoint into the model, optimiser and scaler; the epoch's data progress if mid-epoch."""
+        from ..checkpoint import load_state_dict
+
+        data = ckpt.read(path)
+        state = data["state_dict"]
+        if next(iter(state), "").startswith("module."):
+            state = {k[len("module."):]: v for k, v in state.items()}
+        load_state_dict(self.module, state, strict=True, source=str(path))
+        extra = data.get("clipkit", {})
+        if "optimizer" in data:
+            ckpt.load_optimizer(self.optimizer, data["optimizer"], extra.get("param_names"), self.names)
+        if self.scaler is not None and "scaler" in data:
+            self.scaler.load_state_dict(data["scaler"])
+        self.start_epoch = int(data.get("epoch", 0))
+        self.step = int(extra.get("step", self.start_epoch * self.steps_per_epoch))
+        if "rng" in extra:
+            ckpt.set_rng_state(extra["rng"])
+        progress = Progress.from_state(extra["data"]) if extra.get("data") else None
+        where = f"epoch {self.start_epoch + 1}, step {self.step}" if progress else f"after epoch {self.start_epoch}"
+        logger.info("resumed from %s (%s)", path, where)
+        return progress
+
+    # the loop -----------------------------------------------------------------------------------
+    def _forward_loss(self, images: torch.Tensor, texts: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        with self.autocast():
+            out = self.model(images, texts)
+            loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+        return loss, out
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int) -> None:
+        bad = not bool(torch.isfinite(loss).item())
+        if distributed.all_agree(bad, self.env):
+            latest = ckpt.find_latest(self.ckpt_dir) if self.ckpt_dir is not None else None
+            raise TrainingError(
+                f"epoch {epoch + 1}, step {self.step + 1}: the loss is {loss.item() if bad else 'non-finite on another process'}; "
+                f"stopping without saving. Last complete checkpoint: {latest or 'none'}. Try a lower --lr, "
+                f"--grad-clip-norm or --precision amp_bf16, then --resume latest")
+
+    def _optimizer_step(self, epoch: int) -> None:
+        args = self.args
+        if self.scaler is not None:
+            if args.grad_clip_norm is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), args.grad_clip_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if args.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), args.grad_clip_norm)
+            self.optimizer.step()
+        with torch.no_grad():  # OpenCLIP's clamp: a temperature below 1/100 destabilises training
+            self.module.logit_scale.clamp_(0, math.log(100))
+
+    def _step(self, micro: List[Tuple[torch.Tensor, torch.Tensor]], epoch: int) -> torch.Tensor:
+        """One optimizer step over ``accum_freq`` batches (GradCache: the loss sees all of them)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if len(micro) == 1:
+            loss, _ = self._forward_loss(*micro[0])
+            self._check_finite(loss, epoch)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        else:
+            with torch.no_grad(), self.autocast():
+                cached = [self.model(images, texts) for images, texts in micro]
+            for j, (images, texts) in enumerate(micro):
+                with self.autocast():
+                    out = self.model(images, texts)
+                    image = torch.cat([out["image_features"] if i == j else c["image_features"] for i, c in enumerate(cached)])
+                    text = torch.cat([out["text_features"] if i == j else c["text_features"] for i, c in enumerate(cached)])
+                    loss = self.loss(image, text, out["logit_scale"], out.get("logit_bias"))
+                self._check_finite(loss, epoch)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self._optimizer_step(epoch)
+        return loss.detach()
+
+    def train_epoch(self, epoch: int, progress: Optional[Progress]) -> Progress:
+        args, env = self.args, self.env
+        self.model.train()
+        loader = self.train_data
+        accum = args.accum_freq
+        steps = self.steps_per_epoch
+        step_in_epoch = (progress.batches // accum) if progress is not None else 0
+        micro: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        bar = _progress_bar(env.main, steps, step_in_epoch, epoch)
+        losses: List[float] = []
+        tick = time.perf_counter()
+        data_time = 0.0
+        for item in loader.epoch(epoch, progress):
+            images = item["images"].to(env.device, non_blocking=True)
+            texts = item["texts"].to(env.device, non_blocking=True)
+            if self.input_dtype is not None:
+                images = images.to(self.input_dtype)
+            micro.append((images, texts))
+            if len(micro) < accum:
+                continue
+            data_time += time.perf_counter() - tick
+            if not args.skip_scheduler:
+                lr = learning_rate(args, self.step, self.total_steps, steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+            loss = self._step(micro, epoch)
+            micro = []
+            self.step += 1
+            step_in_epoch += 1
+            losses.append(loss.item())
+            batch_time = time.perf_counter() - tick
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if env.main and (step_in_epoch % args.log_every_n_steps == 0 or step_in_epoch == steps):
+                self._log_step(epoch, step_in_epoch, steps, losses, batch_time, data_time, images.shape[0] * accum)
+            if args.save_every_n_steps and self.step % args.save_every_n_steps == 0 and step_in_epoch < steps:
+                self.save(epoch, loader.progress, epoch_end=False)
+            data_time = 0.0
+            tick = time.perf_counter()
+        if bar is not None:
+            bar.close()
+        return loader.progress
+
+    def _log_step(self, epoch, step, steps, losses, batch_time, data_time, batch) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        scale = self.module.logit_scale.exp().item()
+        recent = losses[-self.args.log_every_n_steps:]
+        sps = batch * self.env.world / max(batch_time, 1e-9)
+        logger.info("epoch %d [%d/%d (%.0f%%)] loss %.4f (avg %.4f) lr %.3g logit scale %.2f | %.1f samples/s, "
+                    "data %.3f s, batch %.3f s", epoch + 1, step, steps, 100 * step / max(1, steps), losses[-1],
+                    sum(recent) / len(recent), lr, scale, sps, data_time, batch_time)
+        self.reporter.scalars({"train/loss": losses[-1], "train/contrastive_loss": losses[-1], "train/lr": lr,
+                               "train/scale": scale, "train/samples_per_second": sps,
+                               "train/samples_per_second_per_gpu": sps / self.env.world,
+                               "train/data_time": data_time, "train/batch_time": batch_time}, self.step)
+
+    def _epoch_summary(self, epoch: int, progress: Progress) -> None:
+        skipped = progress.skipped()
+        bad = sum(v for k, v in skipped.items() if k != "bad_shard")
+        dropped = sum(progress.dropped.values())
+        seen = progress.samples + bad
+        kinds = ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"
+        logger.info("epoch %d data: %d samples in %d batches; skipped: %s; %d left over in partial batches",
+                    epoch + 1, progress.samples, progress.batches, kinds, dropped)
+        self.reporter.scalars({f"data/skipped_{k}": float(v) for k, v in skipped.items()} |
+                              {"data/skipped": float(bad), "data/samples": float(progress.samples)}, self.step)
+        if seen and bad / seen > self.args.max_bad_sample_fraction:
+            raise DataError(f"epoch {epoch + 1}: {bad} of {seen} samples were unreadable ({kinds}), more than "
+                            f"--max-bad-sample-fraction {self.args.max_bad_sample_fraction}; check --train-data")
+        if self.train_data.num_batches and progress.batches < self.train_data.num_batches:
+            logger.info("epoch %d ended after %d of %d batches: the data ran out (%d samples in partial per-worker "
+                        "batches and skips)", epoch + 1, progress.batches, self.train_data.num_batches, dropped + bad)
+
+    def run(self) -> Dict[str, Any]:
+        args = self.args
+        self.env = env = distributed.init(args)
+        run_dir, resume = _prepare_run_dir(args, env)
+        log_file = None
+        if run_dir is not None and (env.main or args.log_local):
+            log_file = run_dir / ("out.log" if not args.log_local or env.main and env.world == 1 else f"out-{env.rank}.log")
+        setup_logging(log_file, args.debug, env.rank, args.log_local)
+        if run_dir is not None and env.main:
+            _write_params(args, run_dir)
+            if args.copy_codebase:
+                _copy_codebase(run_dir)
+        if args.resume == "latest" and resume is None:
+            logger.info("--resume latest: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints")
+        self.ckpt_dir = run_dir / "checkpoints" if run_dir is not None else None
+        self.remote = None
+        if args.remote_sync and env.main:
+            from .remote import RemoteSync
+
+            self.remote = RemoteSync(self.ckpt_dir, args.remote_sync, args.remote_sync_protocol,
+                                     args.remote_sync_frequency)
+        self.reporter = Reporter(args, run_dir, enabled=env.main)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data workers are forked
+        try:
+            return self._run(resume)
+        finally:
+            self.reporter.close()
+            distributed.shutdown(env)
+
+    def _run(self, resume: Optional[Path]) -> Dict[str, Any]:
+        args, env = self.args, self.env
+        self._build()
+        autocast_dtype, scaled, self.input_dtype = precision_setup(args.precision, env.device)
+        self.autocast = (lambda: torch.autocast(env.device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler("cuda") if scaled else None
+        has_train = bool(args.train_data) or args.dataset_type == "synthetic"
+        self.step, self.start_epoch = 0, 0
+        self.train_data: Optional[Loader] = None
+        if has_train:
+            size = self.model.visual.image_size
+            self.train_data = train_loader(args, self.preprocess_train, self.tokenizer, env.rank, env.world,
+                                           size if isinstance(size, int) else max(size))
+            self.steps_per_epoch = self.train_data.num_batches // args.accum_freq
+            if self.steps_per_epoch == 0:
+                raise DataError(f"--accum-freq {args.accum_freq} needs at least that many batches per epoch, "
+                                f"but an epoch has {self.train_data.num_batches}")
+            self.total_steps = self.steps_per_epoch * args.epochs
+            self.optimizer, self.names = build_optimizer(args, self.model)
+        self.loss = (SigLipLoss(rank=env.rank, world=env.world, dist_impl=args.loss_dist_impl) if args.siglip else
+                     ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, rank=env.rank,
+                              world=env.world))
+        progress = None
+        if resume is not None:
+            if not has_train:
+                raise TrainingError("--resume needs training data")
+            self.module = self.model
+            progress = self._resume(resume)
+        self._wrap()
+        if not has_train:
+            return self._evaluate(0, final=True)
+        logger.info("training %d epochs of %d steps (%d samples, batch %d x %d processes x %d accumulation)",
+                    args.epochs, self.steps_per_epoch, self.train_data.num_samples, args.batch_size, env.world,
+                    args.accum_freq)
+        metrics: Dict[str, Any] = {}
+        for epoch in range(self.start_epoch, args.epochs):
+            done = self.train_epoch(epoch, progress)
+            progress = None
+            if env.main:
+                self._epoch_summary(epoch, done)
+            metrics = self._evaluate(epoch + 1, final=epoch + 1 == args.epochs)
+            self.save(epoch + 1, None, epoch_end=True)
+            distributed.barrier(env)
+        if self.remote is not None:
+            self.remote.sync(final=True)
+        if self.ckpt_dir is not None and env.main:
+            logger.info("done: checkpoints in %s%s", self.ckpt_dir,
+                        f", TensorBoard logs in {self.ckpt_dir.parent / 'tensorboard'}" if self.reporter.tb else "")
+        return metrics
+
+    def _evaluate(self, completed: int, final: bool) -> Dict[str, Any]:
+        if not self.env.main:
+            return {}
+        metrics = evaluate(self, completed, final)
+        if metrics:
+            logger.info("eval epoch %d: %s", completed,
+                        "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            self.reporter.scalars({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, self.step)
+            self.reporter.result({**metrics, "epoch": completed, "step": self.step})
+        return metrics
+
+
+def _progress_bar(main: bool, total: int, initial: int, epoch: int):
+    import sys
+
+    if not main or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}", unit="step", leave=False)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def run(args) -> Dict[str, Any]:
+    return Run(args).run()

@@ -1,0 +1,75 @@
+"""Where a run reports: the log (terminal and ``out.log``), TensorBoard, wandb, and ``results.jsonl``."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+logger = logging.getLogger("clipkit.train")
+_FORMAT = "%(asctime)s | %(levelname)s | %(message)s"
+
+
+def setup_logging(log_file: Optional[Path], debug: bool, rank: int, all_ranks: bool) -> None:
+    """Log to stderr and ``log_file``; other processes only warn unless ``--log-local``."""
+    root = logging.getLogger("clipkit")
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for handler in list(root.handlers):
+        if getattr(handler, "_clipkit_train", False):
+            root.removeHandler(handler)
+            handler.close()
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    for handler in handlers:
+        handler._clipkit_train = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter(_FORMAT if rank == 0 else f"rank {rank} | " + _FORMAT))
+        if rank != 0 and not all_ranks:
+            handler.setLevel(logging.WARNING)
+        root.addHandler(handler)
+    root.propagate = False
+
+
+class Reporter:
+    """Scalars to TensorBoard and wandb (rank 0 only); eval results to ``results.jsonl`` too."""
+
+    def __init__(self, args: Any, run_dir: Optional[Path], enabled: bool):
+        self.tb = None
+        self.wandb = None
+        self.results = run_dir / "checkpoints" / "results.jsonl" if run_dir is not None and enabled else None
+        if not enabled:
+            return
+        targets = args.report_to.split(",") if args.report_to else []
+        if "tensorboard" in targets:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if "wandb" in targets:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise RuntimeError("--report-to wandb needs the wandb package: pip install wandb") from exc
+            self.wandb = wandb.init(project=args.wandb_project_name, name=args.name, id=args.name, resume="allow",
+                                    notes=args.wandb_notes, config=vars(args),
+                                    dir=str(run_dir) if run_dir is not None else None)
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log({**values, "step": step}, step=step)
+
+    def result(self, metrics: Dict[str, Any]) -> None:
+        if self.results is not None:
+            self.results.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.results, "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

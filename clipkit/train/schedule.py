@@ -1,0 +1,23 @@
+"""Learning-rate schedules, a pure function of the step: nothing to save, nothing to drift on resume."""
+from __future__ import annotations
+
+import math
+
+
+def learning_rate(args, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """OpenCLIP's schedules: linear warmup over ``--warmup`` steps, then cosine, constant, or constant
+    with a final ``--epochs-cooldown`` decay to ``--lr-cooldown-end`` shaped by ``--lr-cooldown-power``."""
+    base, warmup = args.lr, args.warmup
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if args.lr_scheduler == "cosine":
+        span = max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / span)) * base
+    if args.lr_scheduler == "const":
+        return base
+    cooldown_start = total_steps - steps_per_epoch * args.epochs_cooldown
+    if step < cooldown_start:
+        return base
+    span = max(1, total_steps - cooldown_start)
+    decay = (1 - (step - cooldown_start) / span) ** args.lr_cooldown_power
+    return decay * (base - args.lr_cooldown_end) + args.lr_cooldown_end
