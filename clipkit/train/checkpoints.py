@@ -112,6 +112,17 @@ def find_latest(folder: Path) -> Optional[Path]:
     return max(ranked)[1] if ranked else None
 
 
+def remove_torn(folder: Path) -> None:
+    """Delete temporary files left by writes that a crash interrupted (they were never renamed into use)."""
+    if not folder.is_dir():
+        return
+    torn = [p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX)]
+    for path in torn:
+        path.unlink()
+    if torn:
+        logger.info("removed %d incomplete checkpoint write(s) from an interrupted run in %s", len(torn), folder)
+
+
 def rng_state() -> Dict[str, Any]:
     import numpy as np
 

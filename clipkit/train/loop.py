@@ -114,6 +114,7 @@ def _prepare_run_dir(args, env) -> Tuple[Optional[Path], Optional[Path]]:
                                 f"or a new --name")
         if args.resume == "latest":
             resume = ckpt.find_latest(run_dir / "checkpoints")
+        ckpt.remove_torn(run_dir / "checkpoints")
     if args.resume == "latest":
         resume = distributed.broadcast(str(resume) if resume else None, env)
         resume = Path(resume) if resume else None
