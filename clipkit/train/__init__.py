@@ -19,7 +19,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         run(args)
     except ClipkitError as exc:
-        print(f"clipkit-train: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "logged", False):
+            print(f"clipkit-train: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("clipkit-train: interrupted", file=sys.stderr)

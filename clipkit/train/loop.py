@@ -74,8 +74,11 @@ def build_optimizer(args, model: nn.Module) -> Tuple[torch.optim.Optimizer, Dict
         from timm.optim import create_optimizer_v2
 
         extra = {"momentum": args.momentum} if args.momentum is not None else {}
-        optimizer = create_optimizer_v2(groups, args.opt[len("timm/"):], lr=args.lr, weight_decay=args.wd,
-                                        betas=(args.beta1, args.beta2), eps=args.eps, **extra)
+        try:
+            optimizer = create_optimizer_v2(groups, args.opt[len("timm/"):], lr=args.lr, weight_decay=args.wd,
+                                            betas=(args.beta1, args.beta2), eps=args.eps, **extra)
+        except (ValueError, TypeError, AssertionError, RuntimeError) as exc:
+            raise TrainingError(f"--opt {args.opt}: timm cannot build it: {exc}") from exc
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
     return optimizer, names
@@ -187,9 +190,9 @@ class Run:
             self.model = DistributedDataParallel(self.model, device_ids=ids, static_graph=args.ddp_static_graph)
         if args.torchcompile:
             if args.grad_checkpointing and env.distributed:
-                import torch._dynamo
+                from torch import _dynamo
 
-                torch._dynamo.config.optimize_ddp = False  # DDP graph splitting breaks checkpointed blocks
+                _dynamo.config.optimize_ddp = False  # DDP graph splitting breaks checkpointed blocks
             self.model = torch.compile(self.model, backend=args.torchcompile_backend)
 
     # checkpoints --------------------------------------------------------------------------------
@@ -296,14 +299,25 @@ class Run:
         else:
             with torch.no_grad(), self.autocast():
                 cached = [self.model(images, texts) for images, texts in micro]
+            last = len(micro) - 1
             for j, (images, texts) in enumerate(micro):
-                with self.autocast():
-                    out = self.model(images, texts)
-                    image = torch.cat([out["image_features"] if i == j else c["image_features"] for i, c in enumerate(cached)])
-                    text = torch.cat([out["text_features"] if i == j else c["text_features"] for i, c in enumerate(cached)])
-                    loss = self.loss(image, text, out["logit_scale"], out.get("logit_bias"))
-                self._check_finite(loss, epoch)
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                # under DDP, gradients are all-reduced once, after the last micro-batch
+                sync = contextlib.nullcontext() if j == last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+                with sync:
+                    with self.autocast():
+                        out = self.model(images, texts)
+                        image = torch.cat([out["image_features"] if i == j else c["image_features"]
+                                           for i, c in enumerate(cached)])
+                        text = torch.cat([out["text_features"] if i == j else c["text_features"]
+                                          for i, c in enumerate(cached)])
+                        # every pass computes the whole loss, so the temperature (and bias) would collect
+                        # its gradient accum_freq times (OpenCLIP does): only the last pass lets it through
+                        scale, bias = out["logit_scale"], out.get("logit_bias")
+                        if j != last:
+                            scale, bias = scale.detach(), bias.detach() if bias is not None else None
+                        loss = self.loss(image, text, scale, bias)
+                    self._check_finite(loss, epoch)
+                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         self._optimizer_step(epoch)
         return loss.detach()
 
@@ -388,7 +402,7 @@ class Run:
         log_file = None
         if run_dir is not None and (env.main or args.log_local):
             log_file = run_dir / ("out.log" if not args.log_local or env.main and env.world == 1 else f"out-{env.rank}.log")
-        setup_logging(log_file, args.debug, env.rank, args.log_local)
+        restore_logging = setup_logging(log_file, args.debug, env.rank, args.log_local)
         if run_dir is not None and env.main:
             _write_params(args, run_dir)
             if args.copy_codebase:
@@ -406,9 +420,15 @@ class Run:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data workers are forked
         try:
             return self._run(resume)
+        except Exception as exc:
+            if isinstance(exc, ClipkitError):
+                logger.error("%s", exc)  # in out.log too, not only on the terminal
+                exc.logged = True
+            raise
         finally:
             self.reporter.close()
             distributed.shutdown(env)
+            restore_logging()
 
     def _run(self, resume: Optional[Path]) -> Dict[str, Any]:
         args, env = self.args, self.env

@@ -5,20 +5,20 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 logger = logging.getLogger("clipkit.train")
 _FORMAT = "%(asctime)s | %(levelname)s | %(message)s"
 
 
-def setup_logging(log_file: Optional[Path], debug: bool, rank: int, all_ranks: bool) -> None:
-    """Log to stderr and ``log_file``; other processes only warn unless ``--log-local``."""
+def setup_logging(log_file: Optional[Path], debug: bool, rank: int, all_ranks: bool) -> Callable[[], None]:
+    """Log to stderr and ``log_file``; other processes only warn unless ``--log-local``.
+
+    Returns a function that puts the ``clipkit`` logger back as it was (a run inside a larger program).
+    """
     root = logging.getLogger("clipkit")
+    saved = (root.level, root.propagate)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for handler in list(root.handlers):
-        if getattr(handler, "_clipkit_train", False):
-            root.removeHandler(handler)
-            handler.close()
     handlers = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +30,14 @@ def setup_logging(log_file: Optional[Path], debug: bool, rank: int, all_ranks: b
             handler.setLevel(logging.WARNING)
         root.addHandler(handler)
     root.propagate = False
+
+    def restore() -> None:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(saved[0])
+        root.propagate = saved[1]
+    return restore
 
 
 class Reporter:
