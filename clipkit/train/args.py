@@ -330,6 +330,10 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         targets = list(REPORT_TARGETS)
     for target in targets:
         need(target in REPORT_TARGETS, f"--report-to {target!r}: expected tensorboard, wandb or all")
+    if "wandb" in targets:
+        import importlib.util
+
+        need(importlib.util.find_spec("wandb") is not None, "--report-to wandb needs the wandb package: pip install wandb")
     args.report_to = ",".join(t for t in targets if t in REPORT_TARGETS)
     if args.logs.lower() == "none":
         args.logs = None
