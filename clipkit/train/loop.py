@@ -434,6 +434,9 @@ class Run:
         args, env = self.args, self.env
         self._build()
         autocast_dtype, scaled, self.input_dtype = precision_setup(args.precision, env.device)
+        if env.device.type == "cpu" and torch.bfloat16 in (autocast_dtype, self.input_dtype) and not _cpu_has_bf16():
+            logger.warning("--precision %s computes in bf16, which this CPU emulates (no avx512_bf16/amx): expect it "
+                           "to be many times slower than --precision fp32", args.precision)
         self.autocast = (lambda: torch.autocast(env.device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler("cuda") if scaled else None
         has_train = bool(args.train_data) or args.dataset_type == "synthetic"
@@ -500,6 +503,14 @@ def _progress_bar(main: bool, total: int, initial: int, epoch: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}", unit="step", leave=False)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True  # not Linux: cannot tell, so say nothing
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _version() -> str:
