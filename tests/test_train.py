@@ -289,3 +289,17 @@ def test_eval_only_run(env, tmp_path, main_run):
     rows = [json.loads(x) for x in (tmp_path / "eval" / "checkpoints" / "results.jsonl").read_text().splitlines()]
     trained = json.loads((main_run / "checkpoints" / "results.jsonl").read_text().splitlines()[-1])
     assert rows[0]["clip_val_loss"] == pytest.approx(trained["clip_val_loss"], rel=1e-5)
+
+
+def test_wandb_offline(env, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = base_args(env["model"], env["data"], tmp_path, "wb", "--epochs", "1", "--train-num-samples", "16",
+                     "--report-to", "wandb", "--wandb-project-name", "clipkit-test")
+    assert run_inprocess(args) == 0
+    runs = list((tmp_path / "wb").rglob("offline-run-*"))
+    assert runs, "no offline wandb run written"
+    history = list(runs[0].rglob("*.wandb"))
+    assert history and history[0].stat().st_size > 0

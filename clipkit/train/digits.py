@@ -38,7 +38,7 @@ def model_config(minilm: Path) -> Dict[str, Any]:
         "embed_dim": 256,
         "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 4, "layers": 4, "width": 192, "head_width": 32},
         "text_cfg": {"hf_model_name": str(minilm), "hf_tokenizer_name": str(minilm), "hf_pooler_type": "mean_pooler",
-                     "hf_proj_type": "linear", "context_length": 32},
+                     "hf_proj_type": "linear", "context_length": 16},
     }
 
 

@@ -27,6 +27,11 @@ from .schedule import learning_rate
 logger = logging.getLogger("clipkit.train")
 
 
+# the metrics the closing log line repeats
+_HEADLINE = ("zeroshot-top1", "zeroshot-top5", "imagenet-zeroshot-val-top1", "image_to_text_R@1", "text_to_image_R@1",
+             "clip_val_loss")
+
+
 class TrainingError(ClipkitError):
     """The run cannot go on (a non-finite loss, a run folder in the way)."""
 
@@ -468,6 +473,7 @@ class Run:
                     args.epochs, self.steps_per_epoch, self.train_data.num_samples, args.batch_size, env.world,
                     args.accum_freq)
         metrics: Dict[str, Any] = {}
+        started = time.perf_counter()
         for epoch in range(self.start_epoch, args.epochs):
             done = self.train_epoch(epoch, progress)
             progress = None
@@ -478,9 +484,13 @@ class Run:
             distributed.barrier(env)
         if self.remote is not None:
             self.remote.sync(final=True)
-        if self.ckpt_dir is not None and env.main:
-            logger.info("done: checkpoints in %s%s", self.ckpt_dir,
-                        f", TensorBoard logs in {self.ckpt_dir.parent / 'tensorboard'}" if self.reporter.tb else "")
+        if env.main:
+            headline = "  ".join(f"{k} {metrics[k]:.4f}" for k in _HEADLINE if k in metrics)
+            where = f"; checkpoints in {self.ckpt_dir}" if self.ckpt_dir is not None else ""
+            if self.reporter.tb is not None:
+                where += f"; TensorBoard: tensorboard --logdir {self.ckpt_dir.parent / 'tensorboard'}"
+            logger.info("done: %d epochs in %.1f min%s%s", args.epochs - self.start_epoch,
+                        (time.perf_counter() - started) / 60, f"; {headline}" if headline else "", where)
         return metrics
 
     def _evaluate(self, completed: int, final: bool) -> Dict[str, Any]:
