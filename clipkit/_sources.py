@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
+from ._provenance import PROVENANCE_KEY, check_provenance
 from .config import HF_CONFIG_NAME, get_model_config, model_config_source, parse_model_name, read_hub_config, \
     read_json_object, unknown_model_message
 from .errors import ClipkitError, UnknownModelError
@@ -39,6 +40,7 @@ def resolve_model(model_name: str, cache_dir: Optional[str] = None, offline: boo
         data = read_hub_config(schema, ident, cache_dir, offline=offline)
         if not isinstance(data.get("model_cfg"), dict):
             raise ClipkitError(f"{model_name}: {HF_CONFIG_NAME} has no 'model_cfg' object")
+        check_provenance(data.get(PROVENANCE_KEY), model_name)
         return ModelSource(data["model_cfg"], data.get("preprocess_cfg", {}), model_name, schema, ident)
     cfg = get_model_config(model_name.replace("/", "-"))
     if cfg is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -159,7 +160,8 @@ def _cmd_plugin_new(args: argparse.Namespace) -> int:
     root, package = written[0], next(path.parent for path in written if path.name == "__init__.py")
     for path in written[1:]:
         print(f"wrote {path}")
-    print(f"\nnext:\n  pip install -e {root}\n  pytest {root}\n  clipkit plugins\n"
+    where = root if root.is_absolute() else f".{os.sep}{root}"  # pip reads a bare name as a package name
+    print(f"\nnext:\n  pip install -e {where}\n  pytest {root}\n  clipkit plugins\n"
           f"then make the example part in {package}/ yours, and publish it as docs/plugins.md shows")
     return EXIT_OK
 

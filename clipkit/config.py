@@ -89,22 +89,32 @@ class ModelConfig:
 
 # -- type inference ---------------------------------------------------------------------------------
 
+#: How a section without ``"type"`` gets one: ``(type, key, test)`` rules tried in order, then the
+#: default. ``"set"`` means the key holds a non-empty value, ``"list"`` a JSON list. The JSON Schema
+#: (``clipkit config schema``) states the same rules.
+VISION_TYPE_RULES = (("timm", "timm_model_name", "set"), ("resnet", "layers", "list"))
+TEXT_TYPE_RULES = (("hf", "hf_model_name", "set"),)
+DEFAULT_TYPES = {"vision_tower": "vit", "text_tower": "transformer"}
+
+
+def _infer(section: Mapping[str, Any], rules, default: str) -> str:
+    if "type" in section:
+        return section["type"]
+    for tower_type, key, test in rules:
+        value = section.get(key)
+        if (test == "list" and isinstance(value, (list, tuple))) or (test == "set" and value):
+            return tower_type
+    return default
+
+
 def infer_vision_type(vision_cfg: Mapping[str, Any]) -> str:
     """``type`` if given, else ``timm_model_name`` -> timm, a list of ``layers`` -> resnet, else vit."""
-    if "type" in vision_cfg:
-        return vision_cfg["type"]
-    if vision_cfg.get("timm_model_name"):
-        return "timm"
-    if isinstance(vision_cfg.get("layers"), (list, tuple)):
-        return "resnet"
-    return "vit"
+    return _infer(vision_cfg, VISION_TYPE_RULES, DEFAULT_TYPES["vision_tower"])
 
 
 def infer_text_type(text_cfg: Mapping[str, Any]) -> str:
     """``type`` if given, else ``hf_model_name`` -> hf, else transformer."""
-    if "type" in text_cfg:
-        return text_cfg["type"]
-    return "hf" if text_cfg.get("hf_model_name") else "transformer"
+    return _infer(text_cfg, TEXT_TYPE_RULES, DEFAULT_TYPES["text_tower"])
 
 
 def _inferred_from(section: Mapping[str, Any], tower_type: str) -> str:

@@ -49,6 +49,12 @@ class TowerContractError(PluginError, TypeError):
     """A tower factory returned something that does not honour the tower protocol."""
 
 
+class ContractError(PluginError, AssertionError):
+    """A registered part broke the plugin contract (``clipkit.testing``): the message names the part, the
+    plugin and distribution that registered it, and the rule it broke. An ``AssertionError``, so pytest
+    reports it as a failed test."""
+
+
 class CheckpointError(ClipkitError):
     """A checkpoint cannot be read or does not fit the model."""
 

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional, Union
 
 from torch import nn
 
+from ._provenance import PROVENANCE_KEY, parts_provenance
 from .config import HF_CONFIG_NAME, infer_text_type, infer_vision_type
 from .errors import ClipkitError
 from .pretrained import HF_SAFE_WEIGHTS_NAME
@@ -38,7 +39,8 @@ def save_pretrained(model: nn.Module, folder: Union[str, Path], tokenizer: Optio
 
     The folder loads with ``clipkit.create_model("local-dir:FOLDER")`` (and ``get_tokenizer`` of the
     same name), and with OpenCLIP's ``create_model("local-dir:FOLDER")`` when the config uses only
-    OpenCLIP's tower types. ``tokenizer`` defaults to the model's own when it has HF tokenizer files.
+    OpenCLIP's tower types. The config records which plugin distribution provided each part
+    (``clipkit_parts``). ``tokenizer`` defaults to the model's own when it has HF tokenizer files.
     """
     from safetensors.torch import save_file
 
@@ -50,7 +52,10 @@ def save_pretrained(model: nn.Module, folder: Union[str, Path], tokenizer: Optio
     preprocess = getattr(model, "preprocess_cfg", {}) or {}
     payload = {"model_cfg": _portable_config(config.raw),
                "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v
-                                  for k, v in preprocess.items() if k in _PREPROCESS_KEYS}}
+                                  for k, v in preprocess.items() if k in _PREPROCESS_KEYS},
+               # which plugin provided each part, so a loader without it is told what to install;
+               # OpenCLIP reads only model_cfg and preprocess_cfg
+               PROVENANCE_KEY: parts_provenance(config)}
     (folder / HF_CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(folder / HF_SAFE_WEIGHTS_NAME), metadata={"format": "pt"})

@@ -330,6 +330,10 @@ class Registry:
         """Every plugin seen, builtin ones first."""
         return sorted(self._snapshot().plugins.values(), key=lambda p: (not p.builtin, p.name))
 
+    def find_plugin(self, name: str) -> Optional[PluginInfo]:
+        """The plugin with this entry-point name or distribution name (``None`` when there is none)."""
+        return next((p for p in self.plugins() if name in (p.name, p.distribution)), None)
+
     def conflicts(self) -> List[str]:
         snap = self._snapshot()
         return [self._conflict_message(snap, key) for key in snap.conflicts]

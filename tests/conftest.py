@@ -1,7 +1,5 @@
 import copy
 import os
-import sys
-import types
 
 # no test may touch the network: hub lookups fail fast instead of retrying
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -38,23 +36,10 @@ def _isolated_state(monkeypatch):
 
 
 @pytest.fixture
-def plugin_module():
-    """Make a throwaway plugin module from hook functions; registered in-process, removed afterwards."""
-    made = []
-
-    def make(name, **hooks):
-        module = types.ModuleType(name)
-        for hook_name, fn in hooks.items():
-            setattr(module, hook_name, fn)
-        sys.modules[name] = module
-        registry.register_plugin(module, name)
-        made.append(module)
-        return module
-
-    yield make
-    for module in made:
-        registry.unregister_plugin(module)
-        sys.modules.pop(module.__name__, None)
+def plugin_module(clipkit_plugins):
+    """Make a throwaway plugin module from hook functions; registered in-process, removed afterwards
+    (clipkit.testing's fixture, which pytest loads through clipkit's pytest11 entry point)."""
+    return clipkit_plugins.module
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ def run(*args, env=None):
     return subprocess.run([sys.executable, "-m", "clipkit", *args], capture_output=True, text=True, env=env)
 
 
-@pytest.mark.parametrize("command", [["models"], ["config", "check", "ViT-B-32"], ["config", "show", "ViT-B-32"]])
+@pytest.mark.parametrize("command", [["models"], ["config", "check", "ViT-B-32"], ["config", "show", "ViT-B-32"],
+                                     ["config", "schema"]])
 def test_static_commands_import_no_torch(command):
     code = ("import sys; from clipkit.cli import main; rc = main(%r); "
             "assert 'torch' not in sys.modules, 'torch imported'; raise SystemExit(rc)" % (command,))

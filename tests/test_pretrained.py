@@ -100,6 +100,7 @@ def test_save_pretrained_round_trips_through_clipkit_and_openclip(tmp_path, tiny
     folder = clipkit.save_pretrained(model, tmp_path / "saved")
     saved = json.loads((folder / "open_clip_config.json").read_text())
     assert saved["preprocess_cfg"]["mean"] == [0.1, 0.2, 0.3] and "type" not in saved["model_cfg"]["vision_cfg"]
+    assert saved["clipkit_parts"]["vision_tower"]["type"] == "vit"  # a key OpenCLIP does not read (it loads below)
     again = clipkit.create_model(f"local-dir:{folder}").eval()
     assert again.preprocess_cfg["mean"] == (0.1, 0.2, 0.3) and again.preprocess_cfg["resize_mode"] == "longest"
     by_file = clipkit.create_model(str(tmp_path / "savetiny.json"), pretrained=str(folder / "open_clip_model.safetensors"))

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -184,7 +185,7 @@ class SyntheticSource(Source):
 
 # -- the per-worker stream ------------------------------------------------------------------------
 def _decode(raw: Dict[str, Any], needs: str, counts: Dict[str, int]):
-    """``(PIL RGB image, text or label)`` or ``None`` after counting why the sample is unusable."""
+    """``(PIL RGB image, text or label, key)``, or ``None`` after counting why the sample is unusable."""
     from PIL import Image
 
     def skip(kind: str):
@@ -223,7 +224,7 @@ def _decode(raw: Dict[str, Any], needs: str, counts: Dict[str, int]):
                 image = img.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return skip("bad_image")
-    return image.convert("RGB") if image.mode != "RGB" else image, target
+    return image.convert("RGB") if image.mode != "RGB" else image, target, raw["__key__"]
 
 
 def _shuffled(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[Any]:
@@ -243,7 +244,7 @@ def _shuffled(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[A
 class EpochStream(IterableDataset):
     """One epoch of batches from a :class:`Source`, split over ranks and loader workers.
 
-    Items are dicts: batches ``{"worker", "index", "images", "texts"|"labels", "stats"}``, and one last
+    Items are dicts: batches ``{"worker", "index", "images", "keys", "texts"|"labels", "stats"}``, and one last
     ``{"worker", "index", "final": True, "stats", "dropped"}`` per worker with its closing counts.
     Set :attr:`epoch`, :attr:`skip` and :attr:`rotate` before iterating (workers are forked per epoch).
     """
@@ -297,20 +298,26 @@ class EpochStream(IterableDataset):
             yield {"worker": worker, "index": index, "final": True, "stats": dict(counts), "dropped": len(pending)}
 
     def _batch(self, samples: List[Any], worker: int, index: int, counts: Dict[str, int]) -> Dict[str, Any]:
-        images, targets = zip(*samples)
+        images, targets, keys = zip(*samples)
         if self.train:
-            # augmentations draw from torch's and Python's global generators: seed them per batch
-            # position, so a replayed batch is augmented exactly as the first time
+            # augmentations draw from torch's and Python's global generators: seed them per sample, from
+            # its key and the epoch, so that a replayed batch is augmented exactly as the first time and a
+            # sample gets the same crop whatever the number of processes and workers
             state = random.getstate()
+            epoch_seed = hash((self.seed, self.epoch))
             with torch.random.fork_rng(devices=[]):
-                seed = hash((self.seed, self.epoch, self.rank, worker, index)) & 0x7FFF_FFFF_FFFF_FFFF
-                torch.manual_seed(seed)
-                random.seed(seed)
-                pixels = torch.stack([self.transform(img) for img in images])
+                out = []
+                for img, key in zip(images, keys):
+                    seed = hash((epoch_seed, zlib.crc32(key.encode("utf-8")))) & 0x7FFF_FFFF_FFFF_FFFF
+                    torch.manual_seed(seed)
+                    random.seed(seed)
+                    out.append(self.transform(img))
+                pixels = torch.stack(out)
             random.setstate(state)
         else:
             pixels = torch.stack([self.transform(img) for img in images])
-        item = {"worker": worker, "index": index, "images": pixels, "stats": dict(counts), "final": False}
+        item = {"worker": worker, "index": index, "images": pixels, "keys": list(keys), "stats": dict(counts),
+                "final": False}
         if self.needs == "text":
             item["texts"] = self.tokenizer(list(targets))
         else:

@@ -1,0 +1,519 @@
+"""The checks behind ``clipkit.testing``'s contract cases: build each part small and hold it to the rules
+of docs/plugins.md. Every failure is a :class:`ContractError` naming the part, its plugin and the rule.
+
+Towers are built inside a whole model, beside the other side's builtin tower (``vit`` or
+``transformer``) at its registered example, so model-level behaviour (locking, saving) is checked too.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import TOKENIZER_KEYS, get_model_config, validate_model_config
+from .errors import ClipkitError, ContractError
+from .registry import Entry, registry
+
+EMBED_DIM = 24
+BATCH = 2
+CONTEXT = 12
+TEXTS = ["a photo of a cat", "", "a diagram of a bicycle " * 40, "Übergrößenträger, 日本語の文, 😀"]
+HEAVY = ("torch", "timm", "transformers")
+_PARTNER = {"vision_tower": ("text_tower", "transformer"), "text_tower": ("vision_tower", "vit")}
+_SECTION_KEY = {"vision_tower": "vision_cfg", "text_tower": "text_cfg"}
+
+
+def _fail(where: str, contract: str, detail: str) -> ContractError:
+    return ContractError(f"{where} breaks the contract '{contract}': {detail}")
+
+
+def _names(names: List[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# -- towers ---------------------------------------------------------------------------------------
+
+class _Tower:
+    """A tower under test: its entry, the section it is built from, and builders for models around it."""
+
+    def __init__(self, entry: Entry, section: Optional[Mapping[str, Any]]):
+        self.entry = entry
+        if section is None:
+            section = entry.meta.get("example")
+        if section is None:
+            raise _fail(entry.where, "builds", "it registered no example= section to build it from; pass "
+                                               "example={...} (a small section that builds fast) to register()")
+        self.section = dict(section)
+
+    def config(self, **overrides: Any) -> Dict[str, Any]:
+        kind = self.entry.kind
+        partner_kind, partner_name = _PARTNER[kind]
+        partner = registry.get(partner_kind, partner_name)
+        return {"embed_dim": EMBED_DIM,
+                _SECTION_KEY[kind]: {"type": self.entry.name, **self.section, **overrides},
+                _SECTION_KEY[partner_kind]: {"type": partner_name, **partner.meta["example"]}}
+
+    def model(self, **overrides: Any) -> nn.Module:
+        from .factory import build_model
+
+        try:
+            config = validate_model_config(self.config(**overrides), source="its example")
+            torch.manual_seed(0)
+            return build_model(config)
+        except ClipkitError as exc:
+            raise _fail(self.entry.where, "builds", str(exc)) from exc
+        except Exception as exc:
+            raise _fail(self.entry.where, "builds", f"building raised {exc!r}") from exc
+
+    def tower(self, model: nn.Module) -> nn.Module:
+        return model.visual if self.entry.kind == "vision_tower" else model.text
+
+    def inputs(self, model: nn.Module, batch: int = BATCH) -> Tuple[torch.Tensor, torch.Tensor]:
+        """An image batch and a text batch the model's towers accept."""
+        size = model.visual.image_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        vocab, length = int(model.text.vocab_size), int(model.text.context_length)
+        low = 3 if vocab > 3 else 0  # above the usual special ids, so no text is all padding
+        # one generator each, so the first sample of any batch size is the same sample
+        return (torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1)),
+                torch.randint(low, vocab, (batch, length), generator=torch.Generator().manual_seed(2)))
+
+    def forward(self, model: nn.Module, batch: int = BATCH):
+        image, text = self.inputs(model, batch)
+        return self.tower(model)(image if self.entry.kind == "vision_tower" else text)
+
+
+def _pooled(where: str, contract: str, out: Any, batch: int = BATCH) -> torch.Tensor:
+    """The pooled features of a tower's output, checked to be finite ``[batch, embed_dim]``."""
+    pooled = out[0] if isinstance(out, tuple) else out
+    if not isinstance(pooled, torch.Tensor):
+        raise _fail(where, contract, f"forward returned {type(pooled).__name__}, not a tensor [B, embed_dim]")
+    if tuple(pooled.shape) != (batch, EMBED_DIM):
+        raise _fail(where, contract, f"forward returned shape {list(pooled.shape)} for a batch of {batch} with "
+                                     f"embed_dim {EMBED_DIM}; expected [{batch}, {EMBED_DIM}]")
+    if not torch.isfinite(pooled).all():
+        raise _fail(where, contract, "forward returned non-finite values")
+    return pooled
+
+
+def _builds(t: _Tower, model: nn.Module) -> None:
+    pass  # t.model() raised already if the tower does not build or breaks the protocol checked at build
+
+
+def _output_shape(t: _Tower, model: nn.Module) -> None:
+    where = t.entry.where
+    model.eval()
+    with torch.no_grad():
+        pooled = _pooled(where, "output-shape", t.forward(model))
+        one = _pooled(where, "output-shape", t.forward(model, batch=1), batch=1)
+        encoded = (model.encode_image if t.entry.kind == "vision_tower" else model.encode_text)(
+            t.inputs(model)[0 if t.entry.kind == "vision_tower" else 1])
+    if not torch.allclose(one[0], pooled[0], rtol=1e-4, atol=1e-4):
+        raise _fail(where, "output-shape", "in eval mode a sample's features depend on the rest of the batch")
+    if tuple(encoded.shape) != (BATCH, EMBED_DIM):
+        raise _fail(where, "output-shape", f"the model's encode method returned shape {list(encoded.shape)}")
+
+
+def _output_tokens(t: _Tower, model: nn.Module) -> None:
+    where = t.entry.where
+    model = t.model(output_tokens=True).eval()
+    with torch.no_grad():
+        out = t.forward(model)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise _fail(where, "output-tokens", f"with output_tokens true, forward must return (pooled, tokens), "
+                                            f"got {type(out).__name__}")
+    pooled, tokens = out
+    _pooled(where, "output-tokens", pooled)
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tokens.shape[0] != BATCH:
+        shape = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise _fail(where, "output-tokens", f"tokens must be a tensor [B, tokens, width], got {shape}")
+
+
+def _layer_groups(t: _Tower, model: nn.Module) -> None:
+    where = t.entry.where
+    tower = t.tower(model)
+    names = {id(p): n for n, p in tower.named_parameters()}
+    seen: Dict[int, int] = {}
+    groups = list(tower.layer_groups())
+    if not groups:
+        raise _fail(where, "layer-groups", "layer_groups() returned no groups")
+    for index, group in enumerate(groups):
+        for item in group:
+            if not isinstance(item, (nn.Module, nn.Parameter)):
+                raise _fail(where, "layer-groups", f"group {index} holds a {type(item).__name__}; groups hold "
+                                                   f"modules and nn.Parameters")
+            for param in [item] if isinstance(item, nn.Parameter) else item.parameters():
+                if id(param) in seen and seen[id(param)] != index:
+                    raise _fail(where, "layer-groups", f"parameter {names.get(id(param), '?')} is in groups "
+                                                       f"{seen[id(param)]} and {index}")
+                seen[id(param)] = index
+    outside = [n for i, n in names.items() if i not in seen]
+    if outside:
+        raise _fail(where, "layer-groups", f"parameters in no layer group (they could never be unlocked): "
+                                           f"{_names(outside)}")
+
+
+def _gradients(where: str, contract: str, tower: nn.Module) -> Dict[str, torch.Tensor]:
+    grads, missing = {}, []
+    for name, param in tower.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.grad is None:
+            missing.append(name)
+        elif not torch.isfinite(param.grad).all():
+            raise _fail(where, contract, f"the gradient of {name} is not finite")
+        else:
+            grads[name] = param.grad.detach().clone()
+    if missing:  # DDP also fails on parameters that take no part in the loss
+        raise _fail(where, contract, f"no gradient reached {_names(missing)}")
+    if grads and not any(g.abs().sum() > 0 for g in grads.values()):
+        raise _fail(where, contract, "every gradient is zero")
+    return grads
+
+
+def _step(t: _Tower, model: nn.Module, seed: int = 0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Forward and backward in train mode; dropout draws the same masks for the same seed."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    pooled = _pooled(t.entry.where, "backward", t.forward(model))
+    pooled.float().square().mean().backward()
+    return pooled.detach(), _gradients(t.entry.where, "backward", t.tower(model))
+
+
+def _backward(t: _Tower, model: nn.Module) -> None:
+    _step(t, model)
+
+
+def _grad_checkpointing(t: _Tower, model: nn.Module) -> None:
+    where, tower = t.entry.where, t.tower(model)
+    plain_out, plain = _step(t, model)
+    try:
+        tower.set_grad_checkpointing(True)
+    except ClipkitError:
+        return  # refusing clearly is allowed: a tower that cannot checkpoint says so
+    except Exception as exc:
+        raise _fail(where, "grad-checkpointing", f"set_grad_checkpointing(True) raised {exc!r}; raise a "
+                                                 f"ClipkitError if the tower cannot checkpoint") from exc
+    try:
+        out, grads = _step(t, model)
+    except ContractError:
+        raise
+    except Exception as exc:
+        raise _fail(where, "grad-checkpointing", f"forward/backward with checkpointing raised {exc!r}") from exc
+    tower.set_grad_checkpointing(False)
+    if not torch.allclose(out, plain_out, rtol=1e-4, atol=1e-5):
+        raise _fail(where, "grad-checkpointing", "checkpointing changes the output")
+    differ = [n for n, g in plain.items() if not torch.allclose(grads[n], g, rtol=1e-3, atol=1e-5)]
+    if differ:
+        raise _fail(where, "grad-checkpointing", f"checkpointing changes the gradients of {_names(differ)}")
+
+
+def _autocast(t: _Tower, model: nn.Module) -> None:
+    where = t.entry.where
+    model.train()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pooled = _pooled(where, "autocast", t.forward(model))
+        pooled.float().square().mean().backward()
+    except ContractError:
+        raise
+    except Exception as exc:
+        raise _fail(where, "autocast", f"forward/backward under torch.autocast('cpu', bfloat16) raised {exc!r}") from exc
+    _gradients(where, "autocast", t.tower(model))
+
+
+def _save_load(t: _Tower, model: nn.Module) -> None:
+    from .export import save_pretrained
+    from .factory import create_model
+
+    where = t.entry.where
+    model.eval()
+    image, text = t.inputs(model)
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            save_pretrained(model, folder)
+            again = create_model(f"local-dir:{folder}").eval()
+        except Exception as exc:
+            raise _fail(where, "save-load", f"save_pretrained + create_model('local-dir:...') raised {exc!r}") from exc
+    with torch.no_grad():
+        for encode in ("encode_image", "encode_text"):
+            before = getattr(model, encode)(image if encode == "encode_image" else text)
+            after = getattr(again, encode)(image if encode == "encode_image" else text)
+            if not torch.allclose(before, after, rtol=1e-5, atol=1e-6):
+                raise _fail(where, "save-load", f"{encode} differs after save_pretrained and loading the folder "
+                                                f"(state the tower keeps outside its state_dict?)")
+
+
+def _freezer_where(t: _Tower) -> str:
+    if registry.has("freezer", t.entry.name):
+        return registry.get("freezer", t.entry.name).where
+    return f"{t.entry.where}, locked by clipkit's default freezer (lock_layer_groups over its layer_groups())"
+
+
+def _freezer(t: _Tower, model: nn.Module) -> None:
+    where = _freezer_where(t)
+    tower = t.tower(model)
+    vision = t.entry.kind == "vision_tower"
+    lock = model.lock_image_tower if vision else model.lock_text_tower
+    names = {id(p): n for n, p in tower.named_parameters()}
+    groups = list(tower.layer_groups())
+    last = {id(p) for item in groups[-1] for p in ([item] if isinstance(item, nn.Parameter) else item.parameters())}
+
+    def trainable(unlocked: int) -> set:
+        try:
+            lock(unlocked)
+        except Exception as exc:
+            raise _fail(where, "freezer", f"locking with {unlocked} unlocked groups raised {exc!r}") from exc
+        return {n for n, p in tower.named_parameters() if p.requires_grad}
+
+    everything = set(names.values())
+    locked = trainable(0)
+    leaked = sorted(n for i, n in names.items() if n in locked and i not in last)
+    if leaked:
+        raise _fail(where, "freezer", f"with 0 unlocked groups {len(leaked)} parameter(s) outside the last layer "
+                                      f"group stay trainable: {_names(leaked)}")
+    sets = [locked, trainable(1), trainable(2)]
+    for fewer, more in zip(sets, sets[1:]):
+        if not fewer <= more:
+            raise _fail(where, "freezer", f"unlocking more groups froze {_names(sorted(fewer - more))}")
+    frozen = sorted(everything - trainable(len(groups) + 100))
+    if frozen:
+        raise _fail(where, "freezer", f"with every group unlocked {_names(frozen)} stay frozen")
+    if trainable(0) != locked:
+        raise _fail(where, "freezer", "locking again after unlocking does not give the same trainable set "
+                                      "(each lock must start from scratch, so resumed runs can change it)")
+    if vision:
+        _bn_stats_frozen(t, model, where, last)
+
+
+def _bn_stats_frozen(t: _Tower, model: nn.Module, where: str, last: set) -> None:
+    """freeze_bn_stats keeps the running statistics of locked BatchNorms, across model.train() too."""
+    tower = t.tower(model)
+    norms = [(n, m) for n, m in tower.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats and not any(id(p) in last for p in m.parameters())]
+    if not norms:
+        return
+    model.lock_image_tower(0, freeze_bn_stats=True)
+    model.train()
+    before = {n: m.running_mean.clone() for n, m in norms}
+    with torch.no_grad():
+        t.forward(model)
+    moved = [n for n, m in norms if not torch.equal(m.running_mean, before[n])]
+    if moved:
+        raise _fail(where, "freezer", f"with freeze_bn_stats the running statistics of locked BatchNorms "
+                                      f"{_names(moved)} still change in train mode")
+
+
+_TOWER_CHECKS: Dict[str, Callable[[_Tower, nn.Module], None]] = {
+    "builds": _builds, "output-shape": _output_shape, "output-tokens": _output_tokens,
+    "layer-groups": _layer_groups, "backward": _backward, "grad-checkpointing": _grad_checkpointing,
+    "autocast": _autocast, "save-load": _save_load, "freezer": _freezer,
+}
+
+
+# -- tokenizers, poolers, model configs, freezers alone, plugins --------------------------------------
+
+def _tokenizer(entry: Entry, text_cfg: Optional[Mapping[str, Any]], contract: str):
+    text_cfg = entry.meta.get("example") if text_cfg is None else text_cfg
+    if text_cfg is None:
+        raise _fail(entry.where, contract, "it registered no example= text_cfg to build it from; pass "
+                                           "example={} (or the keys it needs) to register()")
+    try:
+        return entry.load()(dict(text_cfg), CONTEXT, **dict(text_cfg.get("tokenizer_kwargs") or {})), text_cfg
+    except Exception as exc:
+        raise _fail(entry.where, contract, f"building it from {dict(text_cfg)} raised {exc!r}") from exc
+
+
+def _token_ids(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
+    tokenizer, _ = _tokenizer(entry, section, "token-ids")
+    where = entry.where
+    try:
+        ids, single, again = tokenizer(TEXTS), tokenizer(TEXTS[0]), tokenizer(TEXTS)
+    except Exception as exc:
+        raise _fail(where, "token-ids", f"tokenizing raised {exc!r}") from exc
+    for got, rows in ((ids, len(TEXTS)), (single, 1)):
+        if not isinstance(got, torch.Tensor) or got.dtype != torch.long or tuple(got.shape) != (rows, CONTEXT):
+            shape = f"{got.dtype} {list(got.shape)}" if isinstance(got, torch.Tensor) else type(got).__name__
+            raise _fail(where, "token-ids", f"{rows} text(s) at context_length {CONTEXT} gave {shape}; expected "
+                                            f"LongTensor [{rows}, {CONTEXT}]")
+    if not torch.equal(ids, again) or not torch.equal(single[0], ids[0]):
+        raise _fail(where, "token-ids", "the same text gives different ids (between calls, or alone and in a batch)")
+    if (ids < 0).any() or torch.equal(ids[0], ids[2]):
+        raise _fail(where, "token-ids", "ids are negative, or different texts give the same ids")
+
+
+def _special_ids(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
+    from .tokenizer import _check_special_ids, get_tokenizer
+
+    tokenizer, text_cfg = _tokenizer(entry, section, "special-ids")
+    vit, transformer = registry.get("vision_tower", "vit"), registry.get("text_tower", "transformer")
+    default = {"embed_dim": EMBED_DIM, "vision_cfg": {"type": "vit", **vit.meta["example"]},
+               "text_cfg": {"type": "transformer", **transformer.meta["example"],
+                            **{k: v for k, v in text_cfg.items() if k in TOKENIZER_KEYS}, "tokenizer": entry.name}}
+    checks: List[Tuple[str, Dict[str, Any], Any]] = [("a builtin text transformer", default, tokenizer)]
+    for model in registry.entries("model_config"):  # the plugin's own configs that use this tokenizer
+        data = get_model_config(model.name) if model.plugin is entry.plugin else None
+        text = (data or {}).get("text_cfg") or {}
+        if text.get("tokenizer") == entry.name:
+            try:
+                checks.append((f"model config {model.name!r}", data, get_tokenizer(model.name)))
+            except ClipkitError as exc:
+                raise _fail(entry.where, "special-ids", str(exc)) from exc
+    for label, cfg, tok in checks:
+        try:
+            config = validate_model_config(cfg, source=label)
+            _check_special_ids(label, config, tok)
+        except ClipkitError as exc:
+            raise _fail(entry.where, "special-ids", str(exc)) from exc
+        vocab = getattr(config.text, "vocab_size", None)
+        highest = int(tok(TEXTS).max())
+        if vocab is not None and highest >= vocab:
+            raise _fail(entry.where, "special-ids", f"id {highest} is outside the vocabulary of {label} "
+                                                    f"(vocab_size {vocab})")
+
+
+def _pooler(entry: Entry, cfg: Any) -> nn.Module:
+    try:
+        pooler = entry.load()(cfg)
+    except Exception as exc:
+        raise _fail(entry.where, "pooled-shape", f"factory({cfg!r}) raised {exc!r}") from exc
+    if not isinstance(pooler, nn.Module):
+        raise _fail(entry.where, "pooled-shape", f"factory returned {type(pooler).__name__}, not an nn.Module")
+    return pooler
+
+
+def _pool_inputs() -> Tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(3, 7, 16, generator=gen)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for row, length in enumerate((7, 4, 1)):  # real tokens first, then padding
+        mask[row, :length] = 1
+    return hidden, mask
+
+
+def _pool(entry: Entry, pooler: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, contract: str) -> torch.Tensor:
+    try:
+        with torch.no_grad():
+            out = pooler(hidden, mask, None)  # as the hf tower calls it: (hidden, mask, pooler_output)
+    except Exception as exc:
+        raise _fail(entry.where, contract, f"pooler(hidden [3, 7, 16], mask [3, 7], None) raised {exc!r}") from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (3, 16) or not torch.isfinite(out).all():
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise _fail(entry.where, contract, f"pooling hidden states [3, 7, 16] gave {shape}; expected finite [3, 16]")
+    return out
+
+
+def _pooled_shape(entry: Entry, cfg: Any) -> None:
+    hidden, mask = _pool_inputs()
+    _pool(entry, _pooler(entry, cfg), hidden, mask, "pooled-shape")
+
+
+def _attention_mask(entry: Entry, cfg: Any) -> None:
+    pooler = _pooler(entry, cfg)
+    hidden, mask = _pool_inputs()
+    out = _pool(entry, pooler, hidden, mask, "attention-mask")
+    padded = hidden.masked_fill(mask.unsqueeze(-1) == 0, 1e4)
+    if not torch.allclose(_pool(entry, pooler, padded, mask, "attention-mask"), out):
+        raise _fail(entry.where, "attention-mask", "changing the hidden states of masked-out (padding) tokens "
+                                                   "changes the pooled output")
+    real = hidden + mask.unsqueeze(-1)
+    if torch.allclose(_pool(entry, pooler, real, mask, "attention-mask"), out):
+        raise _fail(entry.where, "attention-mask", "the pooled output does not depend on the real tokens")
+
+
+def _validates(entry: Entry, section: Any) -> None:
+    data = get_model_config(entry.name)
+    if data is None:
+        raise _fail(entry.where, "validates", "the config cannot be read (see the warning logged by clipkit)")
+    try:
+        validate_model_config(data, source=entry.where, name=entry.name)
+    except ClipkitError as exc:
+        raise _fail(entry.where, "validates", str(exc)) from exc
+
+
+def _freezer_alone(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
+    for kind in ("vision_tower", "text_tower"):
+        if registry.has(kind, entry.name):
+            tower = _Tower(registry.get(kind, entry.name), section)
+            _freezer(tower, tower.model())
+            return
+    raise _fail(entry.where, "freezer", f"no tower type {entry.name!r} is installed to lock with it")
+
+
+def _loads(name: str) -> None:
+    plugin = registry.find_plugin(name)
+    if plugin is None:
+        installed = ", ".join(p.name for p in registry.plugins() if not p.builtin) or "none"
+        raise _fail(f"plugin {name!r}", "loads", f"clipkit does not see it (installed plugins: {installed}); install "
+                                                 f"it (pip install -e .) and list its module under "
+                                                 f"[project.entry-points.clipkit] in pyproject.toml")
+    if plugin.status != "active":
+        reason = plugin.error or "disabled by CLIPKIT_DISABLE_PLUGINS"
+        raise _fail(f"plugin {plugin.label}", "loads", f"it is {plugin.status}: {reason}")
+    if not plugin.registered:
+        raise _fail(f"plugin {plugin.label}", "loads", "it registers nothing; are its hook functions decorated "
+                                                       "with @clipkit.hookimpl?")
+
+
+_IMPORT_CHECK = """
+import sys
+from clipkit.registry import registry
+entries = [e for kind in ("vision_tower", "text_tower", "tokenizer", "pooler", "freezer", "model_config")
+           for e in registry.entries(kind) if e.plugin.name == sys.argv[1]]
+for entry in entries:
+    entry.config_class()
+print(",".join(m for m in sys.argv[2:] if m in sys.modules))
+"""
+
+
+def _imports_without_torch(name: str) -> None:
+    plugin = registry.find_plugin(name)
+    if plugin is None:
+        return _loads(name)
+    done = subprocess.run([sys.executable, "-c", _IMPORT_CHECK, plugin.name, *HEAVY], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise _fail(f"plugin {plugin.label}", "imports-without-torch", f"loading it failed: {done.stderr.strip()}")
+    heavy = done.stdout.strip()
+    if heavy:
+        raise _fail(f"plugin {plugin.label}", "imports-without-torch",
+                    f"importing the plugin module and its config classes imports {heavy}; clipkit loads plugins "
+                    f"in every process (data workers, `clipkit models`), so import those inside factories and "
+                    f"register factories as 'package.module:attr' strings")
+
+
+_PART_CHECKS: Dict[str, Dict[str, Callable[[Entry, Any], None]]] = {
+    "tokenizer": {"token-ids": _token_ids, "special-ids": _special_ids},
+    "pooler": {"pooled-shape": _pooled_shape, "attention-mask": _attention_mask},
+    "model_config": {"validates": _validates},
+    "freezer": {"freezer": _freezer_alone},
+}
+
+
+def run(case: Any, section: Optional[Mapping[str, Any]] = None) -> None:
+    """Run one ``clipkit.testing.Case``, on one thread: the parts are built tiny, and for tiny tensors
+    intra-op threads cost more than they save (ten times more on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run(case, section)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(case: Any, section: Optional[Mapping[str, Any]]) -> None:
+    if case.kind == "plugin":
+        return {"loads": _loads, "imports-without-torch": _imports_without_torch}[case.contract](case.name)
+    if not registry.has(case.kind, case.name):
+        raise ContractError(f"{case}: no {case.kind} {case.name!r} is registered now; "
+                            + registry.unknown_message(case.kind, case.name))
+    entry = registry.get(case.kind, case.name)
+    if case.kind in _PART_CHECKS:
+        return _PART_CHECKS[case.kind][case.contract](entry, section)
+    tower = _Tower(entry, section)
+    _TOWER_CHECKS[case.contract](tower, tower.model())
