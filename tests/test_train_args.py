@@ -129,3 +129,15 @@ def test_precision_modes():
     assert precision_setup("amp_bf16", cuda) == (torch.bfloat16, False, None)
     assert precision_setup("pure_fp16", cpu) == (None, False, torch.float16)
     assert precision_setup("fp32", cpu) == (None, False, None)
+
+
+def test_no_flag_is_taken_by_torchrun():
+    """torchrun parses every option-like argument, even after the script: a flag of ours that is a
+    prefix of one of its flags is refused as ambiguous (``--logs`` vs ``--logs-specs``)."""
+    from torch.distributed.run import get_args_parser
+
+    theirs = [o for a in get_args_parser()._actions for o in a.option_strings]
+    clashes = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"
+               and any(t.startswith(o) for t in theirs)}
+    assert clashes == {"--logs"}  # OpenCLIP's name, kept; --logs-dir is its torchrun-safe spelling
+    assert parse_args(BASE + ["--logs-dir", "/tmp/x"]).logs == "/tmp/x"

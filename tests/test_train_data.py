@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from clipkit.train import shards as wds
+from clipkit.train.shards import write_shards
 from clipkit.train.data import (CsvSource, DataError, EpochStream, Loader, Progress, ShardSource, SyntheticSource,
                                 read_list, train_loader)
 
@@ -187,3 +188,14 @@ def test_too_few_samples_for_a_batch_is_a_clear_error(tmp_path):
                      workers=0, dataset_resampled=False, train_data_upsampling_factors=None)
     with pytest.raises(DataError, match="3 samples are fewer than one global batch"):
         train_loader(args, _pixels, _tokens, 0, 1, 32)
+
+
+def test_oversized_member_is_counted_once(tmp_path, monkeypatch):
+    samples = list(synthetic_samples(3))
+    cap = max(len(s["png"]) for s in samples) + 10
+    monkeypatch.setattr(wds, "MAX_MEMBER_BYTES", cap)
+    samples[1]["png"] = samples[1]["png"] + b"\0" * cap  # over the cap
+    write_shards(samples, tmp_path, per_shard=3)
+    loader = _loader(ShardSource(str(tmp_path / "00000.tar")), workers=0, batch=1)
+    keys = _keys(loader)
+    assert loader.progress.skipped() == {"too_large": 1} and len(keys) == 2

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-data", help="validation data (same formats) for retrieval metrics and clip_val_loss")
     g.add_argument("--train-num-samples", type=pos_int,
                    help="samples per epoch; read from sizes.json/__len__ or counted from the shards when not given")
-    g.add_argument("--val-num-samples", type=pos_int, help="evaluate on at most this many validation samples")
+    g.add_argument("--val-num-samples", type=pos_int, help="evaluate on about this many validation samples (whole batches)")
     g.add_argument("--dataset-type", choices=("webdataset", "csv", "synthetic", "auto"), default="auto",
                    help="'auto' picks csv for .csv/.tsv and webdataset for .tar and 'pipe:' (default: auto)")
     g.add_argument("--dataset-resampled", action="store_true",
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force-image-size", type=pos_int, nargs="+", help="override vision_cfg.image_size")
     g.add_argument("--force-quick-gelu", action="store_true", help="use QuickGELU (OpenAI's weights need it)")
     g.add_argument("--force-patch-dropout", type=float, help="override vision_cfg.patch_dropout")
-    g.add_argument("--force-custom-text", action="store_true", help="accepted for OpenCLIP compatibility")
+    g.add_argument("--force-custom-text", action="store_true", help="build the text tower under 'text.' (OpenCLIP's CustomTextCLIP key layout)")
     g.add_argument("--siglip", action="store_true",
                    help="SigLIP: sigmoid loss, logit scale initialised to ln 10 and a logit bias of -10")
     g.add_argument("--distill-model", help=argparse.SUPPRESS)
@@ -189,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--horovod", action="store_true", help=argparse.SUPPRESS)
 
     g = p.add_argument_group("logging")
-    g.add_argument("--logs", default="./logs/", help="where run folders go; 'none' saves nothing (default: ./logs/)")
+    # torchrun's parser takes '--logs' for an abbreviation of its own '--logs-specs' and refuses it, even
+    # after the script name: under torchrun write '--logs-dir'
+    g.add_argument("--logs", "--logs-dir", dest="logs", default="./logs/",
+                   help="where run folders go; 'none' saves nothing (default: ./logs/). Under torchrun use "
+                        "--logs-dir: torchrun mistakes --logs for its --logs-specs")
     g.add_argument("--log-local", action="store_true", help="one log file per process (out-RANK.log)")
     g.add_argument("--name", help="run name (default: date, model, lr, batch size, workers and precision)")
     g.add_argument("--report-to", default="", help="'tensorboard', 'wandb', both comma-separated, or 'all'")
@@ -284,6 +288,8 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if args.dataset_resampled:
         need(args.dataset_type == "webdataset", "--dataset-resampled needs WebDataset --train-data "
                                                 f"(got --dataset-type {args.dataset_type})")
+        need(args.train_num_samples is not None, "--dataset-resampled needs --train-num-samples (an epoch's "
+                                                 "length): the shards are drawn forever")
     if args.train_data_upsampling_factors:
         need(args.dataset_resampled, "--train-data-upsampling-factors needs --dataset-resampled")
         factors = _sources(args.train_data_upsampling_factors)

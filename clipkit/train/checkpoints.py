@@ -160,7 +160,14 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any], save
     Parameters that were frozen before start with fresh state (DESIGN: gradual unfreezing).
     """
     current = optimizer_names(optimizer, names)
-    if saved_names is None or saved_names == current:
+    if saved_names is None:  # an OpenCLIP checkpoint: by position, when its parameter groups line up
+        try:
+            optimizer.load_state_dict(saved)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            logger.warning("the checkpoint's optimizer state does not fit this optimizer (%s); the optimizer "
+                           "starts fresh, the weights are restored", exc)
+        return
+    if saved_names == current:
         optimizer.load_state_dict(saved)
         return
     by_name: Dict[str, Any] = {}

@@ -192,6 +192,9 @@ def _decode(raw: Dict[str, Any], needs: str, counts: Dict[str, int]):
         counts[kind] = counts.get(kind, 0) + 1
         return None
 
+    if raw["image"] is wds.TOO_LARGE or raw["text"] is wds.TOO_LARGE or raw["label"] is wds.TOO_LARGE:
+        return skip("too_large")
+
     if needs == "text":
         target = raw["text"]
         if target is None:
@@ -405,10 +408,13 @@ def _weights(args) -> Optional[List[float]]:
 
 
 def _source(spec: str, dataset_type: str, args, *, label: bool = False) -> Source:
-    if dataset_type == "auto":
-        from .args import infer_dataset_type
+    if dataset_type == "auto":  # each path by its own extension, as OpenCLIP
+        from .args import ArgsError, infer_dataset_type
 
-        dataset_type = infer_dataset_type(spec, "data")
+        try:
+            dataset_type = infer_dataset_type(spec, "data")
+        except ArgsError:
+            dataset_type = args.dataset_type if args.dataset_type in ("csv", "webdataset") else "webdataset"
     if dataset_type == "csv":
         return CsvSource(spec, args.csv_img_key, args.csv_caption_key, args.csv_separator)
     if dataset_type == "folder":

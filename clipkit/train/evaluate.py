@@ -24,8 +24,7 @@ def _due(frequency: int, completed: int, final: bool) -> bool:
 def retrieval(run, spec: str) -> Dict[str, Any]:
     """OpenCLIP's ``get_clip_metrics`` plus the sample-weighted ``clip_val_loss``."""
     args, model = run.args, run.module
-    loader = eval_loader(spec, "auto" if args.dataset_type in ("synthetic", "auto") else args.dataset_type, args,
-                         run.preprocess_val, run.tokenizer, num_samples=args.val_num_samples)
+    loader = eval_loader(spec, "auto", args, run.preprocess_val, run.tokenizer, num_samples=args.val_num_samples)
     images: List[torch.Tensor] = []
     texts: List[torch.Tensor] = []
     total_loss, count = 0.0, 0

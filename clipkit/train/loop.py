@@ -60,14 +60,12 @@ def precision_setup(precision: str, device: torch.device) -> Tuple[Optional[torc
 
 
 def build_optimizer(args, model: nn.Module) -> Tuple[torch.optim.Optimizer, Dict[int, str]]:
-    """AdamW with OpenCLIP's weight-decay exclusions (1-d tensors, norms, biases, the logit scale)
-    plus the names the towers list in ``no_weight_decay()``."""
+    """AdamW with OpenCLIP's weight-decay exclusions: 1-d tensors, and names with bn, ln, bias or
+    logit_scale in them; so that OpenCLIP recipes train the same parameters the same way."""
     names = {id(p): n for n, p in model.named_parameters()}
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
 
     def excluded(name: str, p: nn.Parameter) -> bool:
-        return (p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-                or name in skip)
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
@@ -116,7 +114,8 @@ def _prepare_run_dir(args, env) -> Tuple[Optional[Path], Optional[Path]]:
         if not resume.is_file():
             raise TrainingError(f"--resume {args.resume}: no such file")
     if run_dir is not None and env.main:
-        started = (run_dir / "out.log").exists() or (run_dir / "checkpoints").exists()
+        # a folder whose earlier attempt failed before its first checkpoint can be reused as is
+        started = ckpt.find_latest(run_dir / "checkpoints") is not None
         if started and args.resume is None:
             raise TrainingError(f"run folder {run_dir} already exists: pass --resume latest to continue that run, "
                                 f"or a new --name")
@@ -212,6 +211,11 @@ class Run:
         }
         if self.scaler is not None:
             payload["scaler"] = self.scaler.state_dict()
+        config = getattr(self.module, "model_config", None)
+        if config is not None:
+            from .._provenance import PROVENANCE_KEY, parts_provenance
+
+            payload[PROVENANCE_KEY] = parts_provenance(config)
         return payload
 
     def save(self, completed_epochs: int, progress: Optional[Progress], epoch_end: bool) -> None:
@@ -245,6 +249,9 @@ class Run:
         from ..checkpoint import load_state_dict
 
         data = ckpt.read(path)
+        from .._provenance import PROVENANCE_KEY, check_provenance
+
+        check_provenance(data.get(PROVENANCE_KEY), str(path))
         state = data["state_dict"]
         if next(iter(state), "").startswith("module."):
             state = {k[len("module."):]: v for k, v in state.items()}
@@ -279,6 +286,9 @@ class Run:
                 f"stopping without saving. Last complete checkpoint: {latest or 'none'}. Try a lower --lr, "
                 f"--grad-clip-norm or --precision amp_bf16, then --resume latest")
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
     def _optimizer_step(self, epoch: int) -> None:
         args = self.args
         if self.scaler is not None:
@@ -300,7 +310,7 @@ class Run:
         if len(micro) == 1:
             loss, _ = self._forward_loss(*micro[0])
             self._check_finite(loss, epoch)
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            self._backward(loss)
         else:
             with torch.no_grad(), self.autocast():
                 cached = [self.model(images, texts) for images, texts in micro]
@@ -322,9 +332,14 @@ class Run:
                             scale, bias = scale.detach(), bias.detach() if bias is not None else None
                         loss = self.loss(image, text, scale, bias)
                     self._check_finite(loss, epoch)
-                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                    self._backward(loss)
         self._optimizer_step(epoch)
-        return loss.detach()
+        loss = loss.detach()
+        if self.env.distributed and (self.args.siglip or self.args.local_loss):
+            # each process's loss covers its own rows: their mean is the global loss that is logged
+            torch.distributed.all_reduce(loss)
+            loss = loss / self.env.world
+        return loss
 
     def train_epoch(self, epoch: int, progress: Optional[Progress]) -> Progress:
         args, env = self.args, self.env
@@ -338,7 +353,7 @@ class Run:
         losses: List[float] = []
         tick = time.perf_counter()
         data_time = 0.0
-        for item in loader.epoch(epoch, progress):
+        for item in self._agreed(loader.epoch(epoch, progress)):
             images = item["images"].to(env.device, non_blocking=True)
             texts = item["texts"].to(env.device, non_blocking=True)
             if self.input_dtype is not None:
@@ -369,6 +384,20 @@ class Run:
         if bar is not None:
             bar.close()
         return loader.progress
+
+    def _agreed(self, batches):
+        """The batches, ended on every process as soon as one runs out (no process waits in a collective)."""
+        if not self.env.distributed:
+            yield from batches
+            return
+        iterator = iter(batches)
+        while True:
+            item = next(iterator, None)
+            if distributed.all_agree(item is None, self.env):
+                if item is not None:
+                    logger.info("another process ran out of data: this epoch ends here on every process")
+                return
+            yield item
 
     def _log_step(self, epoch, step, steps, losses, batch_time, data_time, batch) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -457,6 +486,9 @@ class Run:
                                 f"but an epoch has {self.train_data.num_batches}")
             self.total_steps = self.steps_per_epoch * args.epochs
             self.optimizer, self.names = build_optimizer(args, self.model)
+        if env.distributed and args.local_loss and not args.gather_with_grad:
+            logger.warning("--local-loss without --gather-with-grad: gradients miss the terms other processes' "
+                           "rows give this process's features; add --gather-with-grad for the exact gradient")
         self.loss = (SigLipLoss(rank=env.rank, world=env.world, dist_impl=args.loss_dist_impl) if args.siglip else
                      ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, rank=env.rank,
                               world=env.world))

@@ -34,6 +34,19 @@ def gather_features(image: torch.Tensor, text: torch.Tensor, *, local_loss: bool
     return torch.cat(images, 0), torch.cat(texts, 0)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by ``factor`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
 class ClipLoss(nn.Module):
     """Symmetric cross-entropy over image-text similarities; the pairs on the diagonal are positives.
 
@@ -49,6 +62,11 @@ class ClipLoss(nn.Module):
                bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         image, text = image.float(), text.float()
         if self.world > 1:
+            if not self.gather_with_grad and not self.local_loss:
+                # each process back-propagates the whole loss through its own features only, and DDP
+                # averages: scaling those gradients by the world size makes the average the gradient of
+                # the global loss (OpenCLIP trains with it divided by the world size)
+                image, text = _ScaleGrad.apply(image, self.world), _ScaleGrad.apply(text, self.world)
             all_image, all_text = gather_features(image, text, local_loss=self.local_loss,
                                                   gather_with_grad=self.gather_with_grad,
                                                   rank=self.rank, world=self.world)
@@ -73,6 +91,8 @@ class ClipLoss(nn.Module):
             labels = labels + n * self.rank
         loss = (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
         return {"contrastive_loss": loss} if output_dict else loss
+
+
 
 
 class SigLipLoss(nn.Module):

@@ -21,6 +21,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 TEXT_EXT = "txt"
 LABEL_EXT = "cls"
 MAX_MEMBER_BYTES = 64 * 1024 * 1024  # members are read into memory; a bigger one is skipped and counted
+TOO_LARGE = object()  # stands for a member over MAX_MEMBER_BYTES, which is not read
 
 
 def split_sources(spec: str) -> List[str]:
@@ -60,7 +61,7 @@ def iter_shard(url: str, wanted: Sequence[str], counts: Dict[str, int]) -> Itera
 
     Only members whose extension is in ``wanted`` are read. A shard that cannot be opened or read to
     its end counts one ``bad_shard`` (its complete samples before the damage are kept); an oversized
-    member counts ``too_large`` and leaves the sample without it.
+    member is not read: :data:`TOO_LARGE` stands in for it.
     """
     current: Optional[Dict[str, Any]] = None
     stream, damaged = None, False
@@ -78,7 +79,7 @@ def iter_shard(url: str, wanted: Sequence[str], counts: Dict[str, int]) -> Itera
                 if ext not in wanted:
                     continue
                 if info.size > MAX_MEMBER_BYTES:
-                    counts["too_large"] = counts.get("too_large", 0) + 1
+                    current[ext] = TOO_LARGE  # counted where the sample is decoded
                     continue
                 handle = tar.extractfile(info)
                 current[ext] = handle.read() if handle is not None else b""
