@@ -28,3 +28,26 @@ def test_every_hook_is_documented_in_plugins_md():
     text = (DOCS / "plugins.md").read_text()
     for hook in hookspecs.HOOK_KINDS:
         assert hook in text, hook
+
+
+def test_every_training_flag_is_documented():
+    import argparse
+
+    from clipkit.train.args import build_parser
+
+    text = (DOCS / "training.md").read_text()
+    for action in build_parser()._actions:
+        if action.help == argparse.SUPPRESS:
+            continue
+        for option in action.option_strings:
+            if option.startswith("--") and option != "--help":
+                assert f"`{option}" in text, option
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (DOCS.parent / "README.md").read_text()
+    ci = (DOCS.parent / ".ci" / "run").read_text()
+    command = "python -m pytest -q --durations=15"
+    assert command in readme and ci.strip().splitlines()[-1] == command
+    install = 'python -m pip install -q -c constraints.txt -e ".[dev]" ./plugins/clipkit-plugin-resnet'
+    assert install in readme and install in ci

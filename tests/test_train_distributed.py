@@ -1,13 +1,18 @@
 """Two processes on the CPU (gloo, through torchrun): per-process batch b on 2 ranks trains exactly like
 batch 2b on one, with the full-matrix loss, with --local-loss --gather-with-grad, and with SigLIP."""
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from _train_support import base_args, read_scalars, run_inprocess, subprocess_env, weights, write_model
+from clipkit.train import checkpoints as ckpt
+
+from _train_support import (base_args, read_scalars, run_inprocess, start_train, subprocess_env, weights,
+                            write_dataset, write_model)
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 
@@ -50,3 +55,49 @@ def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path, extra):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
     log = (tmp_path / "logs" / "two" / "out.log").read_text()
     assert "batch 4 x 2 processes" in log
+
+
+def _launch(args, port, **env):
+    """Two processes started on their own (as SLURM's srun does), without torchrun's agent."""
+    procs = []
+    for rank in (0, 1):
+        procs.append(start_train(args, env=subprocess_env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2,
+                                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)))
+    return procs
+
+
+def _wait(procs, timeout=300):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [p.returncode for p in procs], [err for _, err in outs]
+
+
+def test_a_dead_rank_stops_the_other_with_a_clear_error_and_resume_is_exact(tmp_path):
+    data = write_dataset(tmp_path / "data", shards=4, per_shard=32)
+    model = write_model(tmp_path)
+
+    def args(name):
+        return base_args(model, data, tmp_path / "logs", name, "--save-every-n-steps", "3", "--workers", "1")
+
+    codes, errs = _wait(_launch(args("whole"), _free_port()))
+    assert codes == [0, 0], errs[0][-3000:]
+
+    procs = _launch(args("broken"), _free_port(), CLIPKIT_DIST_TIMEOUT=60)
+    latest = tmp_path / "logs" / "broken" / "checkpoints" / ckpt.LATEST
+    deadline = time.time() + 240
+    while not (latest.exists() and ckpt.progress_of(ckpt.read(latest, mmap=True))[0] >= 6):
+        assert time.time() < deadline and procs[0].poll() is None
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    _, err = procs[0].communicate(timeout=120)
+    assert procs[0].returncode == 1 and time.time() - killed < 90
+    assert "process 0 lost contact with the others (one failed or was killed)" in err
+    assert "Traceback" not in err
+    procs[1].wait()
+
+    codes, errs = _wait(_launch(args("broken") + ["--resume", "latest"], _free_port()))
+    assert codes == [0, 0], errs[0][-3000:]
+    a = weights(tmp_path / "logs" / "whole" / "checkpoints" / "epoch_2.pt")
+    b = weights(tmp_path / "logs" / "broken" / "checkpoints" / "epoch_2.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -220,12 +220,22 @@ class Run:
 
     def save(self, completed_epochs: int, progress: Optional[Progress], epoch_end: bool) -> None:
         """Write ``epoch_N.pt`` at epoch ends the flags ask for, and always ``epoch_latest.pt``."""
-        if self.ckpt_dir is None or not self.env.main:
+        if self.ckpt_dir is None:
             return
+        # every process has the same weights: each one checks, so all stop together
         bad = [n for n, p in self.module.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # a checkpoint that cannot be trained from is worse than none
             raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}); not saving a checkpoint")
+        # each process's data position and generators, so that every one resumes where it was
+        ranks = [{"data": progress.as_state() if progress is not None else None, "rng": ckpt.rng_state()}]
+        if self.env.distributed:
+            ranks = [None] * self.env.world
+            torch.distributed.all_gather_object(
+                ranks, {"data": progress.as_state() if progress is not None else None, "rng": ckpt.rng_state()})
+        if not self.env.main:
+            return
         payload = self._payload(completed_epochs, progress)
+        payload["clipkit"]["ranks"] = ranks
         args = self.args
         numbered = epoch_end and args.save_frequency > 0 and (
             completed_epochs == args.epochs or completed_epochs % args.save_frequency == 0)
@@ -263,9 +273,16 @@ class Run:
             self.scaler.load_state_dict(data["scaler"])
         self.start_epoch = int(data.get("epoch", 0))
         self.step = int(extra.get("step", self.start_epoch * self.steps_per_epoch))
-        if "rng" in extra:
-            ckpt.set_rng_state(extra["rng"])
-        progress = Progress.from_state(extra["data"]) if extra.get("data") else None
+        mine = extra
+        ranks = extra.get("ranks") or []
+        if len(ranks) == self.env.world:
+            mine = ranks[self.env.rank]
+        elif self.env.distributed and ranks:
+            logger.warning("the checkpoint was written by %d processes and this run has %d: every process resumes "
+                           "from process 0's data position and generators", len(ranks), self.env.world)
+        if "rng" in mine:
+            ckpt.set_rng_state(mine["rng"])
+        progress = Progress.from_state(mine["data"]) if mine.get("data") else None
         where = f"epoch {self.start_epoch + 1}, step {self.step}" if progress else f"after epoch {self.start_epoch}"
         logger.info("resumed from %s (%s)", path, where)
         return progress
@@ -455,9 +472,14 @@ class Run:
         try:
             return self._run(resume)
         except Exception as exc:
+            if env.distributed and _lost_peer(exc):
+                exc = TrainingError(f"process {env.rank} lost contact with the others (one failed or was killed): "
+                                    f"{str(exc).splitlines()[0][:300]}. Fix the cause and rerun the same command "
+                                    f"with --resume latest")
             if isinstance(exc, ClipkitError):
                 logger.error("%s", exc)  # in out.log too, not only on the terminal
                 exc.logged = True
+                raise exc
             raise
         finally:
             self.reporter.close()
@@ -545,6 +567,15 @@ def _progress_bar(main: bool, total: int, initial: int, epoch: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}", unit="step", leave=False)
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether an exception is a collective failing because another process is gone (or timed out)."""
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "Connection reset by peer", "Connection closed by peer", "gloo", "NCCL", "Timed out", "timed out"))
 
 
 def _cpu_has_bf16() -> bool:
