@@ -36,7 +36,7 @@ def _png(pixels) -> bytes:
 def model_config(minilm: Path) -> Dict[str, Any]:
     return {
         "embed_dim": 256,
-        "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 4, "layers": 4, "width": 192, "head_width": 32},
+        "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 8, "layers": 4, "width": 128, "head_width": 32},
         "text_cfg": {"hf_model_name": str(minilm), "hf_tokenizer_name": str(minilm), "hf_pooler_type": "mean_pooler",
                      "hf_proj_type": "linear", "context_length": 16},
     }
