@@ -311,7 +311,9 @@ class EpochStream(IterableDataset):
             with torch.random.fork_rng(devices=[]):
                 out = []
                 for img, key in zip(images, keys):
-                    seed = hash((epoch_seed, zlib.crc32(key.encode("utf-8")))) & 0x7FFF_FFFF_FFFF_FFFF
+                    # the key without its folder: the same crops wherever the dataset lives
+                    stable = key.rsplit("/", 1)[-1].encode("utf-8")
+                    seed = hash((epoch_seed, zlib.crc32(stable))) & 0x7FFF_FFFF_FFFF_FFFF
                     torch.manual_seed(seed)
                     random.seed(seed)
                     out.append(self.transform(img))
