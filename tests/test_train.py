@@ -40,7 +40,7 @@ def main_run(env):
     args = base_args(env["model"], env["data"], env["logs"], "main", "--val-data", env["val"],
                      "--zeroshot-data", env["val"], "--zeroshot-classnames", env["root"] / "classnames.txt",
                      "--zeroshot-templates", env["root"] / "templates.json", "--zeroshot-frequency", "1",
-                     "--report-to", "tensorboard", "--save-every-n-steps", "5")
+                     "--report-to", "tensorboard", "--save-every-n-steps", "5", "--copy-codebase")
     assert run_inprocess(args) == 0
     return env["logs"] / "main"
 
@@ -57,6 +57,7 @@ def test_loss_decreases_on_learnable_data(main_run):
 def test_run_folder_layout(main_run):
     ckpts = main_run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_1.pt", "epoch_2.pt", "epoch_latest.pt", "results.jsonl"]
+    assert (main_run / "code" / "clipkit" / "train" / "loop.py").is_file()  # --copy-codebase
     params = (main_run / "params.txt").read_text().splitlines()
     assert "batch_size: 8" in params and params == sorted(params)
     log = (main_run / "out.log").read_text()
@@ -352,3 +353,16 @@ def test_remote_sync_copies_only_complete_checkpoints(env, tmp_path):
     local = weights(tmp_path / "logs" / "synced" / "checkpoints" / "epoch_1.pt")
     assert all(torch.equal(v, weights(copied / "epoch_1.pt")[k]) for k, v in local.items())
     assert (remote / "synced" / "out.log").is_file()
+
+
+def test_save_frequency_and_delete_previous(env, tmp_path):
+    args = base_args(env["model"], env["data"], tmp_path, "pruned", "--epochs", "3", "--train-num-samples", "16",
+                     "--delete-previous-checkpoint")
+    assert run_inprocess(args) == 0
+    assert sorted(p.name for p in (tmp_path / "pruned" / "checkpoints").iterdir()) == ["epoch_3.pt", "epoch_latest.pt"]
+    args = base_args(env["model"], env["data"], tmp_path, "rare", "--epochs", "3", "--train-num-samples", "16",
+                     "--save-frequency", "2")
+    assert run_inprocess(args) == 0
+    # every 2 epochs, and the last one
+    assert sorted(p.name for p in (tmp_path / "rare" / "checkpoints").iterdir()) == [
+        "epoch_2.pt", "epoch_3.pt", "epoch_latest.pt"]

@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-url", help="process-group init URL (default: env://, as set by torchrun)")
     g.add_argument("--dist-backend", help="process-group backend (default: nccl on CUDA, gloo on CPU)")
     g.add_argument("--ddp-static-graph", action="store_true", help="DistributedDataParallel(static_graph=True)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimizer state across processes with FSDP2 (fully_shard per "
+                        "layer group of each tower) instead of DDP; checkpoints become Distributed Checkpoint folders "
+                        "(python -m clipkit.train.consolidate DIR OUT.pt makes one file of them)")
     g.add_argument("--no-set-device-rank", action="store_true", help="do not pick the GPU by local rank")
     g.add_argument("--horovod", action="store_true", help=argparse.SUPPRESS)
 

@@ -23,6 +23,11 @@ logger = logging.getLogger("clipkit.train")
 LATEST = "epoch_latest.pt"
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 TMP_PREFIX = ".tmp-"
+# --fsdp: Distributed Checkpoint folders, one shard file per process, and clipkit's extras in EXTRAS
+LATEST_DIR = "epoch_latest"
+_EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+EXTRAS = "clipkit.pt"
+_OLD = ".old-"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -100,25 +105,138 @@ def find_latest(folder: Path) -> Optional[Path]:
     """
     if not folder.is_dir():
         return None
-    candidates = [p for p in folder.iterdir() if p.name == LATEST or _EPOCH_FILE.match(p.name)]
+    candidates = [p for p in folder.iterdir() if p.name == LATEST or _EPOCH_FILE.match(p.name)
+                  or (p.name == LATEST_DIR or _EPOCH_DIR.match(p.name)) and p.is_dir()]
     ranked: List[Tuple[Tuple[int, int, int], Path]] = []
     for path in candidates:
         try:
-            step, epoch = progress_of(read(path, mmap=True))
+            step, epoch = progress_of(read_extras(path) if path.is_dir() else read(path, mmap=True))
         except CheckpointError as exc:
             logger.warning("ignoring %s", exc)
             continue
-        ranked.append(((step, epoch, path.name == LATEST), path))
+        ranked.append(((step, epoch, path.name in (LATEST, LATEST_DIR)), path))
     return max(ranked)[1] if ranked else None
+
+
+# -- Distributed Checkpoint folders (--fsdp) ------------------------------------------------------
+def is_dcp(path: Path) -> bool:
+    """A complete Distributed Checkpoint folder: DCP writes ``.metadata`` last, after every shard."""
+    return path.is_dir() and (path / ".metadata").is_file() and (path / EXTRAS).is_file()
+
+
+def read_extras(path: Path) -> Dict[str, Any]:
+    """The clipkit part of a DCP checkpoint folder (epoch, name, step, per-process data and generators)."""
+    if not is_dcp(path):
+        raise CheckpointError(f"{path}: not a complete Distributed Checkpoint folder (no .metadata or {EXTRAS})")
+    try:
+        return torch.load(path / EXTRAS, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path / EXTRAS}: not readable ({type(exc).__name__}: {exc})") from exc
+
+
+def swap_in(tmp: Path, path: Path) -> None:
+    """Put the complete folder ``tmp`` at ``path``; the previous ``path`` survives until the new one is in place
+    (a crash in between leaves both under temporary names, and :func:`remove_torn` puts one back)."""
+    old = path.parent / f"{_OLD}{path.name}"
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """``dst`` (a new folder) with hard links to (or copies of) ``src``'s files."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copyfile(f, dst / f.name)
+
+
+def consolidate(dcp_dir: Path, out_file: Path) -> Dict[str, Any]:
+    """One ``.pt`` from a ``--fsdp`` checkpoint folder, in the layout of clipkit's other checkpoints.
+
+    ``state_dict`` holds every weight in OpenCLIP's key layout (what ``model.state_dict()`` gives), so
+    ``create_model_and_transforms(model, pretrained=out_file)`` loads it; the optimizer state comes along in
+    the positional layout, so ``--resume out_file`` continues the run in any number of processes.
+    Runs in one process, without a process group.
+    """
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_dir, out_file = Path(dcp_dir), Path(out_file)
+    extras = read_extras(dcp_dir)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=TMP_PREFIX) as tmp:
+        whole = Path(tmp) / "whole.pt"
+        import warnings
+
+        with warnings.catch_warnings():  # "no process group: loading in a single process", which is the point
+            warnings.simplefilter("ignore", UserWarning)
+            dcp_to_torch_save(str(dcp_dir), str(whole))
+        state = torch.load(whole, map_location="cpu", weights_only=True)
+    payload = dict(extras)
+    payload["state_dict"] = state["model"]
+    optim = state.get("optim")
+    if optim is not None:
+        optimizer, names = optimizer_from_fqn(optim)
+        payload["optimizer"] = optimizer
+        payload.setdefault("clipkit", {})["param_names"] = names
+    atomic_save(payload, out_file)
+    return payload
+
+
+def optimizer_from_fqn(optim: Dict[str, Any]) -> Tuple[Dict[str, Any], List[List[str]]]:
+    """``torch.distributed.checkpoint.state_dict``'s optimizer layout (keyed by parameter name) in
+    ``optimizer.state_dict()``'s (keyed by position), with the names by group for :func:`load_optimizer`."""
+    names = [list(g["params"]) for g in optim["param_groups"]]
+    state: Dict[int, Any] = {}
+    groups = []
+    index = 0
+    for group in optim["param_groups"]:
+        ids = []
+        for name in group["params"]:
+            if name in optim.get("state", {}):  # DCP drops an empty "state" (an optimizer without any yet)
+                state[index] = optim["state"][name]
+            ids.append(index)
+            index += 1
+        groups.append(dict(group, params=ids))
+    return {"state": state, "param_groups": groups}, names
+
+
+def optimizer_to_fqn(saved: Dict[str, Any], saved_names: List[List[str]]) -> Dict[str, Any]:
+    """The inverse of :func:`optimizer_from_fqn`."""
+    state: Dict[str, Any] = {}
+    groups = []
+    for group_names, group in zip(saved_names, saved["param_groups"]):
+        for name, index in zip(group_names, group["params"]):
+            if index in saved["state"]:
+                state[name] = saved["state"][index]
+        groups.append(dict(group, params=list(group_names)))
+    return {"state": state, "param_groups": groups}
 
 
 def remove_torn(folder: Path) -> None:
     """Delete temporary files left by writes that a crash interrupted (they were never renamed into use)."""
     if not folder.is_dir():
         return
+    for old in [p for p in folder.iterdir() if p.name.startswith(_OLD)]:  # a folder swap cut short
+        target = folder / old.name[len(_OLD):]
+        if not is_dcp(target) and is_dcp(old):
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(old, target)
+        else:
+            shutil.rmtree(old)
     torn = [p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX)]
     for path in torn:
-        path.unlink()
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     if torn:
         logger.info("removed %d incomplete checkpoint write(s) from an interrupted run in %s", len(torn), folder)
 

@@ -19,6 +19,7 @@ class Env:
     local_rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    group: bool = False  # a process group is up (FSDP needs one even for a single process)
 
     @property
     def distributed(self) -> bool:
@@ -53,12 +54,18 @@ def init(args: Any) -> Env:
     if device.type == "cuda" and world > 1 and not args.no_set_device_rank:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
+        if device.index is None:  # set_device needs an index: 'cuda' means the current one
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = args.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, init_method=args.dist_url or "env://", world_size=world, rank=rank,
                                 timeout=timedelta(seconds=int(os.environ.get("CLIPKIT_DIST_TIMEOUT", "600"))))
-    return Env(rank=rank, local_rank=local_rank, world=world, device=device)
+    elif world == 1 and getattr(args, "fsdp", False) and not dist.is_initialized():
+        # FSDP2 shards over a device mesh, which needs a process group: a group of one, in memory
+        backend = args.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Env(rank=rank, local_rank=local_rank, world=world, device=device, group=dist.is_initialized())
 
 
 def all_agree(flag: bool, env: Env) -> bool:
@@ -84,5 +91,5 @@ def barrier(env: Env) -> None:
 
 
 def shutdown(env: Env) -> None:
-    if env.distributed and dist.is_initialized():
+    if (env.distributed or env.group) and dist.is_initialized():
         dist.destroy_process_group()

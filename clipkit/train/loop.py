@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -111,8 +112,8 @@ def _prepare_run_dir(args, env) -> Tuple[Optional[Path], Optional[Path]]:
     resume: Optional[Path] = None
     if args.resume and args.resume != "latest":
         resume = Path(args.resume)
-        if not resume.is_file():
-            raise TrainingError(f"--resume {args.resume}: no such file")
+        if not (resume.is_file() or ckpt.is_dcp(resume)):
+            raise TrainingError(f"--resume {args.resume}: no such file (nor a complete --fsdp checkpoint folder)")
     if run_dir is not None and env.main:
         # a folder whose earlier attempt failed before its first checkpoint can be reused as is
         started = ckpt.find_latest(run_dir / "checkpoints") is not None
@@ -187,7 +188,9 @@ class Run:
         """DDP and ``torch.compile`` around the model; checkpoints always save the bare model."""
         args, env = self.args, self.env
         self.module = self.model
-        if env.distributed:
+        if args.fsdp:
+            self.replicated = _fully_shard(self.model, env)
+        elif env.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [env.device.index] if env.device.type == "cuda" else None
@@ -200,15 +203,16 @@ class Run:
             self.model = torch.compile(self.model, backend=args.torchcompile_backend)
 
     # checkpoints --------------------------------------------------------------------------------
-    def _payload(self, completed_epochs: int, progress: Optional[Progress]) -> Dict[str, Any]:
+    def _payload(self, completed_epochs: int, progress: Optional[Progress], with_state: bool = True) -> Dict[str, Any]:
         payload: Dict[str, Any] = {
             "epoch": completed_epochs, "name": self.args.name,
-            "state_dict": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
             "clipkit": {"step": self.step, "data": progress.as_state() if progress is not None else None,
                         "rng": ckpt.rng_state(), "param_names": ckpt.optimizer_names(self.optimizer, self.names),
                         "model": self.args.model, "version": _version()},
         }
+        if with_state:
+            payload["state_dict"] = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+            payload["optimizer"] = self.optimizer.state_dict()
         if self.scaler is not None:
             payload["scaler"] = self.scaler.state_dict()
         config = getattr(self.module, "model_config", None)
@@ -222,9 +226,9 @@ class Run:
         """Write ``epoch_N.pt`` at epoch ends the flags ask for, and always ``epoch_latest.pt``."""
         if self.ckpt_dir is None:
             return
-        # every process has the same weights: each one checks, so all stop together
-        bad = [n for n, p in self.module.named_parameters() if not torch.isfinite(p).all()]
-        if bad:  # a checkpoint that cannot be trained from is worse than none
+        # every process has the same weights (under --fsdp: its shard, so they agree): all stop together
+        bad = [n for n, p in self.module.named_parameters() if not torch.isfinite(_local(p)).all()]
+        if distributed.all_agree(bool(bad), self.env) if self.args.fsdp else bad:  # a checkpoint that cannot be trained from is worse than none
             raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}); not saving a checkpoint")
         # each process's data position and generators, so that every one resumes where it was
         ranks = [{"data": progress.as_state() if progress is not None else None, "rng": ckpt.rng_state()}]
@@ -232,13 +236,16 @@ class Run:
             ranks = [None] * self.env.world
             torch.distributed.all_gather_object(
                 ranks, {"data": progress.as_state() if progress is not None else None, "rng": ckpt.rng_state()})
+        args = self.args
+        numbered = epoch_end and args.save_frequency > 0 and (
+            completed_epochs == args.epochs or completed_epochs % args.save_frequency == 0)
+        if args.fsdp:
+            self._save_dcp(completed_epochs, progress, ranks, numbered, epoch_end)
+            return
         if not self.env.main:
             return
         payload = self._payload(completed_epochs, progress)
         payload["clipkit"]["ranks"] = ranks
-        args = self.args
-        numbered = epoch_end and args.save_frequency > 0 and (
-            completed_epochs == args.epochs or completed_epochs % args.save_frequency == 0)
         latest = self.ckpt_dir / ckpt.LATEST
         if numbered:
             path = self.ckpt_dir / f"epoch_{completed_epochs}.pt"
@@ -254,21 +261,114 @@ class Run:
         if self.remote is not None:
             self.remote.sync(final=False)
 
-    def _resume(self, path: Path) -> Optional[Progress]:
-        """Load a checkpoint into the model, optimiser and scaler; the epoch's data progress if mid-epoch."""
+    def _save_dcp(self, completed_epochs: int, progress: Optional[Progress], ranks: List[Any], numbered: bool,
+                  epoch_end: bool) -> None:
+        """--fsdp: every process writes its shard into a Distributed Checkpoint folder; process 0 adds
+        ``clipkit.pt`` (the rest of a .pt checkpoint) and swaps the complete folder into place."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        # the model's own state_dict (FSDP2: its shards as DTensors), so keys keep OpenCLIP's layout;
+        # the optimizer's keyed by parameter name
+        model_state = self.module.state_dict()
+        optim_state = get_optimizer_state_dict(self.module, self.optimizer)
+        name = f"epoch_{completed_epochs}" if numbered else ckpt.LATEST_DIR
+        target = self.ckpt_dir / name
+        tmp = self.ckpt_dir / f"{ckpt.TMP_PREFIX}{name}"
+        if self.env.main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            extras = self._payload(completed_epochs, progress, with_state=False)
+            extras["clipkit"]["ranks"] = ranks
+            ckpt.atomic_save(extras, tmp / ckpt.EXTRAS)
+        distributed.barrier(self.env)  # the folder exists before anyone writes into it
+        # DCP writes .metadata last, once every process's shard is written: its presence marks a whole checkpoint
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+        if self.env.main:
+            ckpt.swap_in(tmp, target)
+            if numbered:
+                latest_tmp = self.ckpt_dir / f"{ckpt.TMP_PREFIX}{ckpt.LATEST_DIR}"
+                if latest_tmp.exists():
+                    shutil.rmtree(latest_tmp)
+                ckpt.link_tree(target, latest_tmp)
+                ckpt.swap_in(latest_tmp, self.ckpt_dir / ckpt.LATEST_DIR)
+                logger.info("saved %s", target)
+                previous = self.ckpt_dir / f"epoch_{completed_epochs - 1}"
+                if self.args.delete_previous_checkpoint and previous.is_dir():
+                    shutil.rmtree(previous)
+            else:
+                logger.info("saved %s (epoch %d, step %d)", target, completed_epochs + (0 if epoch_end else 1),
+                            self.step)
+            if self.remote is not None:
+                self.remote.sync(final=False)
+        distributed.barrier(self.env)
+
+    def _load_weights(self, path: Path) -> Dict[str, Any]:
+        """Weights and optimizer state from a .pt file or a --fsdp folder; the rest of the checkpoint."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
+
+        if path.is_dir():
+            import torch.distributed.checkpoint as dcp
+
+            from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+            from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+            data = ckpt.read_extras(path)
+            # DCP fills in the tensors it is given: the optimizer needs its state (zeros) to receive the saved one
+            _init_optim_state(self.optimizer)
+            # this run's layout (sharded or not, any number of processes): DCP reads each its part; optimizer
+            # state of parameters that were frozen then (no saved state) stays fresh
+            state = {"model": self.module.state_dict(), "optim": get_optimizer_state_dict(self.module, self.optimizer)}
+            with warnings.catch_warnings():  # one process without a group: DCP says it loads alone, as meant
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+            self.module.load_state_dict(state["model"], strict=True)
+            set_optimizer_state_dict(self.module, self.optimizer, state["optim"])
+            return data
         from ..checkpoint import load_state_dict
 
         data = ckpt.read(path)
-        from .._provenance import PROVENANCE_KEY, check_provenance
-
-        check_provenance(data.get(PROVENANCE_KEY), str(path))
         state = data["state_dict"]
         if next(iter(state), "").startswith("module."):
             state = {k[len("module."):]: v for k, v in state.items()}
-        load_state_dict(self.module, state, strict=True, source=str(path))
         extra = data.get("clipkit", {})
-        if "optimizer" in data:
-            ckpt.load_optimizer(self.optimizer, data["optimizer"], extra.get("param_names"), self.names)
+        if not self.args.fsdp:
+            load_state_dict(self.module, state, strict=True, source=str(path))
+            if "optimizer" in data:
+                ckpt.load_optimizer(self.optimizer, data["optimizer"], extra.get("param_names"), self.names)
+            return data
+        # a whole checkpoint into a sharded model: every process reads the file and keeps its shards
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        full = StateDictOptions(full_state_dict=True)
+        current = self.module.state_dict()
+        missing = sorted(set(current) - set(state))
+        if missing:
+            raise TrainingError(f"--resume {path}: the checkpoint lacks {len(missing)} of this model's weights "
+                                f"({', '.join(missing[:3])})")
+        state = {k: distribute_tensor(state[k].to(v.dtype), v.device_mesh, v.placements) if isinstance(v, DTensor)
+                 else state[k].to(v.dtype) for k, v in current.items()}
+        self.module.load_state_dict(state, strict=True)
+        if "optimizer" in data and extra.get("param_names"):
+            set_optimizer_state_dict(self.module, self.optimizer,
+                                     ckpt.optimizer_to_fqn(data["optimizer"], extra["param_names"]), options=full)
+        elif "optimizer" in data:
+            logger.warning("%s has no optimizer parameter names (an OpenCLIP checkpoint?): under --fsdp the "
+                           "optimizer starts fresh, the weights are restored", path)
+        return data
+
+    def _resume(self, path: Path) -> Optional[Progress]:
+        """Load a checkpoint into the model, optimiser and scaler; the epoch's data progress if mid-epoch."""
+        from .._provenance import PROVENANCE_KEY, check_provenance
+
+        if path.is_dir():
+            check_provenance(ckpt.read_extras(path).get(PROVENANCE_KEY), str(path))
+        else:
+            check_provenance(ckpt.read(path, mmap=True).get(PROVENANCE_KEY), str(path))
+        data = self._load_weights(path)
+        extra = data.get("clipkit", {})
         if self.scaler is not None and "scaler" in data:
             self.scaler.load_state_dict(data["scaler"])
         self.start_epoch = int(data.get("epoch", 0))
@@ -306,17 +406,39 @@ class Run:
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
+    def _clip(self, max_norm: float) -> None:
+        if not self.args.fsdp:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+            return
+        # sharded gradients (DTensors) and the whole 0-d ones cannot go in one norm: combine the two
+        from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+        replicated = {id(p) for p in self.replicated}
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        sharded = [p for p in params if id(p) not in replicated]
+        whole = [p for p in params if id(p) in replicated]
+        norms = [_full(get_total_norm([p.grad for p in group])) for group in (sharded, whole) if group]
+        total = torch.stack([n.to(torch.float32) for n in norms]).norm()
+        clip_grads_with_norm_(sharded, max_norm, total)
+        clip_grads_with_norm_(whole, max_norm, total)
+
     def _optimizer_step(self, epoch: int) -> None:
         args = self.args
+        if args.fsdp and self.env.distributed:
+            # FSDP averages the sharded gradients across processes; the 0-d parameters it leaves whole, here
+            for p in self.replicated:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(self.env.world)
         if self.scaler is not None:
             if args.grad_clip_norm is not None:
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), args.grad_clip_norm)
+                self._clip(args.grad_clip_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             if args.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), args.grad_clip_norm)
+                self._clip(args.grad_clip_norm)
             self.optimizer.step()
         with torch.no_grad():  # OpenCLIP's clamp: a temperature below 1/100 destabilises training
             self.module.logit_scale.clamp_(0, math.log(100))
@@ -392,8 +514,13 @@ class Run:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if env.main and (step_in_epoch % args.log_every_n_steps == 0 or step_in_epoch == steps):
-                self._log_step(epoch, step_in_epoch, steps, losses, batch_time, data_time, images.shape[0] * accum)
+            if step_in_epoch % args.log_every_n_steps == 0 or step_in_epoch == steps:
+                scale = _local(self.module.logit_scale.detach())
+                if args.fsdp:  # a shard: every process takes part in assembling it
+                    scale = _full(self.module.logit_scale.detach())
+                if env.main:
+                    self._log_step(epoch, step_in_epoch, steps, losses, batch_time, data_time, images.shape[0] * accum,
+                                   scale.exp().item())
             if args.save_every_n_steps and self.step % args.save_every_n_steps == 0 and step_in_epoch < steps:
                 self.save(epoch, loader.progress, epoch_end=False)
             data_time = 0.0
@@ -416,9 +543,8 @@ class Run:
                 return
             yield item
 
-    def _log_step(self, epoch, step, steps, losses, batch_time, data_time, batch) -> None:
+    def _log_step(self, epoch, step, steps, losses, batch_time, data_time, batch, scale) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
-        scale = self.module.logit_scale.exp().item()
         recent = losses[-self.args.log_every_n_steps:]
         sps = batch * self.env.world / max(batch_time, 1e-9)
         logger.info("epoch %d [%d/%d (%.0f%%)] loss %.4f (avg %.4f) lr %.3g logit scale %.2f | %.1f samples/s, "
@@ -435,11 +561,17 @@ class Run:
         dropped = sum(progress.dropped.values())
         seen = progress.samples + bad
         kinds = ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"
+        too_bad = bool(seen) and bad / seen > self.args.max_bad_sample_fraction
+        if distributed.all_agree(too_bad, self.env) and not too_bad:
+            raise DataError(f"epoch {epoch + 1}: another process found more than --max-bad-sample-fraction "
+                            f"{self.args.max_bad_sample_fraction} of its samples unreadable; see its log")
+        if not self.env.main and not too_bad:
+            return
         logger.info("epoch %d data: %d samples in %d batches; skipped: %s; %d left over in partial batches",
                     epoch + 1, progress.samples, progress.batches, kinds, dropped)
         self.reporter.scalars({f"data/skipped_{k}": float(v) for k, v in skipped.items()} |
                               {"data/skipped": float(bad), "data/samples": float(progress.samples)}, self.step)
-        if seen and bad / seen > self.args.max_bad_sample_fraction:
+        if too_bad:
             raise DataError(f"epoch {epoch + 1}: {bad} of {seen} samples were unreadable ({kinds}), more than "
                             f"--max-bad-sample-fraction {self.args.max_bad_sample_fraction}; check --train-data")
         if self.train_data.num_batches and progress.batches < self.train_data.num_batches:
@@ -507,6 +639,8 @@ class Run:
                 raise DataError(f"--accum-freq {args.accum_freq} needs at least that many batches per epoch, "
                                 f"but an epoch has {self.train_data.num_batches}")
             self.total_steps = self.steps_per_epoch * args.epochs
+            if args.fsdp:  # the optimizer holds the sharded parameters
+                self._wrap()
             self.optimizer, self.names = build_optimizer(args, self.model)
         if env.distributed and args.local_loss and not args.gather_with_grad:
             logger.warning("--local-loss without --gather-with-grad: gradients miss the terms other processes' "
@@ -518,9 +652,11 @@ class Run:
         if resume is not None:
             if not has_train:
                 raise TrainingError("--resume needs training data")
-            self.module = self.model
+            if not args.fsdp:
+                self.module = self.model
             progress = self._resume(resume)
-        self._wrap()
+        if not (args.fsdp and has_train):
+            self._wrap()
         if not has_train:
             return self._evaluate(0, final=True)
         logger.info("training %d epochs of %d steps (%d samples, batch %d x %d processes x %d accumulation)",
@@ -531,11 +667,11 @@ class Run:
         for epoch in range(self.start_epoch, args.epochs):
             done = self.train_epoch(epoch, progress)
             progress = None
-            if env.main:
-                self._epoch_summary(epoch, done)
-            metrics = self._evaluate(epoch + 1, final=epoch + 1 == args.epochs)
-            self.save(epoch + 1, None, epoch_end=True)
-            distributed.barrier(env)
+            self._epoch_summary(epoch, done)
+            # evaluation and writing happen on process 0: the others learn of its failure instead of
+            # waiting for it in the next collective
+            metrics = self._agree(lambda: self._evaluate(epoch + 1, final=epoch + 1 == args.epochs), epoch, "evaluating")
+            self._agree(lambda: self.save(epoch + 1, None, epoch_end=True), epoch, "saving a checkpoint")
         if self.remote is not None:
             self.remote.sync(final=True)
         if env.main:
@@ -547,16 +683,71 @@ class Run:
                         (time.perf_counter() - started) / 60, f"; {headline}" if headline else "", where)
         return metrics
 
+    def _agree(self, action: Callable[[], Any], epoch: int, what: str) -> Any:
+        """Run ``action`` on every process; if it fails on any, it fails on all."""
+        failure: Optional[BaseException] = None
+        result = None
+        try:
+            result = action()
+        except Exception as exc:
+            failure = exc
+        if distributed.all_agree(failure is not None, self.env):
+            raise failure or TrainingError(f"epoch {epoch + 1}: another process failed while {what}; see its log")
+        return result
+
     def _evaluate(self, completed: int, final: bool) -> Dict[str, Any]:
+        if not self.env.main and not self.args.fsdp:
+            return {}
+        # under --fsdp every process runs the same forward passes (each gathers the shards); process 0 reports
+        metrics = evaluate(self, completed, final)
         if not self.env.main:
             return {}
-        metrics = evaluate(self, completed, final)
         if metrics:
             logger.info("eval epoch %d: %s", completed,
                         "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
             self.reporter.scalars({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, self.step)
             self.reporter.result({**metrics, "epoch": completed, "step": self.step})
         return metrics
+
+
+def _fully_shard(model: nn.Module, env) -> List[nn.Parameter]:
+    """FSDP2: one ``fully_shard`` unit per entry of each tower's ``layer_groups()`` (its modules; bare
+    parameters stay with the root), then the root, which holds everything else.
+
+    FSDP2 cannot shard 0-d parameters (the temperature and the SigLIP bias): they stay whole on every
+    process, and are returned, for the caller to average their gradients."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.tensor import DTensor
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(env.device.type, (env.world,))
+    for tower in (getattr(model, "visual", None), getattr(model, "text", None)):
+        groups = getattr(tower, "layer_groups", None)
+        if groups is None:
+            continue
+        for entry in groups():
+            modules = [m for m in entry if isinstance(m, nn.Module)
+                       and any(True for _ in m.parameters())
+                       and not any(isinstance(p, DTensor) for p in m.parameters())]  # not in a unit already
+            if modules:
+                fully_shard(modules if len(modules) > 1 else modules[0], mesh=mesh)
+    scalars = [p for p in model.parameters() if p.ndim == 0 and not isinstance(p, DTensor)]
+    fully_shard(model, mesh=mesh, ignored_params=set(scalars) or None)
+    for method in ("encode_image", "encode_text"):  # evaluation calls these, not forward
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
+    return scalars
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's part on this process (the tensor itself unless FSDP sharded it)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (a collective for a sharded one: every process must call it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _progress_bar(main: bool, total: int, initial: int, epoch: int):
