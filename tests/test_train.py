@@ -366,3 +366,28 @@ def test_save_frequency_and_delete_previous(env, tmp_path):
     # every 2 epochs, and the last one
     assert sorted(p.name for p in (tmp_path / "rare" / "checkpoints").iterdir()) == [
         "epoch_2.pt", "epoch_3.pt", "epoch_latest.pt"]
+
+
+def test_resume_from_remote_copies(env, tmp_path):
+    """A requeued job on a fresh machine: --resume latest pulls the run's --remote-sync copy; --resume
+    also takes a URL."""
+    import shutil
+
+    remote = tmp_path / "bucket"
+    sync = ["--remote-sync", f"file://{remote}", "--remote-sync-protocol", "fsspec", "--train-num-samples", "16"]
+    first = base_args(env["model"], env["data"], tmp_path / "logs", "moved", *sync)
+    first[first.index("--epochs") + 1] = "1"
+    assert run_inprocess(first) == 0
+    shutil.rmtree(tmp_path / "logs")  # the new machine has none of it
+    assert run_inprocess(base_args(env["model"], env["data"], tmp_path / "logs", "moved", *sync,
+                                   "--resume", "latest")) == 0
+    log = (tmp_path / "logs" / "moved" / "out.log").read_text()
+    assert "copied 2 checkpoint(s) of the run back" in log and "resumed from" in log
+    assert (tmp_path / "logs" / "moved" / "checkpoints" / "epoch_2.pt").is_file()
+    url = f"file://{remote}/moved/checkpoints/epoch_1.pt"
+    assert run_inprocess(base_args(env["model"], env["data"], tmp_path / "logs", "from-url",
+                                   "--train-num-samples", "16", "--resume", url)) == 0
+    log = (tmp_path / "logs" / "from-url" / "out.log").read_text()
+    assert "fetched " + url in log and "resumed from" in log
+    assert run_inprocess(base_args(env["model"], env["data"], tmp_path / "logs", "nothing-there",
+                                   "--resume", f"file://{remote}/nope.pt")) == 1

@@ -39,15 +39,18 @@ def _torchrun(args):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
 
 
-@pytest.mark.parametrize("extra", [[], ["--local-loss", "--gather-with-grad"], ["--siglip"]],
-                         ids=["full-matrix", "local-loss", "siglip"])
+@pytest.mark.parametrize("extra", [[], ["--local-loss", "--gather-with-grad"], ["--siglip"],
+                                   ["--siglip", "--loss-dist-impl", "gather"],
+                                   ["--torchcompile", "--torchcompile-backend", "aot_eager", "--grad-checkpointing",
+                                    "--accum-freq", "2"]],
+                         ids=["full-matrix", "local-loss", "siglip-ring", "siglip-gather", "compile-ckpt-accum"])
 def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path, extra):
     assert run_inprocess(_args(tmp_path, "one", 8, *extra)) == 0
     proc = _torchrun(_args(tmp_path, "two", 4, *extra))
     assert proc.returncode == 0, proc.stderr[-4000:]
     one = [v for _, v in read_scalars(tmp_path / "logs" / "one", "train/loss")]
     two = [v for _, v in read_scalars(tmp_path / "logs" / "two", "train/loss")]
-    assert len(one) == len(two) == 8
+    assert len(one) == len(two) == (4 if "--accum-freq" in extra else 8)
     assert one == pytest.approx(two, rel=1e-5, abs=1e-5)  # the logged loss is the global one
     a = weights(tmp_path / "logs" / "one" / "checkpoints" / "epoch_1.pt")
     b = weights(tmp_path / "logs" / "two" / "checkpoints" / "epoch_1.pt")
@@ -101,3 +104,25 @@ def test_a_dead_rank_stops_the_other_with_a_clear_error_and_resume_is_exact(tmp_
     b = weights(tmp_path / "logs" / "broken" / "checkpoints" / "epoch_2.pt")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_process_layout_from_torchrun_or_slurm(monkeypatch):
+    import os
+
+    from clipkit.train.distributed import _from_environment
+
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "MASTER_ADDR")
+    # a private copy: the function writes RANK/WORLD_SIZE for the rendezvous, which must not leak
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in names})
+    assert _from_environment() == (0, 0, 1)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert _from_environment() == (0, 0, 1)  # srun without MASTER_ADDR: independent single-process runs
+    monkeypatch.setenv("MASTER_ADDR", "node001")
+    assert _from_environment() == (5, 1, 8)
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _from_environment() == (1, 0, 2)  # torchrun's variables win

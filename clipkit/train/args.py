@@ -354,6 +354,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
                                     "would be nothing to resume")
     if args.remote_sync:
         need(args.logs is not None, "--remote-sync copies the run folder; --logs is 'none'")
+        need(args.remote_sync_protocol != "s3" or args.remote_sync.startswith("s3://"),
+             f"--remote-sync {args.remote_sync}: --remote-sync-protocol s3 (the default) needs an s3:// URL; "
+             f"pass --remote-sync-protocol fsspec for other fsspec URLs")
     if problems:
         raise ArgsError("; ".join(problems) if len(problems) == 1 else
                         "invalid flags:\n  " + "\n  ".join(problems))

@@ -110,7 +110,8 @@ def _prepare_run_dir(args, env) -> Tuple[Optional[Path], Optional[Path]]:
     """The run folder and the checkpoint to resume from (``None`` for a fresh start)."""
     run_dir = Path(args.logs) / args.name if args.logs else None
     resume: Optional[Path] = None
-    if args.resume and args.resume != "latest":
+    remote = args.resume is not None and "://" in args.resume
+    if args.resume and args.resume != "latest" and not remote:
         resume = Path(args.resume)
         if not (resume.is_file() or ckpt.is_dcp(resume)):
             raise TrainingError(f"--resume {args.resume}: no such file (nor a complete --fsdp checkpoint folder)")
@@ -127,6 +128,38 @@ def _prepare_run_dir(args, env) -> Tuple[Optional[Path], Optional[Path]]:
         resume = distributed.broadcast(str(resume) if resume else None, env)
         resume = Path(resume) if resume else None
     return run_dir, resume
+
+
+def _remote_resume(args, env, run_dir: Optional[Path], resume: Optional[Path]) -> Optional[Path]:
+    """``--resume URL`` fetched, or ``--resume latest`` on a machine without the run: its --remote-sync copy."""
+    if args.resume is not None and "://" in args.resume:  # fetched by process 0 into the (shared) run folder
+        if run_dir is None:
+            raise TrainingError(f"--resume {args.resume}: a remote checkpoint is fetched into the run folder; "
+                                f"--logs is 'none'")
+        fetched = None
+        if env.main:
+            from .remote import fetch
+
+            try:
+                fetched = str(fetch(args.resume, run_dir / "checkpoints" / "fetched"))
+            except (OSError, ValueError, ImportError) as exc:
+                raise TrainingError(f"--resume {args.resume}: cannot fetch it: {exc}") from exc
+        return Path(distributed.broadcast(fetched, env))
+    if args.resume != "latest" or resume is not None or not args.remote_sync or run_dir is None:
+        return resume
+    found = None
+    if env.main:  # a requeued job on a fresh machine
+        from .remote import pull
+
+        try:
+            pull(args.remote_sync, run_dir.name, run_dir / "checkpoints")
+        except (OSError, ValueError, ImportError) as exc:
+            raise TrainingError(f"--resume latest: cannot read the run's copy under --remote-sync "
+                                f"{args.remote_sync}: {exc}") from exc
+        latest = ckpt.find_latest(run_dir / "checkpoints")
+        found = str(latest) if latest else None
+    found = distributed.broadcast(found, env)
+    return Path(found) if found else None
 
 
 def _write_params(args, run_dir: Path) -> None:
@@ -586,23 +619,9 @@ class Run:
         if run_dir is not None and (env.main or args.log_local):
             log_file = run_dir / ("out.log" if not args.log_local or env.main and env.world == 1 else f"out-{env.rank}.log")
         restore_logging = setup_logging(log_file, args.debug, env.rank, args.log_local)
-        if run_dir is not None and env.main:
-            _write_params(args, run_dir)
-            if args.copy_codebase:
-                _copy_codebase(run_dir)
-        if args.resume == "latest" and resume is None:
-            logger.info("--resume latest: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints")
-        self.ckpt_dir = run_dir / "checkpoints" if run_dir is not None else None
-        self.remote = None
-        if args.remote_sync and env.main:
-            from .remote import RemoteSync
-
-            self.remote = RemoteSync(self.ckpt_dir, args.remote_sync, args.remote_sync_protocol,
-                                     args.remote_sync_frequency)
-        self.reporter = Reporter(args, run_dir, enabled=env.main)
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data workers are forked
+        self.reporter = None
         try:
-            return self._run(resume)
+            return self._start(run_dir, resume)
         except Exception as exc:
             if env.distributed and _lost_peer(exc):
                 exc = TrainingError(f"process {env.rank} lost contact with the others (one failed or was killed): "
@@ -614,9 +633,30 @@ class Run:
                 raise exc
             raise
         finally:
-            self.reporter.close()
+            if self.reporter is not None:
+                self.reporter.close()
             distributed.shutdown(env)
             restore_logging()
+
+    def _start(self, run_dir: Optional[Path], resume: Optional[Path]) -> Dict[str, Any]:
+        args, env = self.args, self.env
+        if run_dir is not None and env.main:
+            _write_params(args, run_dir)
+            if args.copy_codebase:
+                _copy_codebase(run_dir)
+        resume = _remote_resume(args, env, run_dir, resume)
+        if args.resume == "latest" and resume is None:
+            logger.info("--resume latest: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints")
+        self.ckpt_dir = run_dir / "checkpoints" if run_dir is not None else None
+        self.remote = None
+        if args.remote_sync and env.main:
+            from .remote import RemoteSync
+
+            self.remote = RemoteSync(self.ckpt_dir, args.remote_sync, args.remote_sync_protocol,
+                                     args.remote_sync_frequency)
+        self.reporter = Reporter(args, run_dir, enabled=env.main)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data workers are forked
+        return self._run(resume)
 
     def _run(self, resume: Optional[Path]) -> Dict[str, Any]:
         args, env = self.args, self.env

@@ -98,9 +98,11 @@ class ClipLoss(nn.Module):
 class SigLipLoss(nn.Module):
     """Pairwise sigmoid loss (Zhai et al. 2023): every pair is a binary problem, positives on the diagonal.
 
-    On several processes each one scores its images against every process's texts, one block at a
-    time, so no process holds the global B x B matrix; gradients reach the other processes' text
-    features through a differentiable gather.
+    On several processes each one scores its images against every process's texts, one b x b block
+    at a time, so no process holds the global B x B matrix. ``dist_impl`` picks how the texts travel:
+    ``"shift"`` and ``"bidir"`` (the default) pass them around a ring of neighbours, one block per
+    step, so a process holds one other block of texts at a time; ``"gather"`` and ``"reduce"`` gather
+    all texts at once (fewer, larger messages). Gradients travel back the same way.
     """
 
     def __init__(self, rank: int = 0, world: int = 1, dist_impl: Optional[str] = None):
@@ -123,7 +125,14 @@ class SigLipLoss(nn.Module):
                 logit_bias: Optional[torch.Tensor] = None, output_dict: bool = False):
         image, text = image_features.float(), text_features.float()
         loss = self._block(image, text, logit_scale, logit_bias, positive=True)
-        if self.world > 1:
+        if self.world > 1 and self.dist_impl in ("shift", "bidir"):
+            # "bidir" sends each block one way round the ring too: the same numbers as OpenCLIP's
+            # two-way exchange, in world - 1 steps instead of about half as many
+            neighbour = text
+            for _ in range(self.world - 1):
+                neighbour = _RingPass.apply(neighbour, self.rank, self.world)  # now the texts of rank - k
+                loss = loss + self._block(image, neighbour, logit_scale, logit_bias, positive=False)
+        elif self.world > 1:
             import torch.distributed.nn as dist_nn
 
             texts = dist_nn.all_gather(text)
@@ -131,6 +140,27 @@ class SigLipLoss(nn.Module):
                 if other != self.rank:
                     loss = loss + self._block(image, texts[other], logit_scale, logit_bias, positive=False)
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+def _exchange(x: torch.Tensor, to: int, source: int) -> torch.Tensor:
+    out = torch.empty_like(x)
+    ops = [dist.P2POp(dist.isend, x.contiguous(), to), dist.P2POp(dist.irecv, out, source)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return out
+
+
+class _RingPass(torch.autograd.Function):
+    """Send a tensor to the next process and receive the previous one's; gradients go the other way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        ctx.rank, ctx.world = rank, world
+        return _exchange(x, (rank + 1) % world, (rank - 1) % world)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _exchange(grad, (ctx.rank - 1) % ctx.world, (ctx.rank + 1) % ctx.world), None, None
 
 
 def clip_metrics(image: torch.Tensor, text: torch.Tensor, scale: float) -> Dict[str, float]:

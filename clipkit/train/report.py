@@ -59,9 +59,16 @@ class Reporter:
                 import wandb
             except ImportError as exc:
                 raise RuntimeError("--report-to wandb needs the wandb package: pip install wandb") from exc
-            self.wandb = wandb.init(project=args.wandb_project_name, name=args.name, id=args.name, resume="allow",
-                                    notes=args.wandb_notes, config=vars(args),
-                                    dir=str(run_dir) if run_dir is not None else None)
+            try:
+                self.wandb = wandb.init(project=args.wandb_project_name, name=args.name, id=args.name,
+                                        resume="allow", notes=args.wandb_notes, config=vars(args),
+                                        dir=str(run_dir) if run_dir is not None else None)
+            except Exception as exc:  # no API key, no network, ...: say so in one line
+                from ..errors import ClipkitError
+
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ClipkitError(f"--report-to wandb: wandb.init failed: {first} (WANDB_MODE=offline logs "
+                                   f"locally; `wandb login` sets the API key)") from exc
 
     def scalars(self, values: Dict[str, float], step: int) -> None:
         if self.tb is not None:
