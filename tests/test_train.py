@@ -1,7 +1,6 @@
 """clipkit-train end to end on tiny shards: learning, outputs, locks, evaluation, failures."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """Losses, metrics and schedules against OpenCLIP 3.3.0's own implementations."""
-import math
 from argparse import Namespace
 
 import pytest

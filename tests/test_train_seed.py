@@ -7,7 +7,6 @@ sample counts.
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -19,7 +18,7 @@ from torch import nn
 from ..errors import ClipkitError
 from . import checkpoints as ckpt
 from . import distributed
-from .data import DataError, Loader, Progress, eval_loader, read_list, train_loader
+from .data import DataError, Loader, Progress, train_loader
 from .evaluate import evaluate
 from .loss import ClipLoss, SigLipLoss
 from .report import Reporter, setup_logging

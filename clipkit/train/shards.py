@@ -13,7 +13,7 @@ import posixpath
 import tarfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger("clipkit.train")
 
