@@ -21,6 +21,7 @@ import math
 import os
 import random
 import zlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -44,16 +45,18 @@ class DataError(ClipkitError):
 
 
 # -- sources: what the units are and how a unit becomes raw samples ---------------------------------
-class Source:
+class Source(ABC):
     """A dataset as units; ``read(units, counts)`` yields raw samples ``{"__key__", "image", "text", "label"}``."""
 
     shuffle_buffer = 0  # samples: shards need a sample-level shuffle, row lists are permuted whole
 
+    @abstractmethod
     def units(self) -> List[Any]:
-        raise NotImplementedError
+        """The epoch's units (shard URLs, row indices) in their natural order."""
 
+    @abstractmethod
     def read(self, units: Sequence[Any], counts: Dict[str, int]) -> Iterator[Dict[str, Any]]:
-        raise NotImplementedError
+        """Raw samples of ``units``, in order; unreadable ones counted in ``counts`` by kind."""
 
 
 class ShardSource(Source):
