@@ -12,7 +12,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -43,18 +43,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(payload: Dict[str, Any], path: Path) -> None:
-    """Write to a temporary file, fsync it, rename it over ``path``, fsync the folder.
+def _replace(path: Path, fill: Callable[[Path], None]) -> None:
+    """``fill`` a temporary file beside ``path`` (and make it durable), then rename it over ``path``.
 
     A crash at any moment leaves either the previous file or the new one, never a torn file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
+        fill(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -62,21 +59,28 @@ def atomic_save(payload: Dict[str, Any], path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_save(payload: Dict[str, Any], path: Path) -> None:
+    """Write a checkpoint to ``path`` atomically (temporary file, fsync, rename, fsync of the folder)."""
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _replace(path, fill)
+
+
 def atomic_copy(src: Path, dst: Path) -> None:
     """``dst`` becomes a complete copy of ``src`` (a hard link where the filesystem allows)."""
-    tmp = dst.parent / f"{TMP_PREFIX}{dst.name}.{os.getpid()}"
-    try:
+    def fill(tmp: Path) -> None:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(dst.parent)
+
+    _replace(dst, fill)
 
 
 def read(path: Path, mmap: bool = False) -> Dict[str, Any]:
