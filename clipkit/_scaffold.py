@@ -18,6 +18,9 @@ from .errors import ClipkitError
 
 #: How a NAME may look: it becomes the registry name, the entry-point name and (with _ for -) the package.
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
+#: The longest NAME: it is typed in configs and in ``pip install clipkit-plugin-NAME``, and it names
+#: files and folders, which file systems limit to 255 bytes.
+MAX_NAME_LENGTH = 40
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ def check_name(name: str, kind: str) -> str:
         name = name[len("clipkit-plugin-"):]
     if kind not in KINDS:
         raise ClipkitError(f"unknown plugin kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ClipkitError(f"plugin name {name[:20]!r}... is {len(name)} characters long; use at most "
+                           f"{MAX_NAME_LENGTH}")
     if not NAME_PATTERN.fullmatch(name):
         raise ClipkitError(f"plugin name {name!r}: use lowercase letters and digits, starting with a letter, "
                            f"optionally joined by '-' or '_' (e.g. 'tinyconv' or 'my-tower')")
@@ -106,13 +112,24 @@ def check_name(name: str, kind: str) -> str:
 def scaffold_plugin(name: str, kind: str = "vision", output: Path = Path(".")) -> List[Path]:
     """Write ``clipkit-plugin-NAME/`` under ``output``; return the files written, the folder first.
 
-    Raises :class:`ClipkitError` for a bad name or kind, a name already registered, or an existing folder.
+    Raises :class:`ClipkitError` for a bad name or kind, a name already registered, an ``output`` that is
+    not a folder, an existing plugin folder, or a folder that cannot be written.
     """
     name = check_name(name, kind)
     fields = _fields(name, KINDS[kind])
-    root = Path(output) / fields["dist"]
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ClipkitError(f"--output {output}: is a file, not a folder")
+    root = output / fields["dist"]
     if root.exists():
         raise ClipkitError(f"{root} already exists; remove it or choose another --output")
+    try:
+        return _write(root, kind, name, fields)
+    except OSError as exc:  # a file on the way to --output, no permission, a full disk
+        raise ClipkitError(f"cannot write {exc.filename or root}: {exc.strerror or exc}") from exc
+
+
+def _write(root: Path, kind: str, name: str, fields: Dict[str, str]) -> List[Path]:
     templates = resources.files("clipkit") / "templates" / "plugin"
     pkg = root / fields["pkg"]
     layout = {

@@ -11,18 +11,22 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+#: The status a shell reports for a command stopped by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
 #: The kinds ``clipkit plugin new`` writes (``clipkit._scaffold.KINDS``), listed here so parsing imports nothing.
 PLUGIN_KINDS = ("vision", "text", "pooler", "tokenizer", "freezer")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .config import list_models, model_config_source
+    from .config import list_models, model_config_source, replaced_model_configs
 
     names = list_models()
     if args.json:
         print(json.dumps([{"name": n, "source": model_config_source(n)} for n in names], indent=2))
     else:
-        print("\n".join(names))
+        replaced = replaced_model_configs()
+        print("\n".join(f"{n}  (from {replaced[n]}, replacing the builtin config)" if n in replaced else n
+                        for n in names))
     return EXIT_OK
 
 
@@ -51,7 +55,8 @@ def _load_target(target: str) -> tuple:
     ``local-dir:`` folders are read; ``hf-hub:`` repos only from the local huggingface_hub cache.
     """
     from ._provenance import PROVENANCE_KEY
-    from .config import get_model_config, model_config_source, parse_model_name, read_hub_config, unknown_model_message
+    from .config import HF_CONFIG_NAME, get_model_config, model_config_source, parse_model_name, read_hub_config, \
+        unknown_model_message
     from .errors import ClipkitError
 
     try:
@@ -62,9 +67,17 @@ def _load_target(target: str) -> tuple:
     except ClipkitError as exc:
         raise _Usage(str(exc)) from exc
     path = Path(target)
+    if path.is_dir():
+        saved = (path / HF_CONFIG_NAME).is_file()
+        raise _Usage(f"{path}: is a folder, not a config file; " + (
+            f"for the model saved there, check local-dir:{target}" if saved else
+            f"a model saved with clipkit.save_pretrained is checked as local-dir:FOLDER (this one has no "
+            f"{HF_CONFIG_NAME})"))
     if path.suffix == ".json" or path.exists():
+        from .config import load_json  # bounded: a crafted file is an error, not a RecursionError
+
         try:
-            return json.loads(path.read_text(encoding="utf-8")), str(path), path.stem, None
+            return load_json(path), str(path), path.stem, None
         except OSError as exc:
             raise _Usage(f"{path}: cannot read: {exc.strerror or exc}") from exc
         except ValueError as exc:
@@ -79,6 +92,11 @@ class _Usage(Exception):
     pass
 
 
+def _prefixed(where: str, message: str) -> str:
+    """``where: message``, unless the message already starts by saying where."""
+    return message if message.startswith(f"{where}: ") else f"{where}: {message}"
+
+
 def _cmd_config_check(args: argparse.Namespace) -> int:
     from ._provenance import check_provenance
     from .config import validate_model_config
@@ -89,7 +107,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         try:
             cfg, source, name, parts = _load_target(target)
         except _Usage as exc:
-            print(f"{target}: {exc}" if not str(exc).startswith(target) else str(exc), file=sys.stderr)
+            print(_prefixed(target, str(exc)), file=sys.stderr)
             status = EXIT_USAGE
             continue
         try:
@@ -101,7 +119,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
             status = max(status, EXIT_INVALID)
             continue
         except ClipkitError as exc:
-            print(f"{source}: {exc}", file=sys.stderr)
+            print(_prefixed(source, str(exc)), file=sys.stderr)
             status = max(status, EXIT_INVALID)
             continue
         if not args.quiet:
@@ -170,7 +188,7 @@ def _cmd_trainable(args: argparse.Namespace) -> int:
     """Build the model on the meta device (no weights, no memory), lock it as asked, list what trains."""
     from .factory import create_model
 
-    model = create_model(args.model, device="meta")
+    model = create_model(args.model, device="meta", load_weights=False)  # shapes only: saved weights stay unread
     if args.lock_image:
         model.lock_image_tower(unlocked_groups=args.lock_image_unlocked_groups,
                                freeze_bn_stats=args.lock_image_freeze_bn_stats)
@@ -305,20 +323,26 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="Writes OUT/train/*.tar, OUT/test/00000.tar (with cls labels), classnames.txt, "
                                "templates.txt\nand OUT/digits-minilm.json. example:\n  clipkit data digits data/digits",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", metavar="OUT", help="folder to write")
-    p.add_argument("--per-shard", type=int, default=256, help="samples per training shard (default: 256)")
+    p.add_argument("out", metavar="OUT", help="folder to write: new or empty, unless --force")
+    p.add_argument("--per-shard", type=_positive_int, default=256, help="samples per training shard (default: 256)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a folder that is not empty (same-named files are replaced, others kept)")
     p.set_defaults(func=_cmd_data_digits)
     data.set_defaults(func=lambda a: _missing_action(data))
     return parser
 
 
 def _cmd_data_digits(args: argparse.Namespace) -> int:
+    from .errors import ClipkitError
     from .train.digits import write_digits
 
     try:
-        written = write_digits(Path(args.out), per_shard=args.per_shard)
-    except RuntimeError as exc:
-        print(f"clipkit: {exc}", file=sys.stderr)
+        written = write_digits(Path(args.out), per_shard=args.per_shard, force=args.force)
+    except (ClipkitError, RuntimeError) as exc:
+        print(f"clipkit data digits: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a file where a folder must go, no permission, a full disk
+        print(f"clipkit data digits: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"wrote {written['train_samples']} training digits: {written['train']}")
     print(f"wrote {written['test_samples']} held-out digits (with cls labels): {written['test']}")
@@ -328,12 +352,39 @@ def _cmd_data_digits(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _missing_action(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
     return EXIT_USAGE
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``clipkit`` with ``argv`` (default: the command line); returns the exit status."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, not at interpreter exit, so a reader that left is noticed below
+    except BrokenPipeError:
+        # the reader stopped early (clipkit models | head -1): stop quietly, as a tool stopped by SIGPIPE
+        # does, and point stdout at /dev/null so the flush at exit has nowhere left to fail
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):  # a replaced sys.stdout without a file descriptor
+            pass
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Optional[List[str]]) -> int:
     from .errors import ClipkitError
 
     parser = build_parser()

