@@ -99,6 +99,7 @@ def _prefixed(where: str, message: str) -> str:
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     from ._provenance import check_provenance
+    from ._trust import ignored_request_message, remote_code_requests
     from .config import validate_model_config
     from .errors import ClipkitError, ConfigError
 
@@ -122,6 +123,9 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
             print(_prefixed(source, str(exc)), file=sys.stderr)
             status = max(status, EXIT_INVALID)
             continue
+        requests = remote_code_requests(cfg)
+        if requests:  # valid, but the config asks for something only the caller may grant
+            print(f"warning: {ignored_request_message(requests, source)}", file=sys.stderr)
         if not args.quiet:
             print(f"{source}: ok")
     return status

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+from ._size import size_problems
 from ._typed import option, validate
 from .errors import ClipkitError, ConfigError, Problem
 from .registry import FIRST_PARTY_MODELS, KIND_TITLES, registry
@@ -30,6 +31,10 @@ SCHEMA_VERSION = 1
 BUILTIN_CONFIG_DIR = Path(__file__).parent / "model_configs"
 HF_CONFIG_NAME = "open_clip_config.json"
 _REQUIRED_TOP = ("embed_dim", "vision_cfg", "text_cfg")
+#: Bounds on a model config file: real ones are a few KB and a few levels deep. Past them a file is
+#: refused before parsing, so one hostile or mistaken file cannot exhaust memory or the stack.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 64
 TOKENIZER_KEYS = ("tokenizer", "hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs")
 
 __all__ = ["add_model_config", "list_models", "get_model_config", "validate_model_config", "ModelConfig",
@@ -213,6 +218,9 @@ def validate_model_config(cfg: Any, source: Optional[str] = None, name: Optional
             problems.extend(_tokenizer_problems(tokenizer))
     if problems:
         raise fail(problems)
+    problems = size_problems(top.embed_dim, [("vision_cfg", vision), ("text_cfg", text)])
+    if problems:  # refused before anything is built: building would run until memory runs out
+        raise fail(problems)
     return ModelConfig(raw=copy.deepcopy(cfg), top=top, vision_type=vision_type, vision=vision,
                        text_type=text_type, text=text, tokenizer=tokenizer, name=name, source=source)
 
@@ -234,6 +242,7 @@ class _Store:
         self._configs: Optional[Dict[str, Tuple[Dict[str, Any], str]]] = None
         self._generation = -1  # the registry load the cache was built from
         self._reported: set = set()  # scan messages already logged, so rescans stay quiet
+        self.replaced: Dict[str, str] = {}  # builtin config name -> the plugin whose config replaced it
 
     def invalidate(self) -> None:
         self._configs = None
@@ -248,10 +257,16 @@ class _Store:
         if self._configs is None or self._generation != registry.generation:
             found: Dict[str, Tuple[Dict[str, Any], str]] = {}
             self._scan(BUILTIN_CONFIG_DIR, found, "builtin")
+            self.replaced = {}
             for entry in entries:
                 data, where = self._plugin_config(entry)
-                if data is not None:
-                    found[entry.name] = (data, where)
+                if data is None:
+                    continue
+                if entry.name in found:  # silently swapping a builtin model would change what a name means
+                    self.replaced[entry.name] = entry.plugin.label
+                    self._report(logging.WARNING, f"model config {entry.name!r} from {entry.plugin.label} replaces "
+                                                  f"the builtin config of that name ({found[entry.name][1]})")
+                found[entry.name] = (data, where)
             for path in self._env_paths():
                 if not path.exists():
                     self._report(logging.WARNING, f"CLIPKIT_MODEL_CONFIG_PATH: {path} does not exist; skipped")
@@ -272,6 +287,10 @@ class _Store:
         target = entry.target
         where = f"{entry.plugin.label}"
         if isinstance(target, Mapping):
+            if _too_deep(target):
+                self._report(logging.WARNING, f"model config {entry.name!r} from {where} skipped: nested more than "
+                                              f"{MAX_CONFIG_DEPTH} levels deep")
+                return None, where
             return copy.deepcopy(dict(target)), where
         path = Path(target)
         if not path.is_absolute():  # relative to the plugin's package, not to the current directory
@@ -281,7 +300,7 @@ class _Store:
             if spec is not None and spec.origin:
                 path = Path(spec.origin).parent / path
         try:
-            return json.loads(path.read_text(encoding="utf-8")), str(path)
+            return load_json(path), str(path)
         except (OSError, ValueError, TypeError) as exc:
             self._report(logging.WARNING, f"model config {entry.name!r} from {where} cannot be read: {exc}")
             return None, where
@@ -291,7 +310,11 @@ class _Store:
         skipped = 0
         for file in files:
             try:
-                data = json.loads(file.read_text(encoding="utf-8"))
+                data = load_json(file)
+            except JSONBoundError as exc:  # not just "not a config": one file must not go unnoticed
+                self._report(logging.WARNING, f"{origin}: {file} skipped: {exc}")
+                skipped += 1
+                continue
             except (OSError, ValueError) as exc:
                 logger.debug("%s: not readable as JSON (%s)", file, exc)
                 skipped += 1
@@ -329,6 +352,12 @@ def add_model_config(path: Union[str, os.PathLike]) -> None:
 def list_models() -> List[str]:
     """Every named model config: builtin, plugin-shipped and added ones, in natural order."""
     return list(_store.configs)
+
+
+def replaced_model_configs() -> Dict[str, str]:
+    """Builtin config names that a plugin's config replaced, each with the plugin (for ``clipkit models``)."""
+    configs = _store.configs  # scanning is what fills _store.replaced
+    return {name: plugin for name, plugin in _store.replaced.items() if name in configs}
 
 
 def model_config_source(model_name: str) -> Optional[str]:
@@ -370,12 +399,52 @@ def read_hub_config(schema: str, ident: str, cache_dir: Optional[str] = None, of
     return read_json_object(path)
 
 
+class JSONBoundError(ValueError):
+    """A config file over :data:`MAX_CONFIG_BYTES` or nested deeper than :data:`MAX_CONFIG_DEPTH`."""
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def load_json(path: Union[str, os.PathLike]) -> Any:
+    """Parse a model config file within the size and depth bounds (:class:`JSONBoundError` past them).
+
+    Read errors are ``OSError``; invalid JSON is ``ValueError``. The one way clipkit reads config files.
+    """
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise JSONBoundError(f"larger than the {MAX_CONFIG_BYTES >> 20} MiB limit of a model config file")
+    text = raw.decode("utf-8")
+    # json's parser recurses once per level: measure the nesting first (brackets inside strings do not count)
+    depth = 0
+    for bracket in _JSON_BRACKETS.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_CONFIG_DEPTH:
+            raise JSONBoundError(f"nested more than {MAX_CONFIG_DEPTH} levels deep (a model config needs a few)")
+    return json.loads(text)
+
+
+def _too_deep(data: Any) -> bool:
+    """Whether a Python object (a config a plugin registers as data) nests past :data:`MAX_CONFIG_DEPTH`."""
+    level = [data]
+    for _ in range(MAX_CONFIG_DEPTH + 1):
+        level = [child for item in level if isinstance(item, (Mapping, list, tuple))
+                 for child in (item.values() if isinstance(item, Mapping) else item)]
+        if not level:
+            return False
+    return True
+
+
 def read_json_object(path: Path) -> Dict[str, Any]:
     """A JSON file that must hold an object; any other content is a one-line ClipkitError."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = load_json(path)
     except OSError as exc:
         raise ClipkitError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except JSONBoundError as exc:
+        raise ClipkitError(f"{path}: {exc}") from exc
     except ValueError as exc:
         raise ClipkitError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):

@@ -14,13 +14,15 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ._provenance import names_missing_parts
 from ._sources import folder_preprocess, hub_weights, match_activation, resolve_model, resolve_pretrained
+from ._trust import caller_trust, warn_ignored_requests
 from .config import ModelConfig, parse_model_name, validate_model_config
 from .errors import ClipkitError, TowerContractError
 from .hookspecs import TowerContext
 from .model import ClipModel
 from .pretrained import get_pretrained_cfg, preprocess_of
-from .registry import Entry, registry
+from .registry import PLUGIN_FAILURES, Entry, registry
 from .transforms import AugmentationCfg, PreprocessCfg, image_transform_v2, merge_preprocess
 
 logger = logging.getLogger("clipkit")
@@ -81,7 +83,7 @@ def build_model(config: ModelConfig, *, precision: str = "fp32", output_dict: bo
             tower = factory(cfg, ctx)
         except ClipkitError:
             raise
-        except Exception as exc:
+        except PLUGIN_FAILURES as exc:
             raise ClipkitError(f"{entry.where}: building the tower failed: {exc!r}") from exc
         _check_tower(tower, entry, top.embed_dim)
         towers[key] = (tower, entry)
@@ -117,6 +119,7 @@ def _set_precision(model: nn.Module, precision: str) -> None:
                 param.data = param.data.to(dtype)
 
 
+@names_missing_parts("pretrained")  # a checkpoint of a plugin's parts: name the package to install
 def create_model(
         model_name: str,
         pretrained: Optional[str] = None,
@@ -138,6 +141,7 @@ def create_model(
         output_dict: Optional[bool] = None,
         require_pretrained: bool = False,
         weights_only: bool = True,
+        trust_remote_code: bool = False,
         **model_kwargs: Any,
 ) -> ClipModel:
     """Build a model by name (``ViT-B-32``, ``local-dir:/path``, ``hf-hub:org/repo``, or a ``.json`` path).
@@ -146,6 +150,10 @@ def create_model(
     file (OpenCLIP or OpenAI-layout state dicts, clipkit or OpenCLIP training checkpoints;
     ``.safetensors``, ``.pt``, ``.pth``, ``.bin``) or a folder written by ``save_pretrained``.
     Explicit arguments win over the JSON. See docs/pretrained.md.
+
+    ``trust_remote_code=True`` (or ``CLIPKIT_TRUST_REMOTE_CODE=1``) lets a HuggingFace repository named by
+    the config run its own Python; a config's ``trust_remote_code`` key never does. Without it such a
+    repository is a one-line error.
     """
     if jit:
         raise ClipkitError("jit=True (TorchScript) is not supported by clipkit; use torch.compile(model) instead")
@@ -185,7 +193,8 @@ def create_model(
     on_meta = torch.device(device).type == "meta"
     if on_meta and checkpoint is not None:
         raise ClipkitError("device='meta' builds shapes only; it cannot load the weights of a checkpoint")
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
+    warn_ignored_requests(config.raw, source.label, trust_remote_code)
+    with torch.device("meta") if on_meta else contextlib.nullcontext(), caller_trust(trust_remote_code):
         model = build_model(config, precision=precision, output_dict=bool(output_dict),
                             pretrained_image=pretrained_image and tower_weights and not on_meta,
                             pretrained_text=pretrained_text and tower_weights and not on_meta, cache_dir=cache_dir)
@@ -259,6 +268,7 @@ def create_model_and_transforms(
         cache_dir: Optional[str] = None,
         output_dict: Optional[bool] = None,
         weights_only: bool = True,
+        trust_remote_code: bool = False,
         **model_kwargs: Any,
 ):
     """``(model, preprocess_train, preprocess_val)``; the ``image_*`` arguments override preprocessing."""
@@ -270,7 +280,8 @@ def create_model_and_transforms(
         force_preprocess_cfg=force_preprocess, force_context_length=force_context_length,
         pretrained_image=pretrained_image, pretrained_text=pretrained_text,
         pretrained_image_path=pretrained_image_path, pretrained_text_path=pretrained_text_path,
-        cache_dir=cache_dir, output_dict=output_dict, weights_only=weights_only, **model_kwargs)
+        cache_dir=cache_dir, output_dict=output_dict, weights_only=weights_only,
+        trust_remote_code=trust_remote_code, **model_kwargs)
     cfg = get_model_preprocess_cfg(model)
     return model, image_transform_v2(cfg, is_train=True, aug_cfg=aug_cfg), image_transform_v2(cfg, is_train=False)
 
@@ -292,6 +303,7 @@ def create_model_from_pretrained(
         return_transform: bool = True,
         cache_dir: Optional[str] = None,
         weights_only: bool = True,
+        trust_remote_code: bool = False,
         **model_kwargs: Any,
 ):
     """A model that must come with weights; returns ``model`` or ``(model, preprocess_val)``."""
@@ -303,7 +315,7 @@ def create_model_from_pretrained(
         model_name, pretrained, precision=precision, device=device, jit=jit, force_quick_gelu=force_quick_gelu,
         force_custom_text=force_custom_text, force_image_size=force_image_size,
         force_preprocess_cfg=force_preprocess, force_context_length=force_context_length, cache_dir=cache_dir,
-        require_pretrained=True, weights_only=weights_only, **model_kwargs)
+        require_pretrained=True, weights_only=weights_only, trust_remote_code=trust_remote_code, **model_kwargs)
     if not return_transform:
         return model
     return model, image_transform_v2(get_model_preprocess_cfg(model), is_train=False)

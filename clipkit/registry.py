@@ -55,6 +55,11 @@ FIRST_PARTY_MODELS: Dict[str, str] = {
 }
 
 
+#: What a plugin's import or hook may raise and still only fail itself: a stray ``sys.exit()`` in a
+#: plugin module is that plugin's failure, not the end of every command (Ctrl-C still stops the process).
+PLUGIN_FAILURES = (Exception, SystemExit)
+
+
 def import_target(target: str, *, what: str) -> Any:
     """Import ``"package.module:attr"`` (attr may be dotted). ``what`` names it in errors."""
     module_name, sep, attr = target.partition(":")
@@ -62,7 +67,7 @@ def import_target(target: str, *, what: str) -> Any:
         raise PluginError(f"{what}: {target!r} is not of the form 'package.module:attr'")
     try:
         obj: Any = importlib.import_module(module_name)
-    except Exception as exc:
+    except PLUGIN_FAILURES as exc:
         raise PluginError(f"{what}: cannot import {module_name!r}: {exc!r}") from exc
     for part in attr.split("."):
         try:
@@ -206,7 +211,7 @@ class _Loader:
         try:
             plugin = load()
             pm.register(plugin, name=info.name)
-        except Exception as exc:
+        except PLUGIN_FAILURES as exc:
             self._fail(info, f"failed to load: {exc!r}")
             return
         unknown = [hc.name for hc in pm.get_hookcallers(plugin) or [] if not hc.has_spec()]
@@ -239,7 +244,7 @@ class _Loader:
                 bucket = staged.setdefault(info.name, [])
                 try:
                     impl.function(**{arg: self._register_callback(kind, info, bucket) for arg in impl.argnames})
-                except Exception as exc:
+                except PLUGIN_FAILURES as exc:
                     staged.pop(info.name, None)
                     self._fail(info, f"hook {hook_name} raised {exc!r}")
         # builtins first: their names are the ones a conflict message compares against

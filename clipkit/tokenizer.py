@@ -5,17 +5,20 @@ from functools import lru_cache
 from typing import Any, Optional, Sequence, Union
 
 from ._sources import resolve_model
+from ._trust import caller_trust, warn_ignored_requests
 from .config import ModelConfig, validate_model_config
 from .errors import ClipkitError, UnknownModelError
-from .registry import registry
+from .registry import PLUGIN_FAILURES, registry
 
 
 def get_tokenizer(model_name: str = "", context_length: Optional[int] = None, cache_dir: Optional[str] = None,
-                  **kwargs: Any):
+                  trust_remote_code: bool = False, **kwargs: Any):
     """The tokenizer a model's config implies, at its ``context_length`` (or the one given).
 
     An unknown model name is an error (OpenCLIP logs a warning and falls back to CLIP's BPE tokenizer,
-    which silently mis-tokenizes for other models: its #1118).
+    which silently mis-tokenizes for other models: its #1118). ``trust_remote_code=True`` (or
+    ``CLIPKIT_TRUST_REMOTE_CODE=1``) lets a tokenizer repository run its own code; the config's
+    ``tokenizer_kwargs.trust_remote_code`` never does.
     """
     if not model_name:
         raise UnknownModelError("get_tokenizer needs a model name; see `clipkit models`")
@@ -26,16 +29,19 @@ def get_tokenizer(model_name: str = "", context_length: Optional[int] = None, ca
         text_cfg["hf_tokenizer_name"] = source.ident  # a saved model carries its tokenizer files
     length = context_length or text_cfg.get("context_length") or getattr(config.text, "context_length", None) or 77
     tokenizer_kwargs = dict(config.tokenizer.tokenizer_kwargs or {})
+    warn_ignored_requests({"text_cfg": {"tokenizer_kwargs": tokenizer_kwargs}}, model_name, trust_remote_code)
+    tokenizer_kwargs.pop("trust_remote_code", None)  # a config's request; the caller decides below
     tokenizer_kwargs.update(kwargs)
     if cache_dir is not None:
         tokenizer_kwargs["cache_dir"] = cache_dir
     entry = registry.get("tokenizer", config.tokenizer_name, where=f"{model_name}: text_cfg.tokenizer")
     factory = entry.load()
     try:
-        tokenizer = factory(text_cfg, length, **tokenizer_kwargs)
+        with caller_trust(trust_remote_code):
+            tokenizer = factory(text_cfg, length, **tokenizer_kwargs)
     except ClipkitError:
         raise
-    except Exception as exc:
+    except PLUGIN_FAILURES as exc:
         raise ClipkitError(f"{model_name}: building {entry.where} failed: {exc!r}") from exc
     _check_special_ids(model_name, config, tokenizer)
     return tokenizer

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", default="", help="pretrained tag of the model or a checkpoint file/folder")
     g.add_argument("--pretrained-image", action="store_true", help="load the image tower's own pretrained weights (timm)")
     g.add_argument("--hf-tokenizer-name", help="HuggingFace tokenizer (name or folder) to use instead of the config's")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="let HuggingFace repositories named by the model run their own Python (a config cannot)")
     g.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
     g.add_argument("--lock-image-unlocked-groups", type=int, default=0,
                    help="with --lock-image, leave the last N layer groups trainable")

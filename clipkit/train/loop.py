@@ -88,15 +88,17 @@ def build_optimizer(args, model: nn.Module) -> Tuple[torch.optim.Optimizer, Dict
 
 
 def _tokenizer(args, model_name: str, model) -> Callable:
+    from .._trust import caller_trust
     from ..tokenizer import _check_special_ids, get_tokenizer
 
     if not args.hf_tokenizer_name:
-        return get_tokenizer(model_name, cache_dir=args.cache_dir)
+        return get_tokenizer(model_name, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
     from ..registry import registry
 
     text_cfg = dict(model.model_config.raw.get("text_cfg", {}), hf_tokenizer_name=args.hf_tokenizer_name)
     kwargs = {"cache_dir": args.cache_dir} if args.cache_dir else {}
-    tokenizer = registry.get("tokenizer", "hf").load()(text_cfg, model.context_length, **kwargs)
+    with caller_trust(args.trust_remote_code):
+        tokenizer = registry.get("tokenizer", "hf").load()(text_cfg, model.context_length, **kwargs)
     _check_special_ids(f"--hf-tokenizer-name {args.hf_tokenizer_name}", model.model_config, tokenizer)
     vocab = getattr(tokenizer, "vocab_size", None)
     if vocab is not None and vocab > model.vocab_size:
@@ -197,7 +199,7 @@ class Run:
             force_context_length=args.force_context_length, image_mean=args.image_mean, image_std=args.image_std,
             image_interpolation=args.image_interpolation, image_resize_mode=args.image_resize_mode,
             aug_cfg=args.aug_cfg or None, pretrained_image=args.pretrained_image, cache_dir=args.cache_dir,
-            output_dict=True, **extra)
+            output_dict=True, trust_remote_code=args.trust_remote_code, **extra)
         self.tokenizer = _tokenizer(args, args.model, self.model)
         self._lock(args)
         if args.grad_checkpointing:

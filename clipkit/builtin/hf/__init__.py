@@ -29,7 +29,9 @@ class HFTextCfg:
     context_length: int = option(77, "Tokens per text the tokenizer produces (at most the encoder's "
                                      "max_position_embeddings).", gt=0)
     output_tokens: bool = option(False, "forward returns (pooled, token features) instead of pooled.")
-    trust_remote_code: bool = option(False, "Allow the hub repo's own modelling code to run (only when you trust it).")
+    trust_remote_code: bool = option(False, "A request only, kept for OpenCLIP-era configs: the repo's own code runs "
+                                            "only when the caller opts in (trust_remote_code=True, --trust-remote-code "
+                                            "or CLIPKIT_TRUST_REMOTE_CODE=1), never because a config says so.")
 
     def check(self):
         from ...registry import registry

@@ -11,6 +11,7 @@ from typing import Any, List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..._trust import custom_code_error, is_custom_code_error, remote_code_allowed
 from ...errors import ClipkitError
 from ...freeze import lock_layer_groups
 from ...hookspecs import TowerContext
@@ -22,13 +23,17 @@ def _load_encoder(cfg: HFTextCfg, pretrained: bool, cache_dir: Any) -> Tuple[nn.
     from transformers import AutoConfig, AutoModel
 
     name = cfg.hf_model_name
-    remote = {"trust_remote_code": True} if cfg.trust_remote_code else {}
+    # always explicit: None would make transformers prompt [y/N] on a terminal (and wait) for a
+    # repository with its own code; only the caller's opt-in counts, never cfg.trust_remote_code
+    trust = remote_code_allowed()
     try:
-        config = AutoConfig.from_pretrained(name, cache_dir=cache_dir, **remote)
+        config = AutoConfig.from_pretrained(name, cache_dir=cache_dir, trust_remote_code=trust)
     except (OSError, ValueError) as exc:
+        if is_custom_code_error(exc):
+            raise custom_code_error("text_cfg.hf_model_name", name) from None
         raise ClipkitError(f"text_cfg.hf_model_name {name!r} cannot be loaded ({str(exc).splitlines()[0]}); "
                            f"offline, point it at a local folder with the model's config (and weights)") from exc
-    kwargs = dict(remote)
+    kwargs = {"trust_remote_code": trust}
     if not getattr(config, "is_encoder_decoder", False):
         model_class = _model_class(config)
         # BERT-like models build their own pooler only when it will be used (OpenCLIP's parameter set)
@@ -39,6 +44,10 @@ def _load_encoder(cfg: HFTextCfg, pretrained: bool, cache_dir: Any) -> Tuple[nn.
             model = AutoModel.from_pretrained(name, config=config, cache_dir=cache_dir, **kwargs)
         else:
             model = AutoModel.from_config(config, **kwargs)
+    except ValueError as exc:
+        if is_custom_code_error(exc):
+            raise custom_code_error("text_cfg.hf_model_name", name) from None
+        raise
     except OSError as exc:
         raise ClipkitError(f"text_cfg.hf_model_name {name!r}: pretrained weights cannot be loaded "
                            f"({str(exc).splitlines()[0]}); set hf_model_pretrained false or use a local folder") from exc

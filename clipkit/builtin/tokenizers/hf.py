@@ -5,6 +5,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import torch
 
+from ..._trust import custom_code_error, is_custom_code_error, remote_code_allowed
 from ...errors import ClipkitError
 from .clip_bpe import CLEAN_MODES, clean_text
 
@@ -19,20 +20,30 @@ class HFTokenizer:
         strip_sep_token: replace the separator token by 0 (CLIPA's BERT tokenizer).
         language: source language for tokenizers that have one (NLLB).
         tokenizer_mode: ``"clips"``: ``[bos] + ids[:ctx-3] + [eos]``, padding, and the class token last.
-        **kwargs: passed to ``AutoTokenizer.from_pretrained`` (``trust_remote_code`` only when given).
+        trust_remote_code: let the repository's own tokenizer code run. Only a caller sets it (the
+            builder and ``get_tokenizer`` never take it from a config); ``CLIPKIT_TRUST_REMOTE_CODE=1``
+            and ``get_tokenizer(..., trust_remote_code=True)`` set it too.
+        **kwargs: passed to ``AutoTokenizer.from_pretrained``.
     """
 
     def __init__(self, tokenizer_name: str, context_length: int = 77, clean: str = "whitespace",
                  strip_sep_token: bool = False, language: Optional[str] = None, cache_dir: Optional[str] = None,
-                 tokenizer_mode: Optional[str] = None, **kwargs: Any):
+                 tokenizer_mode: Optional[str] = None, trust_remote_code: bool = False, **kwargs: Any):
         from transformers import AutoTokenizer
 
         if clean not in CLEAN_MODES:
             raise ClipkitError(f"tokenizer clean mode must be one of {', '.join(CLEAN_MODES)}, got {clean!r}")
         if tokenizer_mode not in (None, "", "clips"):
             raise ClipkitError(f"tokenizer_mode must be 'clips' or null, got {tokenizer_mode!r}")
+        # always explicit: None would make transformers prompt [y/N] on a terminal and wait
+        trust = trust_remote_code or remote_code_allowed()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, cache_dir=cache_dir, **kwargs)
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, cache_dir=cache_dir,
+                                                           trust_remote_code=trust, **kwargs)
+        except ValueError as exc:
+            if is_custom_code_error(exc):
+                raise custom_code_error("HF tokenizer", tokenizer_name) from None
+            raise
         except OSError as exc:
             raise ClipkitError(f"HF tokenizer {tokenizer_name!r} cannot be loaded ({str(exc).splitlines()[0]}); "
                                f"offline, point hf_tokenizer_name at a local folder with its tokenizer files") from exc
@@ -89,7 +100,12 @@ class HFTokenizer:
 
 
 def build_hf_tokenizer(text_cfg: Mapping[str, Any], context_length: int, **kwargs: Any) -> HFTokenizer:
-    """Factory registered as tokenizer ``hf``: ``text_cfg.hf_tokenizer_name`` at ``context_length``."""
+    """Factory registered as tokenizer ``hf``: ``text_cfg.hf_tokenizer_name`` at ``context_length``.
+
+    ``trust_remote_code`` among the keyword arguments (a config's ``tokenizer_kwargs``) is dropped: only the
+    caller's opt-in lets a repository's code run.
+    """
+    kwargs.pop("trust_remote_code", None)
     name = kwargs.pop("tokenizer_name", None) or text_cfg.get("hf_tokenizer_name")
     if not name:
         raise ClipkitError("tokenizer 'hf' needs text_cfg.hf_tokenizer_name (a hub name or a local folder)")
