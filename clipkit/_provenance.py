@@ -2,15 +2,21 @@
 
 ``save_pretrained`` writes the record into ``open_clip_config.json`` (under :data:`PROVENANCE_KEY`,
 a top-level key OpenCLIP does not read) and the trainer into its checkpoints, so loading a model
-whose plugin is missing names the package to install instead of only "unknown type". No torch here.
+whose plugin is missing names the package to install instead of only "unknown type". Torch is
+imported only to read the record of a checkpoint file.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import json
 import logging
-from typing import Any, Dict, Mapping, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
-from .config import ModelConfig, infer_text_type, infer_vision_type
-from .errors import ClipkitError
+from .config import HF_CONFIG_NAME, ModelConfig, infer_text_type, infer_vision_type
+from .errors import ClipkitError, ConfigError, Problem
 from .registry import BUILTIN_DIST, KIND_TITLES, registry
 
 logger = logging.getLogger("clipkit")
@@ -71,27 +77,114 @@ def check_provenance(record: Any, where: str) -> None:
     still loads, but locking falls back to clipkit's default. ``where`` prefixes messages (a file,
     ``local-dir:...``). A record that is not a mapping (none, or hand-edited) is ignored.
     """
-    if not isinstance(record, Mapping):
-        return
-    missing = []
-    for key, part in record.items():
-        kind = _KINDS.get(key)
-        if kind is None or not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
-            continue
-        name = part["type"]
+    missing = missing_parts(record)
+    for key, part in _parts(record):
+        kind, name = _KINDS[key], part["type"]
         if registry.has(kind, name):
             now = registry.get(kind, name).plugin.distribution
             if now != part.get("distribution"):  # same name, another implementation: say so
                 logger.warning("%s: %s %r was provided by %s %s when this model was saved, now by %s",
                                where, KIND_TITLES[kind], name, part.get("distribution"), part.get("version"), now)
-            continue
-        saved_by = f"{part.get('distribution')} {part.get('version')}"
-        if kind == "freezer":
-            logger.warning("%s: the freezer of %s type %r came from %s when this model was saved and is not "
+        elif kind == "freezer":
+            logger.warning("%s: the freezer of %s type %r came from %s %s when this model was saved and is not "
                            "installed; locking uses clipkit's default freezer (%s)", where, key.split("_")[0],
-                           name, saved_by, _install_hint(part))
-            continue
-        missing.append(f"{KIND_TITLES[kind]} {name!r} (provided by {saved_by} when the model was saved; "
-                       f"{_install_hint(part)})")
+                           name, part.get("distribution"), part.get("version"), _install_hint(part))
     if missing:
         raise ClipkitError(f"{where}: this model needs parts that are not installed: " + "; ".join(missing))
+
+
+def _parts(record: Any) -> Iterator[tuple]:
+    """``(key, part)`` for each well-formed entry of a record; anything else (none, hand-edited) is skipped."""
+    if not isinstance(record, Mapping):
+        return
+    for key, part in record.items():
+        if key in _KINDS and isinstance(part, Mapping) and isinstance(part.get("type"), str):
+            yield key, part
+
+
+def missing_parts(record: Any) -> List[str]:
+    """The recorded towers and tokenizer that no installed plugin registers now, one phrase each: the part,
+    the distribution and version that provided it, and how to install it. Freezers are optional: never listed.
+    """
+    missing = []
+    for key, part in _parts(record):
+        kind, name = _KINDS[key], part["type"]
+        if kind != "freezer" and not registry.has(kind, name):
+            missing.append(f"{KIND_TITLES[kind]} {name!r} (provided by {part.get('distribution')} "
+                           f"{part.get('version')} when the model was saved; {_install_hint(part)})")
+    return missing
+
+
+def checkpoint_parts(path: Union[str, Path, None]) -> Any:
+    """The record saved with a checkpoint, or None: from a training checkpoint file, a ``--fsdp``
+    checkpoint folder, or a ``save_pretrained`` folder's ``open_clip_config.json``.
+
+    Never raises: a file that cannot be read is reported by whatever goes on to load it. The file is read
+    with ``weights_only=True`` and memory-mapped, so its tensors are not loaded.
+    """
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    try:
+        if (path / HF_CONFIG_NAME).is_file():
+            return json.loads((path / HF_CONFIG_NAME).read_text(encoding="utf-8")).get(PROVENANCE_KEY)
+        if path.is_dir():
+            from .train.checkpoints import read_extras
+
+            return read_extras(path).get(PROVENANCE_KEY)
+        if path.is_file() and path.suffix != ".safetensors":  # safetensors files hold tensors only
+            import torch
+
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return data.get(PROVENANCE_KEY) if isinstance(data, dict) else None
+    except Exception:  # noqa: BLE001 - the record only improves a message; the loader reports the file
+        return None
+    return None
+
+
+def note_missing_parts(exc: ClipkitError, checkpoint: Union[str, Path, None]) -> None:
+    """Add to ``exc`` the parts ``checkpoint`` records that are not installed now, with their ``pip install``
+    lines: for the unknown model name, tower type or tokenizer a missing plugin leaves behind. A
+    :class:`ConfigError` gets it as one more problem line; any other error at the end of its message."""
+    missing = missing_parts(checkpoint_parts(checkpoint))
+    if not missing:
+        return
+    note = "saved with parts that are not installed: " + "; ".join(missing)
+    if note in str(exc):  # already noted, by an inner loader of the same checkpoint
+        return
+    if isinstance(exc, ConfigError):
+        exc.problems.append(Problem("", note, source=str(checkpoint)))
+        exc.args = ("\n".join(str(problem) for problem in exc.problems),)
+    else:
+        exc.args = (f"{exc}; {checkpoint} was {note}", *exc.args[1:])
+
+
+@contextlib.contextmanager
+def naming_missing_parts(checkpoint: Union[str, Path, None]) -> Iterator[None]:
+    """Within: a :class:`ClipkitError` gets :func:`note_missing_parts` of ``checkpoint`` before it goes on."""
+    try:
+        yield
+    except ClipkitError as exc:
+        note_missing_parts(exc, checkpoint)
+        raise
+
+
+def names_missing_parts(argument: str) -> Callable[[Callable], Callable]:
+    """Decorate a loader so its :class:`ClipkitError` notes what the checkpoint in its ``argument`` records
+    and is not installed (:func:`note_missing_parts`)."""
+
+    def decorate(function: Callable) -> Callable:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except ClipkitError as exc:  # the call bound its arguments, so binding them again succeeds
+                checkpoint = signature.bind(*args, **kwargs).arguments.get(argument)
+                note_missing_parts(exc, checkpoint if isinstance(checkpoint, (str, Path)) else None)
+                raise
+
+        return wrapper
+
+    return decorate

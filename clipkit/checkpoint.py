@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Union
 import torch
 from torch import nn
 
+from ._provenance import names_missing_parts
 from .errors import CheckpointError
 
 logger = logging.getLogger("clipkit")
@@ -159,6 +160,7 @@ def _few(keys: list) -> str:
     return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
 
+@names_missing_parts("checkpoint_path")  # weights that do not fit: a part's plugin may be missing
 def load_checkpoint(model: nn.Module, checkpoint_path: Union[str, Path], strict: bool = True,
                     weights_only: bool = True, device: Union[str, torch.device] = "cpu") -> Dict[str, list]:
     """Load a checkpoint file into ``model`` (OpenCLIP-compatible signature).

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ._provenance import names_missing_parts
 from ._sources import folder_preprocess, hub_weights, match_activation, resolve_model, resolve_pretrained
 from ._trust import caller_trust, warn_ignored_requests
 from .config import ModelConfig, parse_model_name, validate_model_config
@@ -118,6 +119,7 @@ def _set_precision(model: nn.Module, precision: str) -> None:
                 param.data = param.data.to(dtype)
 
 
+@names_missing_parts("pretrained")  # a checkpoint of a plugin's parts: name the package to install
 def create_model(
         model_name: str,
         pretrained: Optional[str] = None,

@@ -129,3 +129,53 @@ def test_a_closed_pipe_ends_the_command_quietly(command):
     err = child.stderr.read().decode()
     assert child.wait(timeout=60) == EXIT_BROKEN_PIPE
     assert err == ""
+
+
+# -- a checkpoint whose plugin is missing names the package to install -------------------------------------
+TINYCONV = {"type": "tinyconv", "plugin": "tinyconv", "distribution": "clipkit-plugin-tinyconv", "version": "0.2.0"}
+NOTE = ("saved with parts that are not installed: vision tower type 'tinyconv' (provided by "
+        "clipkit-plugin-tinyconv 0.2.0 when the model was saved; pip install clipkit-plugin-tinyconv)")
+
+
+@pytest.fixture
+def plugin_checkpoint(tmp_path, tiny_cfg):
+    """A training checkpoint whose record says a third-party plugin (not installed) built its image tower,
+    and the config it was trained with; the weights are a builtin model's, since the plugin is absent."""
+    import torch
+
+    state = clipkit.create_model(tiny_cfg_file(tmp_path, tiny_cfg)).state_dict()
+    path = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "run", "state_dict": state, "clipkit_parts": {"vision_tower": TINYCONV}}, path)
+    tiny_cfg["vision_cfg"]["type"] = "tinyconv"
+    config = tmp_path / "tinyconv-tiny.json"
+    config.write_text(json.dumps(tiny_cfg))
+    return path, str(config)
+
+
+def test_loading_a_checkpoint_names_the_missing_plugin(plugin_checkpoint, tmp_path):
+    from clipkit.errors import CheckpointError, ConfigError, UnknownModelError
+
+    ckpt, config = plugin_checkpoint
+    with pytest.raises(ConfigError) as info:  # a config naming the plugin's tower type
+        clipkit.create_model(config, pretrained=str(ckpt))
+    first, note = str(info.value).split("\n")
+    assert first.startswith(f"{config}: vision_cfg.type: unknown vision tower type 'tinyconv'")
+    assert note == f"{ckpt}: {NOTE}"
+    with pytest.raises(UnknownModelError) as info:  # a config the plugin ships
+        clipkit.create_model_and_transforms("tinyconv-tiny", str(ckpt))
+    assert str(info.value).endswith(f"; {ckpt} was {NOTE}")
+    with pytest.raises(CheckpointError) as info:  # weights that do not fit the model at hand
+        clipkit.load_checkpoint(clipkit.create_model("ViT-B-32", device="meta"), ckpt)
+    assert str(info.value).startswith(f"{ckpt}: checkpoint does not fit the model") and \
+        str(info.value).endswith(f"; {ckpt} was {NOTE}")
+
+
+def test_resuming_a_checkpoint_names_the_missing_plugin(plugin_checkpoint, tmp_path):
+    from _train_support import run_inprocess
+
+    ckpt, config = plugin_checkpoint
+    assert run_inprocess(["--model", config, "--dataset-type", "synthetic", "--train-num-samples", "16",
+                          "--batch-size", "8", "--epochs", "1", "--workers", "0", "--device", "cpu",
+                          "--logs", tmp_path / "logs", "--name", "resumed", "--resume", ckpt]) == 1
+    log = (tmp_path / "logs" / "resumed" / "out.log").read_text()
+    assert "unknown vision tower type 'tinyconv'" in log and f"\n{ckpt}: {NOTE}\n" in log

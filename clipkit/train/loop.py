@@ -661,7 +661,10 @@ class Run:
 
     def _run(self, resume: Optional[Path]) -> Dict[str, Any]:
         args, env = self.args, self.env
-        self._build()
+        from .._provenance import naming_missing_parts
+
+        with naming_missing_parts(resume):  # a plugin missing for the checkpoint: its pip install line
+            self._build()
         autocast_dtype, scaled, self.input_dtype = precision_setup(args.precision, env.device)
         if env.device.type == "cpu" and torch.bfloat16 in (autocast_dtype, self.input_dtype) and not _cpu_has_bf16():
             logger.warning("--precision %s computes in bf16, which this CPU emulates (no avx512_bf16/amx): expect it "
