@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Set, Union
 
 import torch
 from torch import nn
@@ -44,8 +46,7 @@ def read_state_dict(path: Union[str, Path], device: Union[str, torch.device] = "
         try:
             state = torch.load(path, map_location=device, weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"{path}: cannot be read with weights_only=True ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+            raise unreadable(path, exc, "cannot be read with weights_only=True") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -57,6 +58,22 @@ def read_state_dict(path: Union[str, Path], device: Union[str, torch.device] = "
                 key = key[len(prefix):]
         out[key] = value
     return out
+
+
+def unreadable(path: Union[str, Path], exc: BaseException, what: str) -> CheckpointError:
+    """The one-line error for a file ``torch.load(weights_only=True)`` refused.
+
+    torch's own message advises ``weights_only=False``, which clipkit never does: unpickling that way lets
+    the file run any code in it.
+    """
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"(Unsupported [^\n.]+)", text)
+        detail = f"it holds {found.group(1)}" if found else "it holds pickled objects"
+        return CheckpointError(f"{path}: {what}: {detail}, and clipkit never unpickles beyond weights_only=True, "
+                               f"since a pickle can run any code it names; use a clipkit or OpenCLIP checkpoint "
+                               f"(tensors in dicts) or a .safetensors file")
+    return CheckpointError(f"{path}: {what} ({type(exc).__name__}: {text.splitlines()[0] if text else ''})")
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -94,6 +111,8 @@ def load_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], *, strict:
     missing = sorted(set(own) - set(given))
     unexpected = sorted(file_key[k] for k in set(given) - set(own))
     wrong = sorted(k for k in set(own) & set(given) if own[k].shape != given[k].shape)
+    params = {canon(k) for k, _ in model.named_parameters()}
+    check_values(own, given, params, source)
     problems = []
     if strict and missing:
         problems.append(f"missing keys {_few(missing)}")
@@ -112,6 +131,19 @@ def load_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], *, strict:
                            len(missing), len(unexpected))
     model.load_state_dict(state, strict=strict)
     return {"missing_keys": missing, "unexpected_keys": unexpected}
+
+
+def check_values(own: Dict[str, torch.Tensor], given: Dict[str, torch.Tensor], params: Set[str], source: str) -> None:
+    """Refuse weights that would load silently and wrongly: integer or boolean tensors for floating-point
+    entries of the model (``copy_`` would convert them), and non-finite values in parameters."""
+    kinds = sorted(k for k in set(own) & set(given) if own[k].is_floating_point() and not given[k].is_floating_point())
+    if kinds:
+        raise CheckpointError(f"{where(source)}" + ", ".join(f"{k} is {str(given[k].dtype)[6:]}" for k in kinds[:5])
+                              + (" ..." if len(kinds) > 5 else "") + f", not floating point like the model's "
+                              f"{str(own[kinds[0]].dtype)[6:]}: not weights this model can use")
+    bad = sorted(k for k in params & set(given) if given[k].is_floating_point() and not torch.isfinite(given[k]).all())
+    if bad:
+        raise CheckpointError(f"{where(source)}non-finite values (NaN or inf) in {_few(bad)}: the weights are broken")
 
 
 def where(source: str) -> str:

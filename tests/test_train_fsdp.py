@@ -1,6 +1,7 @@
 """--fsdp on the CPU (gloo, 2 processes through torchrun): FSDP2 trains like one process with the global
 batch, its Distributed Checkpoint folders consolidate into one file that create_model_and_transforms
 loads, and they resume in 2 processes (exactly) and in 1."""
+import pickle
 import shutil
 import socket
 import subprocess
@@ -86,20 +87,23 @@ def test_fsdp_checkpoints_consolidate_and_resume_in_two_processes_and_in_one(tmp
     assert ckpt.is_dcp(logs / "part" / "checkpoints" / "epoch_latest")
     assert not [p for p in (logs / "part" / "checkpoints").iterdir() if p.name.startswith(".")]
 
-    # and in 1 process (DCP reshards), with --fsdp and without it
-    for name, extra in (("part-one", ["--fsdp"]), ("part-plain", [])):
-        assert run_inprocess(_args(model, logs, name, 8, 2, *extra, "--resume", "latest")) == 0
+    # and in 1 process (DCP reshards), with --fsdp and without it (which reads a folder only when named)
+    for name, extra in (("part-one", ["--fsdp", "--resume", "latest"]),
+                        ("part-plain", ["--resume", str(logs / "part-plain" / "checkpoints" / "epoch_1")])):
+        assert run_inprocess(_args(model, logs, name, 8, 2, *extra)) == 0
         assert f"resumed from {logs / name / 'checkpoints' / 'epoch_1'} (after epoch 1)" in \
             (logs / name / "out.log").read_text()
-        final = (_consolidated(logs / name / "checkpoints" / "epoch_2", tmp_path / f"{name}.pt") if extra
+        final = (_consolidated(logs / name / "checkpoints" / "epoch_2", tmp_path / f"{name}.pt") if "--fsdp" in extra
                  else weights(logs / name / "checkpoints" / "epoch_2.pt"))
         for key in whole:
             torch.testing.assert_close(final[key], whole[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
 
 
 def _fake_dcp(folder, step):
+    from torch.distributed.checkpoint.metadata import Metadata
+
     folder.mkdir(parents=True)
-    (folder / ".metadata").write_bytes(b"")
+    (folder / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={}, storage_data={})))
     torch.save({"epoch": 1, "name": "x", "clipkit": {"step": step}}, folder / ckpt.EXTRAS)
 
 

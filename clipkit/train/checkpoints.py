@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -71,26 +72,27 @@ def atomic_save(payload: Dict[str, Any], path: Path) -> None:
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    """``dst`` becomes a complete copy of ``src`` (a hard link where the filesystem allows)."""
-    def fill(tmp: Path) -> None:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+    """``dst`` becomes a complete copy of ``src``: its own bytes, never a hard link, so that damage to one file
+    is not damage to both."""
+    _replace(dst, lambda tmp: _copy_file(src, tmp))
 
-    _replace(dst, fill)
+
+def _copy_file(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    with open(dst, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def read(path: Path, mmap: bool = False) -> Dict[str, Any]:
     """A checkpoint dict, loaded safely (``weights_only``); ``mmap`` reads metadata without the tensors."""
+    from ..checkpoint import unreadable
+
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path}: no such checkpoint") from exc
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise unreadable(path, exc, "not a readable checkpoint") from exc
     if not isinstance(data, dict) or "state_dict" not in data:
         raise CheckpointError(f"{path}: not a training checkpoint (no 'state_dict' key)")
     return data
@@ -101,25 +103,63 @@ def progress_of(data: Dict[str, Any]) -> Tuple[int, int]:
     return int(data.get("clipkit", {}).get("step", -1)), int(data.get("epoch", 0))
 
 
-def find_latest(folder: Path) -> Optional[Path]:
-    """The most advanced checkpoint in ``folder`` that reads back whole; ``None`` when there is none.
-
-    Temporary files of interrupted writes are never considered; a file that fails to load is
-    reported and the next candidate used.
-    """
+def candidates(folder: Path, folders: bool) -> List[Path]:
+    """The checkpoints in ``folder`` newest first, by the names the run gives them: ``epoch_latest`` (every save
+    writes it first), then ``epoch_N`` by N; ``folders``: the Distributed Checkpoint folders of ``--fsdp``, else
+    the ``.pt`` files. Never by what a checkpoint says about itself, which a planted file could exaggerate."""
     if not folder.is_dir():
-        return None
-    candidates = [p for p in folder.iterdir() if p.name == LATEST or _EPOCH_FILE.match(p.name)
-                  or (p.name == LATEST_DIR or _EPOCH_DIR.match(p.name)) and p.is_dir()]
-    ranked: List[Tuple[Tuple[int, int, int], Path]] = []
-    for path in candidates:
+        return []
+    latest, numbered = (LATEST_DIR, _EPOCH_DIR) if folders else (LATEST, _EPOCH_FILE)
+    ranked: List[Tuple[float, Path]] = []
+    for path in folder.iterdir():
+        match = numbered.match(path.name)
+        if (path.name == latest or match) and path.is_dir() == folders:
+            ranked.append((float("inf") if match is None else int(match.group(1)), path))
+    return [path for _, path in sorted(ranked, key=lambda item: item[0], reverse=True)]
+
+
+def find_latest(folder: Path, fsdp: Optional[bool] = None) -> Optional[Path]:
+    """The newest intact checkpoint in ``folder`` (see :func:`candidates`); ``None`` when there is none.
+
+    ``fsdp``: ``False`` considers ``.pt`` files only (a run without ``--fsdp`` never reads a checkpoint folder
+    it did not name), ``True`` checkpoint folders and then ``.pt`` files, ``None`` the kind the folder holds.
+    A damaged or unreadable checkpoint is named in a warning and the next one used; temporary files of
+    interrupted writes are never considered.
+    """
+    if fsdp is None:
+        fsdp = not candidates(folder, folders=False)
+    order = candidates(folder, folders=True) + candidates(folder, folders=False) if fsdp else \
+        candidates(folder, folders=False)
+    for path in order:
         try:
-            step, epoch = progress_of(read_extras(path) if path.is_dir() else read(path, mmap=True))
+            verify(path)
+            if not path.is_dir():
+                read(path, mmap=True)
         except CheckpointError as exc:
-            logger.warning("ignoring %s", exc)
+            logger.warning("skipping a damaged checkpoint: %s; falling back to the next older one", exc)
             continue
-        ranked.append(((step, epoch, path.name in (LATEST, LATEST_DIR)), path))
-    return max(ranked)[1] if ranked else None
+        return path
+    return None
+
+
+def verify(path: Path) -> None:
+    """A :class:`CheckpointError` unless ``path`` is intact: every member of a ``.pt`` archive against its CRC32
+    (``torch.load`` checks none), or a checkpoint folder's metadata, extras and shard files."""
+    if path.is_dir():
+        from ._dcp import METADATA, read_metadata
+
+        read_extras(path)
+        read_metadata(path / METADATA)
+        return
+    if not zipfile.is_zipfile(path):  # torch's legacy format: nothing to check it against
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, ValueError) as exc:
+        raise CheckpointError(f"{path}: damaged ({exc})") from exc
+    if bad is not None:
+        raise CheckpointError(f"{path}: damaged (the CRC of {bad} does not match its bytes)")
 
 
 # -- Distributed Checkpoint folders (--fsdp) ------------------------------------------------------
@@ -152,14 +192,12 @@ def swap_in(tmp: Path, path: Path) -> None:
         shutil.rmtree(old)
 
 
-def link_tree(src: Path, dst: Path) -> None:
-    """``dst`` (a new folder) with hard links to (or copies of) ``src``'s files."""
+def copy_tree(src: Path, dst: Path) -> None:
+    """``dst`` (a new folder) with copies of ``src``'s files (not hard links: see :func:`atomic_copy`)."""
     dst.mkdir(parents=True)
     for f in src.iterdir():
-        try:
-            os.link(f, dst / f.name)
-        except OSError:
-            shutil.copyfile(f, dst / f.name)
+        _copy_file(f, dst / f.name)
+    _fsync_dir(dst)
 
 
 def consolidate(dcp_dir: Path, out_file: Path) -> Dict[str, Any]:
@@ -170,21 +208,18 @@ def consolidate(dcp_dir: Path, out_file: Path) -> Dict[str, Any]:
     the positional layout, so ``--resume out_file`` continues the run in any number of processes.
     Runs in one process, without a process group.
     """
-    import tempfile
+    import warnings
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from . import _dcp
 
     dcp_dir, out_file = Path(dcp_dir), Path(out_file)
     extras = read_extras(dcp_dir)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=TMP_PREFIX) as tmp:
-        whole = Path(tmp) / "whole.pt"
-        import warnings
-
-        with warnings.catch_warnings():  # "no process group: loading in a single process", which is the point
-            warnings.simplefilter("ignore", UserWarning)
-            dcp_to_torch_save(str(dcp_dir), str(whole))
-        state = torch.load(whole, map_location="cpu", weights_only=True)
+    state: Dict[str, Any] = {}
+    with warnings.catch_warnings():  # "no process group: loading in a single process", which is the point
+        warnings.simplefilter("ignore", UserWarning)
+        _dcp.load(state, dcp_dir, no_dist=True)
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{dcp_dir}: holds no model weights (no 'model' entry)")
     payload = dict(extras)
     payload["state_dict"] = state["model"]
     optim = state.get("optim")
@@ -227,7 +262,10 @@ def optimizer_to_fqn(saved: Dict[str, Any], saved_names: List[List[str]]) -> Dic
 
 
 def remove_torn(folder: Path) -> None:
-    """Delete temporary files left by writes that a crash interrupted (they were never renamed into use)."""
+    """Delete temporary files left by writes that a crash interrupted (they were never renamed into use).
+
+    Call it only while holding the run folder's lock (``_runlock``): then no live writer owns them.
+    """
     if not folder.is_dir():
         return
     for old in [p for p in folder.iterdir() if p.name.startswith(_OLD)]:  # a folder swap cut short

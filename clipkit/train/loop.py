@@ -108,27 +108,60 @@ def _tokenizer(args, model_name: str, model) -> Callable:
 
 
 def _prepare_run_dir(args, env) -> Tuple[Optional[Path], Optional[Path]]:
-    """The run folder and the checkpoint to resume from (``None`` for a fresh start)."""
+    """The run folder and the checkpoint to resume from (``None`` for a fresh start).
+
+    Process 0 decides (it holds the run folder's lock); the others learn its answer, or its error.
+    """
     run_dir = Path(args.logs) / args.name if args.logs else None
+    return run_dir, _on_main(env, lambda: _find_resume(args, run_dir))
+
+
+def _on_main(env, decide: Callable[[], Optional[Path]]) -> Optional[Path]:
+    """``decide()`` on process 0, its answer on every process; its failure fails them all, with its message."""
+    found = error = None
+    if env.main:
+        try:
+            found = decide()
+        except (ClipkitError, OSError) as exc:
+            if not env.distributed:
+                raise
+            error = exc
+    found, message = distributed.broadcast((str(found) if found else None, str(error) if error else None), env)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise TrainingError(message)
+    return Path(found) if found else None
+
+
+def _find_resume(args, run_dir: Optional[Path]) -> Optional[Path]:
+    from ._runlock import lock_run_folder
+
+    if run_dir is not None:  # before anything in it is read, written or removed
+        lock_run_folder(run_dir)
     resume: Optional[Path] = None
-    remote = args.resume is not None and "://" in args.resume
-    if args.resume and args.resume != "latest" and not remote:
+    if args.resume and args.resume != "latest" and "://" not in args.resume:
         resume = Path(args.resume)
         if not (resume.is_file() or ckpt.is_dcp(resume)):
             raise TrainingError(f"--resume {args.resume}: no such file (nor a complete --fsdp checkpoint folder)")
-    if run_dir is not None and env.main:
-        # a folder whose earlier attempt failed before its first checkpoint can be reused as is
-        started = ckpt.find_latest(run_dir / "checkpoints") is not None
-        if started and args.resume is None:
-            raise TrainingError(f"run folder {run_dir} already exists: pass --resume latest to continue that run, "
-                                f"or a new --name")
-        if args.resume == "latest":
-            resume = ckpt.find_latest(run_dir / "checkpoints")
-        ckpt.remove_torn(run_dir / "checkpoints")
-    if args.resume == "latest":
-        resume = distributed.broadcast(str(resume) if resume else None, env)
-        resume = Path(resume) if resume else None
-    return run_dir, resume
+        ckpt.verify(resume)
+    if run_dir is None:
+        return resume
+    folder = run_dir / "checkpoints"
+    # a folder whose earlier attempt failed before its first checkpoint can be reused as is
+    started = bool(ckpt.candidates(folder, folders=False) or ckpt.candidates(folder, folders=True))
+    if started and args.resume is None:
+        raise TrainingError(f"run folder {run_dir} already exists: pass --resume latest to continue that run, "
+                            f"or a new --name")
+    ckpt.remove_torn(folder)
+    if args.resume != "latest":
+        return resume
+    resume = ckpt.find_latest(folder, fsdp=args.fsdp)
+    dirs = ckpt.candidates(folder, folders=True)
+    if resume is None and not args.fsdp and dirs:  # never a folder the run did not write or the user name
+        raise TrainingError(f"--resume latest: {folder} holds --fsdp checkpoint folders only; add --fsdp, or "
+                            f"name one: --resume {dirs[0]}")
+    return resume
 
 
 def _remote_resume(args, env, run_dir: Optional[Path], resume: Optional[Path]) -> Optional[Path]:
@@ -137,30 +170,32 @@ def _remote_resume(args, env, run_dir: Optional[Path], resume: Optional[Path]) -
         if run_dir is None:
             raise TrainingError(f"--resume {args.resume}: a remote checkpoint is fetched into the run folder; "
                                 f"--logs is 'none'")
-        fetched = None
-        if env.main:
+
+        def fetch() -> Path:
             from .remote import fetch
 
             try:
-                fetched = str(fetch(args.resume, run_dir / "checkpoints" / "fetched"))
+                fetched = fetch(args.resume, run_dir / "checkpoints" / "fetched")
             except (OSError, ValueError, ImportError) as exc:
                 raise TrainingError(f"--resume {args.resume}: cannot fetch it: {exc}") from exc
-        return Path(distributed.broadcast(fetched, env))
+            ckpt.verify(fetched)
+            return fetched
+
+        return _on_main(env, fetch)
     if args.resume != "latest" or resume is not None or not args.remote_sync or run_dir is None:
         return resume
-    found = None
-    if env.main:  # a requeued job on a fresh machine
+
+    def pull() -> Optional[Path]:  # a requeued job on a fresh machine
         from .remote import pull
 
         try:
-            pull(args.remote_sync, run_dir.name, run_dir / "checkpoints")
+            pull(args.remote_sync, run_dir.name, run_dir / "checkpoints", folders=args.fsdp)
         except (OSError, ValueError, ImportError) as exc:
             raise TrainingError(f"--resume latest: cannot read the run's copy under --remote-sync "
                                 f"{args.remote_sync}: {exc}") from exc
-        latest = ckpt.find_latest(run_dir / "checkpoints")
-        found = str(latest) if latest else None
-    found = distributed.broadcast(found, env)
-    return Path(found) if found else None
+        return ckpt.find_latest(run_dir / "checkpoints", fsdp=args.fsdp)
+
+    return _on_main(env, pull)
 
 
 def _write_params(args, run_dir: Path) -> None:
@@ -283,8 +318,9 @@ class Run:
         latest = self.ckpt_dir / ckpt.LATEST
         if numbered:
             path = self.ckpt_dir / f"epoch_{completed_epochs}.pt"
-            ckpt.atomic_save(payload, path)
-            ckpt.atomic_copy(path, latest)
+            # epoch_latest first, so that it is the newest checkpoint at every moment (resuming trusts the names)
+            ckpt.atomic_save(payload, latest)
+            ckpt.atomic_copy(latest, path)
             logger.info("saved %s", path)
             previous = self.ckpt_dir / f"epoch_{completed_epochs - 1}.pt"
             if args.delete_previous_checkpoint and previous.exists():
@@ -298,7 +334,8 @@ class Run:
     def _save_dcp(self, completed_epochs: int, progress: Optional[Progress], ranks: List[Any], numbered: bool,
                   epoch_end: bool) -> None:
         """--fsdp: every process writes its shard into a Distributed Checkpoint folder; process 0 adds
-        ``clipkit.pt`` (the rest of a .pt checkpoint) and swaps the complete folder into place."""
+        ``clipkit.pt`` (the rest of a .pt checkpoint) and swaps the complete folder into place as
+        ``epoch_latest``, then copies it to ``epoch_N`` when numbered (as :meth:`save` does with files)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -306,9 +343,8 @@ class Run:
         # the optimizer's keyed by parameter name
         model_state = self.module.state_dict()
         optim_state = get_optimizer_state_dict(self.module, self.optimizer)
-        name = f"epoch_{completed_epochs}" if numbered else ckpt.LATEST_DIR
-        target = self.ckpt_dir / name
-        tmp = self.ckpt_dir / f"{ckpt.TMP_PREFIX}{name}"
+        latest = self.ckpt_dir / ckpt.LATEST_DIR
+        tmp = self.ckpt_dir / f"{ckpt.TMP_PREFIX}{ckpt.LATEST_DIR}"
         if self.env.main:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -320,19 +356,20 @@ class Run:
         # DCP writes .metadata last, once every process's shard is written: its presence marks a whole checkpoint
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
         if self.env.main:
-            ckpt.swap_in(tmp, target)
+            ckpt.swap_in(tmp, latest)
             if numbered:
-                latest_tmp = self.ckpt_dir / f"{ckpt.TMP_PREFIX}{ckpt.LATEST_DIR}"
-                if latest_tmp.exists():
-                    shutil.rmtree(latest_tmp)
-                ckpt.link_tree(target, latest_tmp)
-                ckpt.swap_in(latest_tmp, self.ckpt_dir / ckpt.LATEST_DIR)
+                target = self.ckpt_dir / f"epoch_{completed_epochs}"
+                copy = self.ckpt_dir / f"{ckpt.TMP_PREFIX}{target.name}"
+                if copy.exists():
+                    shutil.rmtree(copy)
+                ckpt.copy_tree(latest, copy)
+                ckpt.swap_in(copy, target)
                 logger.info("saved %s", target)
                 previous = self.ckpt_dir / f"epoch_{completed_epochs - 1}"
                 if self.args.delete_previous_checkpoint and previous.is_dir():
                     shutil.rmtree(previous)
             else:
-                logger.info("saved %s (epoch %d, step %d)", target, completed_epochs + (0 if epoch_end else 1),
+                logger.info("saved %s (epoch %d, step %d)", latest, completed_epochs + (0 if epoch_end else 1),
                             self.step)
             if self.remote is not None:
                 self.remote.sync(final=False)
@@ -344,10 +381,9 @@ class Run:
                                                              set_optimizer_state_dict)
 
         if path.is_dir():
-            import torch.distributed.checkpoint as dcp
-
-            from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
             from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+            from . import _dcp
 
             data = ckpt.read_extras(path)
             # DCP fills in the tensors it is given: the optimizer needs its state (zeros) to receive the saved one
@@ -357,11 +393,16 @@ class Run:
             state = {"model": self.module.state_dict(), "optim": get_optimizer_state_dict(self.module, self.optimizer)}
             with warnings.catch_warnings():  # one process without a group: DCP says it loads alone, as meant
                 warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-                dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+                _dcp.load(state, path, partial=True)  # as data only: never torch's plain unpickling
+            bad = [k for k, v in state["model"].items()
+                   if v.is_floating_point() and not torch.isfinite(_local(v)).all()]
+            if distributed.all_agree(bool(bad), self.env):
+                where = ", ".join(bad[:3]) if bad else "another process's shard"
+                raise TrainingError(f"--resume {path}: non-finite values (NaN or inf) in {where}")
             self.module.load_state_dict(state["model"], strict=True)
             set_optimizer_state_dict(self.module, self.optimizer, state["optim"])
             return data
-        from ..checkpoint import load_state_dict
+        from ..checkpoint import check_values, load_state_dict
 
         data = ckpt.read(path)
         state = data["state_dict"]
@@ -382,6 +423,7 @@ class Run:
         if missing:
             raise TrainingError(f"--resume {path}: the checkpoint lacks {len(missing)} of this model's weights "
                                 f"({', '.join(missing[:3])})")
+        check_values(current, state, {k for k, _ in self.module.named_parameters()}, str(path))
         state = {k: distribute_tensor(state[k].to(v.dtype), v.device_mesh, v.placements) if isinstance(v, DTensor)
                  else state[k].to(v.dtype) for k, v in current.items()}
         self.module.load_state_dict(state, strict=True)

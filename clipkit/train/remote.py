@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Dict, Tuple
 
+from ._runlock import LOCK_FILE
 from .checkpoints import TMP_PREFIX
 
 logger = logging.getLogger("clipkit.train")
@@ -34,7 +35,7 @@ class RemoteSync:
         for path in sorted(self.run_dir.rglob("*"), key=lambda p: (p.name in (".metadata", "clipkit.pt"), str(p))):
             relative = path.relative_to(self.run_dir)
             if not path.is_file() or any(part.startswith(TMP_PREFIX) for part in relative.parts) \
-                    or relative.parts[:2] == ("checkpoints", "fetched"):
+                    or relative.parts[:2] == ("checkpoints", "fetched") or relative == Path(LOCK_FILE):
                 continue
             stat = path.stat()
             key = str(path.relative_to(self.run_dir))
@@ -77,8 +78,9 @@ def fetch(url: str, folder: Path) -> Path:
     return target
 
 
-def pull(url: str, run_name: str, ckpt_dir: Path) -> None:
-    """Copy a run's complete checkpoints from its ``--remote-sync`` copy into ``ckpt_dir`` (resume on a new machine)."""
+def pull(url: str, run_name: str, ckpt_dir: Path, folders: bool) -> None:
+    """Copy a run's complete checkpoints from its ``--remote-sync`` copy into ``ckpt_dir`` (resume on a new machine):
+    its ``.pt`` files, and its checkpoint folders only when ``folders`` (a ``--fsdp`` run)."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url.rstrip("/") + "/" + run_name + "/checkpoints")
@@ -86,7 +88,8 @@ def pull(url: str, run_name: str, ckpt_dir: Path) -> None:
         logger.info("--resume latest: nothing under %s/%s/checkpoints either", url.rstrip("/"), run_name)
         return
     names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
-    wanted = [n for n in names if not n.startswith(TMP_PREFIX) and (n.endswith(".pt") or n.startswith("epoch_"))]
+    wanted = [n for n in names if not n.startswith(TMP_PREFIX)
+              and (n.endswith(".pt") or folders and n.startswith("epoch_"))]
     for name in wanted:
         fetch(f"{url.rstrip('/')}/{run_name}/checkpoints/{name}", ckpt_dir)
     logger.info("--resume latest: copied %d checkpoint(s) of the run back from %s", len(wanted), url)
