@@ -9,19 +9,21 @@ from typing import Optional, Sequence
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the trainer; errors clipkit can explain end the process with one line and exit code 1."""
+    """Run the trainer; errors clipkit can explain end the process with one line and exit code 1, a run
+    stopped by a signal after saving its checkpoint with exit code 75."""
     from ..errors import ClipkitError
     from .args import parse_args
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
-        from .loop import run
+        from .loop import Run
 
-        run(args)
+        Run(args).run(argv)
     except ClipkitError as exc:
         if not getattr(exc, "logged", False):
             print(f"clipkit-train: error: {exc}", file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_code", 1)
     except KeyboardInterrupt:
         print("clipkit-train: interrupted", file=sys.stderr)
         return 130

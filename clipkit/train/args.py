@@ -284,6 +284,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
             try:
                 args.dataset_type = infer_dataset_type(args.train_data, "--train-data")
             except ArgsError as exc:
+                if args.train_data.lower() == "synthetic":  # a guess at the generated data's flag
+                    exc = ArgsError("--train-data synthetic: no such data; generated data is --dataset-type "
+                                    "synthetic --train-num-samples N, without --train-data")
                 problems.append(str(exc))
             if args.dataset_type == "folder":
                 problems.append(f"--train-data {args.train_data!r} is a folder; training needs WebDataset shards "

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -70,11 +72,16 @@ def init(args: Any) -> Env:
 
 def all_agree(flag: bool, env: Env) -> bool:
     """True on every process when ``flag`` is true on any (a stop decided by one is taken by all)."""
+    return bool(all_max(1 if flag else 0, env))
+
+
+def all_max(value: int, env: Env) -> int:
+    """The largest of every process's ``value`` (a small non-negative integer), on every process."""
     if not env.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
+        return value
+    t = torch.tensor([float(value)], device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def broadcast(obj: Any, env: Env) -> Any:
@@ -93,3 +100,101 @@ def barrier(env: Env) -> None:
 def shutdown(env: Env) -> None:
     if (env.distributed or env.group) and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# -- stop signals ----------------------------------------------------------------------------------
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+_ACTIVE: List["StopSignals"] = []
+
+
+class StopSignals:
+    """SIGTERM, SIGINT and SIGUSR1 turned into a request to stop (:attr:`received`, the first signal's
+    number) that the training loop acts on between steps; a second SIGTERM or SIGINT calls ``on_second``
+    at once (which is expected to end the process).
+
+    Python runs signal handlers only when the main thread executes Python code, which a process waiting
+    in a collective does not: the signals also reach a thread through a wake-up pipe, so that the second
+    one acts even then. Forked children (data loader workers) block the three signals: the main process
+    stops them when it stops."""
+
+    def __init__(self, on_first: Callable[[int], None], on_second: Callable[[int], None]):
+        self.received: Optional[int] = None
+        self._on_first, self._on_second = on_first, on_second
+        self._saved: Dict[int, Any] = {}
+        self._fds: Optional[tuple] = None
+        self._wakeup = -1
+
+    def install(self) -> bool:
+        """Take over the signals; False (nothing done) outside the main thread, where Python cannot."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        read, write = os.pipe()
+        os.set_blocking(write, False)  # the C-level handler must never block
+        self._fds = (read, write)
+        self._wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        for sig in STOP_SIGNALS:
+            self._saved[sig] = signal.signal(sig, self._handler)
+        threading.Thread(target=self._watch, args=(read,), name="clipkit-stop-signals", daemon=True).start()
+        _ACTIVE.append(self)
+        return True
+
+    def uninstall(self) -> None:
+        """Give the signals back as they were."""
+        if self._fds is None:
+            return
+        for sig, previous in self._saved.items():
+            signal.signal(sig, previous)
+        signal.set_wakeup_fd(self._wakeup)
+        read, write = self._fds
+        self._fds = None
+        _ACTIVE.remove(self)
+        try:
+            os.write(write, b"\0")  # no signal has number 0: it tells the thread to end
+        except OSError:
+            pass
+        os.close(write)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        # the main thread's record, so that a check right after a signal already sees it
+        if self.received is None:
+            self.received = signum
+
+    def _watch(self, read: int) -> None:
+        count = 0
+        try:
+            while True:
+                data = os.read(read, 64)
+                if not data or 0 in data:
+                    return
+                for signum in data:
+                    if signum not in STOP_SIGNALS:
+                        continue  # another signal that has a Python handler
+                    count += 1
+                    if count == 1:
+                        if self.received is None:
+                            self.received = signum
+                        self._on_first(signum)
+                    elif signum in (signal.SIGTERM, signal.SIGINT):
+                        self._on_second(signum)
+        finally:
+            os.close(read)
+
+
+def _after_fork_in_child() -> None:
+    for stop in _ACTIVE:
+        # blocked, not ignored: torch's data loader workers install their own SIGTERM handler, and
+        # torchrun, SLURM and a terminal's Ctrl-C signal the whole process group
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:  # forked from a thread other than the main one: no wake-up fd to drop
+            pass
+        for fd in stop._fds or ():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _ACTIVE.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import eval_loader, read_list
+from .data import DataError, FolderSource, _source, eval_loader, read_list
 from .loss import clip_metrics
 
 logger = logging.getLogger("clipkit.train")
@@ -57,8 +57,9 @@ def retrieval(run, spec: str) -> Dict[str, Any]:
     return metrics
 
 
-def zero_shot(run, spec: str, classnames: Sequence[str], templates: Sequence[str], prefix: str) -> Dict[str, Any]:
-    """Top-1/top-5 accuracy of the text-derived classifier over labelled images."""
+def zero_shot(run, spec: str, classnames: Sequence[str], templates: Sequence[str], prefix: str,
+              flag: str) -> Dict[str, Any]:
+    """Top-1/top-5 accuracy of the text-derived classifier over labelled images (from ``flag``)."""
     from ..zero_shot import build_zero_shot_classifier
 
     args, model = run.args, run.module
@@ -71,8 +72,11 @@ def zero_shot(run, spec: str, classnames: Sequence[str], templates: Sequence[str
     with torch.no_grad():
         for item in loader.epoch(0):
             labels = item["labels"].to(run.env.device)
-            if labels.max().item() >= len(classnames):
-                raise ValueError(f"{spec}: label {labels.max().item()} but only {len(classnames)} class names")
+            outside = (labels < 0) | (labels >= len(classnames))
+            if outside.any():
+                i = int(outside.nonzero()[0])
+                raise DataError(f"{flag} {spec}: sample {item['keys'][i]} has label {labels[i].item()}, but there "
+                                f"are {len(classnames)} classes (labels 0 to {len(classnames) - 1})")
             with run.autocast():
                 image = model.encode_image(item["images"].to(run.env.device, dtype=run.input_dtype or torch.float32),
                                            normalize=True)
@@ -89,6 +93,52 @@ def zero_shot(run, spec: str, classnames: Sequence[str], templates: Sequence[str
     return {f"{prefix}top1": top1 / n, f"{prefix}top5": top5 / n}
 
 
+def _class_names(args) -> List[str]:
+    if args.zeroshot_classnames:
+        return read_list(args.zeroshot_classnames, "class names")
+    return [c.replace("_", " ") for c in FolderSource(args.zeroshot_data).classes]
+
+
+def _templates(args) -> List[str]:
+    return read_list(args.zeroshot_templates, "templates") if args.zeroshot_templates else ["a photo of a {}."]
+
+
+def check_evaluation(args) -> None:
+    """Fail now, with the flag and the file, on what evaluation would only find after an epoch of
+    training: data that is not there, class names or templates that do not read, more class folders
+    than class names."""
+    from ..zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    def source(flag: str, spec: str, label: bool):
+        try:
+            return _source(spec, "auto", args, label=label)
+        except DataError as exc:
+            raise DataError(f"{flag}: {exc}") from exc
+
+    def classes_fit(flag: str, found, names: Sequence[str], named_by: str) -> None:
+        if isinstance(found, FolderSource) and len(found.classes) > len(names):
+            raise DataError(f"{flag} {found.root}: {len(found.classes)} class folders, but {named_by} has "
+                            f"{len(names)} class names")
+
+    if args.val_data:
+        source("--val-data", args.val_data, False)
+    if args.zeroshot_data:
+        found = source("--zeroshot-data", args.zeroshot_data, True)
+        try:
+            names = _class_names(args)
+        except DataError as exc:
+            raise DataError(f"--zeroshot-classnames: {exc}") from exc
+        try:
+            _templates(args)
+        except DataError as exc:
+            raise DataError(f"--zeroshot-templates: {exc}") from exc
+        if args.zeroshot_classnames:
+            classes_fit("--zeroshot-data", found, names, f"--zeroshot-classnames {args.zeroshot_classnames}")
+    for flag, spec in (("--imagenet-val", args.imagenet_val), ("--imagenet-v2", args.imagenet_v2)):
+        if spec:
+            classes_fit(flag, source(flag, spec, True), IMAGENET_CLASSNAMES, "ImageNet")
+
+
 def evaluate(run, completed: int, final: bool) -> Dict[str, Any]:
     """Every evaluation the flags ask for that is due after ``completed`` epochs."""
     args = run.args
@@ -100,22 +150,16 @@ def evaluate(run, completed: int, final: bool) -> Dict[str, Any]:
             metrics.update(retrieval(run, args.val_data))
         if _due(args.zeroshot_frequency, completed, final):
             if args.zeroshot_data:
-                from .data import FolderSource
-
-                if args.zeroshot_classnames:
-                    names = read_list(args.zeroshot_classnames, "class names")
-                else:
-                    names = [c.replace("_", " ") for c in FolderSource(args.zeroshot_data).classes]
-                templates = (read_list(args.zeroshot_templates, "templates") if args.zeroshot_templates
-                             else ["a photo of a {}."])
-                metrics.update(zero_shot(run, args.zeroshot_data, names, templates, "zeroshot-"))
+                metrics.update(zero_shot(run, args.zeroshot_data, _class_names(args), _templates(args), "zeroshot-",
+                                         "--zeroshot-data"))
             if args.imagenet_val or args.imagenet_v2:
                 from ..zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
-                for spec, prefix in ((args.imagenet_val, "imagenet-zeroshot-val-"),
-                                     (args.imagenet_v2, "imagenetv2-zeroshot-val-")):
+                for spec, prefix, flag in ((args.imagenet_val, "imagenet-zeroshot-val-", "--imagenet-val"),
+                                           (args.imagenet_v2, "imagenetv2-zeroshot-val-", "--imagenet-v2")):
                     if spec:
-                        metrics.update(zero_shot(run, spec, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, prefix))
+                        metrics.update(zero_shot(run, spec, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, prefix,
+                                                 flag))
     finally:
         run.module.train(was_training)
     return metrics

@@ -6,7 +6,9 @@ import logging
 import math
 import os
 import random
+import shlex
 import shutil
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +21,7 @@ from ..errors import ClipkitError
 from . import checkpoints as ckpt
 from . import distributed
 from .data import DataError, Loader, Progress, train_loader
-from .evaluate import evaluate
+from .evaluate import check_evaluation, evaluate
 from .loss import ClipLoss, SigLipLoss
 from .report import Reporter, setup_logging
 from .schedule import learning_rate
@@ -34,6 +36,16 @@ _HEADLINE = ("zeroshot-top1", "zeroshot-top5", "imagenet-zeroshot-val-top1", "im
 
 class TrainingError(ClipkitError):
     """The run cannot go on (a non-finite loss, a run folder in the way)."""
+
+
+# sysexits' EX_TEMPFAIL ("try again later"): stopped on request with a checkpoint, to be continued
+STOPPED_EXIT_CODE = 75
+
+
+class RunStopped(TrainingError):
+    """A stop signal ended the run at a step boundary, after saving a checkpoint."""
+
+    exit_code = STOPPED_EXIT_CODE
 
 
 # -- set-up ---------------------------------------------------------------------------------------
@@ -597,8 +609,13 @@ class Run:
                 if env.main:
                     self._log_step(epoch, step_in_epoch, steps, losses, batch_time, data_time, images.shape[0] * accum,
                                    scale.exp().item())
-            if args.save_every_n_steps and self.step % args.save_every_n_steps == 0 and step_in_epoch < steps:
-                self.save(epoch, loader.progress, epoch_end=False)
+            if step_in_epoch < steps:  # at an epoch's end the epoch's own checkpoint follows
+                stop = self._stop_requested()
+                if stop or args.save_every_n_steps and self.step % args.save_every_n_steps == 0:
+                    self._agree(lambda: self._save(epoch, loader.progress, epoch_end=False), epoch,
+                                "saving a checkpoint")
+                if stop:
+                    raise self._stopped(stop, epoch, step_in_epoch)
             data_time = 0.0
             tick = time.perf_counter()
         if bar is not None:
@@ -654,43 +671,126 @@ class Run:
             logger.info("epoch %d ended after %d of %d batches: the data ran out (%d samples in partial per-worker "
                         "batches and skips)", epoch + 1, progress.batches, self.train_data.num_batches, dropped + bad)
 
-    def run(self) -> Dict[str, Any]:
+    def run(self, argv: Optional[List[str]] = None) -> Dict[str, Any]:
+        """Train (or evaluate) as the flags say. ``argv``, the command line, makes the resume hint
+        of a stopped run the exact command to continue it."""
         args = self.args
         self.env = env = distributed.init(args)
-        run_dir, resume = _prepare_run_dir(args, env)
-        log_file = None
-        if run_dir is not None and (env.main or args.log_local):
-            log_file = run_dir / ("out.log" if not args.log_local or env.main and env.world == 1 else f"out-{env.rank}.log")
-        restore_logging = setup_logging(log_file, args.debug, env.rank, args.log_local)
+        self.argv = argv
         self.reporter = None
+        self.ckpt_dir: Optional[Path] = None
+        self.step, self.epoch = 0, 0
+        # the handlers log, so they come after the log file is open, and only in the main thread
+        self.signals = distributed.StopSignals(self._signal_received, self._second_signal)
+        restore_logging = None
         try:
+            with self._writing("setting up the run folder"):
+                run_dir, resume = _prepare_run_dir(args, env)
+                self.ckpt_dir = run_dir / "checkpoints" if run_dir is not None else None
+                log_file = None
+                if run_dir is not None and (env.main or args.log_local):
+                    log_file = run_dir / ("out.log" if not args.log_local or env.main and env.world == 1
+                                          else f"out-{env.rank}.log")
+                restore_logging = setup_logging(log_file, args.debug, env.rank, args.log_local)
+            self.signals.install()
             return self._start(run_dir, resume)
         except Exception as exc:
             if env.distributed and _lost_peer(exc):
-                exc = TrainingError(f"process {env.rank} lost contact with the others (one failed or was killed): "
-                                    f"{str(exc).splitlines()[0][:300]}. Fix the cause and rerun the same command "
-                                    f"with --resume latest")
+                got = self.signals.received
+                cause = (f"; it got {signal.Signals(got).name}, as torchrun sends when another process fails"
+                         if got else "")
+                exc = TrainingError(f"process {env.rank} lost contact with the others (one failed or was killed"
+                                    f"{cause}): {str(exc).splitlines()[0][:300]}. Fix the cause and "
+                                    f"{self._continue_with()}")
+            elif isinstance(exc, OSError):
+                exc = self._write_error(None, exc)
             if isinstance(exc, ClipkitError):
-                logger.error("%s", exc)  # in out.log too, not only on the terminal
-                exc.logged = True
+                stopped = isinstance(exc, RunStopped)
+                if restore_logging is not None and (env.main or not stopped):
+                    # in out.log too, not only on the terminal
+                    (logger.warning if stopped else logger.error)("%s", exc)
+                # a stopped run says so once, on process 0; the others end with the same exit code
+                exc.logged = restore_logging is not None
                 raise exc
             raise
         finally:
+            self.signals.uninstall()
             if self.reporter is not None:
                 self.reporter.close()
             distributed.shutdown(env)
-            restore_logging()
+            if restore_logging is not None:
+                restore_logging()
+
+    # stopping: signals, failed writes -------------------------------------------------------------
+    def _continue_with(self) -> str:
+        """How to go on from the last checkpoint: the command with ``--resume latest``."""
+        if self.env.distributed or self.argv is None:
+            return "rerun the same command with --resume latest"
+        argv, kept = list(self.argv), []
+        while argv:
+            arg = argv.pop(0)
+            if arg == "--resume":
+                if argv:
+                    argv.pop(0)
+            elif not arg.startswith("--resume="):
+                kept.append(arg)
+        return "continue with: " + shlex.join(["clipkit-train", *kept, "--resume", "latest"])
+
+    def _signal_received(self, signum: int) -> None:
+        # the signal thread: the main thread may be busy for a whole step, so say now that it was heard
+        logger.info("received %s: stopping after this step with a checkpoint (send SIGTERM or SIGINT again to "
+                    "stop at once, without saving)", signal.Signals(signum).name)
+
+    def _second_signal(self, signum: int) -> None:
+        # the signal thread, while the main thread may wait in a collective: end the process from here
+        where = f" in {self.ckpt_dir}" if self.ckpt_dir is not None else ""
+        logger.error("stopped at once by a second %s at epoch %d, step %d, without saving; the last complete "
+                     "checkpoint%s is kept: %s", signal.Signals(signum).name, self.epoch + 1, self.step, where,
+                     self._continue_with())
+        os._exit(128 + signum)
+
+    def _stop_requested(self) -> int:
+        """The stop signal any process got (0: none); every process calls it at the same points."""
+        return distributed.all_max(self.signals.received or 0, self.env)
+
+    def _stopped(self, signum: int, epoch: int, step_in_epoch: int) -> RunStopped:
+        if self.ckpt_dir is None:
+            return RunStopped(f"stopped by {signal.Signals(signum).name} at epoch {epoch + 1} step {step_in_epoch} "
+                              f"(global step {self.step}); nothing saved (--logs is 'none')")
+        return RunStopped(f"stopped by {signal.Signals(signum).name} at epoch {epoch + 1} step {step_in_epoch} "
+                          f"(global step {self.step}); checkpoint saved to "
+                          f"{ckpt.find_latest(self.ckpt_dir) or self.ckpt_dir}; {self._continue_with()}")
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """A failed write (full disk, read-only folder) as one line that names it."""
+        try:
+            yield
+        except OSError as exc:
+            raise self._write_error(what, exc) from exc
+
+    def _write_error(self, what: Optional[str], exc: OSError) -> TrainingError:
+        path = f" ({exc.filename})" if exc.filename else ""
+        latest = ckpt.find_latest(self.ckpt_dir) if self.ckpt_dir is not None and self.ckpt_dir.is_dir() else None
+        resume = (f"after fixing it, --resume latest continues from the last complete checkpoint, {latest}" if latest
+                  else "no checkpoint was saved yet")
+        return TrainingError(f"{what + ' failed' if what else 'the run failed'}: {exc.strerror or exc}{path}; "
+                             f"{resume}")
 
     def _start(self, run_dir: Optional[Path], resume: Optional[Path]) -> Dict[str, Any]:
         args, env = self.args, self.env
         if run_dir is not None and env.main:
-            _write_params(args, run_dir)
+            with self._writing("writing params.txt"):
+                _write_params(args, run_dir)
             if args.copy_codebase:
-                _copy_codebase(run_dir)
+                with self._writing("--copy-codebase"):
+                    _copy_codebase(run_dir)
+        # a typo in an evaluation flag fails now, not after an epoch of training
+        self._agree(lambda: check_evaluation(args) if env.main or args.fsdp else None, None,
+                    "checking the evaluation flags")
         resume = _remote_resume(args, env, run_dir, resume)
         if args.resume == "latest" and resume is None:
             logger.info("--resume latest: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints")
-        self.ckpt_dir = run_dir / "checkpoints" if run_dir is not None else None
         self.remote = None
         if args.remote_sync and env.main:
             from .remote import RemoteSync
@@ -751,13 +851,18 @@ class Run:
         metrics: Dict[str, Any] = {}
         started = time.perf_counter()
         for epoch in range(self.start_epoch, args.epochs):
+            self.epoch = epoch
             done = self.train_epoch(epoch, progress)
             progress = None
             self._epoch_summary(epoch, done)
-            # evaluation and writing happen on process 0: the others learn of its failure instead of
-            # waiting for it in the next collective
+            # writing and evaluation happen on process 0: the others learn of its failure instead of
+            # waiting for it in the next collective. The checkpoint comes first, so that a failed
+            # evaluation never costs the epoch
+            self._agree(lambda: self._save(epoch + 1, None, epoch_end=True), epoch, "saving a checkpoint")
+            stop = self._stop_requested()
+            if stop and epoch + 1 < args.epochs:  # after the last epoch the run finishes: nothing is left
+                raise self._stopped(stop, epoch, done.batches // args.accum_freq)
             metrics = self._agree(lambda: self._evaluate(epoch + 1, final=epoch + 1 == args.epochs), epoch, "evaluating")
-            self._agree(lambda: self.save(epoch + 1, None, epoch_end=True), epoch, "saving a checkpoint")
         if self.remote is not None:
             self.remote.sync(final=True)
         if env.main:
@@ -769,7 +874,7 @@ class Run:
                         (time.perf_counter() - started) / 60, f"; {headline}" if headline else "", where)
         return metrics
 
-    def _agree(self, action: Callable[[], Any], epoch: int, what: str) -> Any:
+    def _agree(self, action: Callable[[], Any], epoch: Optional[int], what: str) -> Any:
         """Run ``action`` on every process; if it fails on any, it fails on all."""
         failure: Optional[BaseException] = None
         result = None
@@ -778,8 +883,13 @@ class Run:
         except Exception as exc:
             failure = exc
         if distributed.all_agree(failure is not None, self.env):
-            raise failure or TrainingError(f"epoch {epoch + 1}: another process failed while {what}; see its log")
+            when = f"epoch {epoch + 1}: " if epoch is not None else ""
+            raise failure or TrainingError(f"{when}another process failed while {what}; see its log")
         return result
+
+    def _save(self, completed_epochs: int, progress: Optional[Progress], epoch_end: bool) -> None:
+        with self._writing("saving a checkpoint"):
+            self.save(completed_epochs, progress, epoch_end)
 
     def _evaluate(self, completed: int, final: bool) -> Dict[str, Any]:
         if not self.env.main and not self.args.fsdp:
@@ -792,7 +902,8 @@ class Run:
             logger.info("eval epoch %d: %s", completed,
                         "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
             self.reporter.scalars({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, self.step)
-            self.reporter.result({**metrics, "epoch": completed, "step": self.step})
+            with self._writing("writing results.jsonl"):
+                self.reporter.result({**metrics, "epoch": completed, "step": self.step})
         return metrics
 
 
