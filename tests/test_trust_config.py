@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +15,11 @@ from clipkit.config import MAX_CONFIG_BYTES, _store
 from clipkit.errors import ClipkitError, ConfigError, PluginWarning
 from clipkit.registry import registry
 
-from conftest import TINY
-
+TINY = {  # as conftest's TINY: a small builtin-tower model
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 48, "heads": 4, "layers": 2},
+}
 VISION = {"image_size": 32, "patch_size": 8, "layers": 1, "width": 32, "head_width": 16}
 
 # a repository with its own code, as on the hub: its modules write a marker when imported
@@ -102,6 +104,7 @@ def test_a_config_never_turns_on_remote_code(evil, tmp_path):
     marker = tmp_path / "marker"
     repo, config = evil / "repo", evil / "evil.json"
     code = f"""
+    import json
     import clipkit
     from clipkit.train import main
 
@@ -118,7 +121,7 @@ def test_a_config_never_turns_on_remote_code(evil, tmp_path):
             call()
             print(name, "LOADED")
         except clipkit.ClipkitError as exc:
-            print(name, "ERROR", repr(str(exc)))
+            print(name, "ERROR", json.dumps(str(exc)))
     status = main(["--model", "{config}", "--dataset-type", "synthetic", "--train-num-samples", "8",
                    "--batch-size", "4", "--epochs", "1", "--workers", "0", "--device", "cpu", "--logs", "{tmp_path}"])
     print("clipkit-train", status)
@@ -133,7 +136,7 @@ def test_a_config_never_turns_on_remote_code(evil, tmp_path):
             assert outcome != "0"
             continue
         kind, message = outcome.split(" ", 1)
-        message = eval(message)  # the repr of one str
+        message = json.loads(message)
         assert kind == "ERROR" and "\n" not in message, (name, message)
         assert repr(str(repo)) in message and "contains custom code" in message
         assert "trust_remote_code=True" in message and "CLIPKIT_TRUST_REMOTE_CODE=1" in message
