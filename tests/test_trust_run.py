@@ -173,6 +173,24 @@ def test_sigterm_mid_epoch_saves_stops_with_one_line_and_resumes_bit_identically
             assert torch.equal(v, got_opt[index][k]), (index, k)
 
 
+def test_a_signal_in_an_epochs_last_step_stops_after_its_checkpoint_before_evaluating(env, tmp_path, monkeypatch):
+    real = loop.learning_rate
+
+    def terminate_in_last_step(args, step, *rest):
+        if step == 7:  # the 8th and last step of epoch 1
+            os.kill(os.getpid(), signal.SIGUSR1)  # as SLURM's --signal=USR1@90
+        return real(args, step, *rest)
+
+    monkeypatch.setattr(loop, "learning_rate", terminate_in_last_step)
+    run_dir = tmp_path / "logs" / "edge"
+    args = base_args(env["model"], env["data"], tmp_path / "logs", "edge", "--val-data", env["zs"])
+    assert run_inprocess(args) == 75
+    log = (run_dir / "out.log").read_text()
+    assert "stopped by SIGUSR1 at epoch 1 step 8 (global step 8); checkpoint saved to " in log
+    assert "eval epoch" not in log and not (run_dir / "checkpoints" / "results.jsonl").exists()
+    assert torch.load(run_dir / "checkpoints" / "epoch_1.pt", weights_only=True)["clipkit"]["step"] == 8
+
+
 def _ignores_sigterm_when_forked() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
     os.kill(os.getpid(), signal.SIGUSR1)
@@ -182,8 +200,11 @@ def _ignores_sigterm_when_forked() -> None:
 def test_stop_signals_second_signal_acts_from_the_thread_and_forked_children_ignore_them():
     import multiprocessing
 
+    import threading
+
     first, second = [], []
-    stop = distributed.StopSignals(first.append, second.append)
+    # the second signal is acted on from a thread of its own: the main thread may be stuck in a collective
+    stop = distributed.StopSignals(first.append, lambda sig: second.append((sig, threading.current_thread().name)))
     assert stop.install()
     try:
         child = multiprocessing.get_context("fork").Process(target=_ignores_sigterm_when_forked)
@@ -198,7 +219,8 @@ def test_stop_signals_second_signal_acts_from_the_thread_and_forked_children_ign
         deadline = time.time() + 10
         while not second and time.time() < deadline:
             time.sleep(0.01)
-        assert stop.received == signal.SIGUSR1 and first == [signal.SIGUSR1] and second == [signal.SIGINT]
+        assert stop.received == signal.SIGUSR1 and first == [signal.SIGUSR1]
+        assert second == [(signal.SIGINT, "clipkit-stop-signals")]
     finally:
         stop.uninstall()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
