@@ -4,14 +4,13 @@ Torch-free: resolving a name reads JSON and may download through ``huggingface_h
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 from ._provenance import PROVENANCE_KEY, check_provenance
-from .config import HF_CONFIG_NAME, get_model_config, model_config_source, parse_model_name, read_hub_config, \
-    read_json_object, unknown_model_message
+from .config import HF_CONFIG_NAME, get_model_config, load_json, model_config_source, parse_model_name, \
+    read_hub_config, read_json_object, unknown_model_message
 from .errors import ClipkitError, UnknownModelError
 from .pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, download_from_hub, download_pretrained, \
     get_pretrained_cfg, list_pretrained_tags_by_model
@@ -90,9 +89,10 @@ def folder_preprocess(path: Path) -> Dict[str, Any]:
     if not config.is_file():
         return {}
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("preprocess_cfg", {})
+        data = load_json(config)  # bounded, as every config file clipkit reads
     except ValueError:
         return {}
+    return data.get("preprocess_cfg", {}) if isinstance(data, dict) else {}
 
 
 def match_activation(raw: Dict[str, Any], tag_cfg: Dict[str, Any], model_name: str, tag: str, forced: bool) -> None:
