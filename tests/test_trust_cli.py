@@ -1,5 +1,9 @@
 """The ``clipkit`` command on bad input and closed pipes: one line and an exit status, never a traceback."""
+import contextlib
+import inspect
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +183,174 @@ def test_resuming_a_checkpoint_names_the_missing_plugin(plugin_checkpoint, tmp_p
                           "--logs", tmp_path / "logs", "--name", "resumed", "--resume", ckpt]) == 1
     log = (tmp_path / "logs" / "resumed" / "out.log").read_text()
     assert "unknown vision tower type 'tinyconv'" in log and f"\n{ckpt}: {NOTE}\n" in log
+
+
+# -- the docs say what the code does -------------------------------------------------------------------------
+ROOT = Path(__file__).parent.parent
+PLUGINS_MD = (ROOT / "docs" / "plugins.md").read_text()
+README = (ROOT / "README.md").read_text()
+
+
+def _block_after(text: str, marker: str, lang: str) -> str:
+    """The first ```lang code block after ``marker``."""
+    start = text.index(marker)
+    match = re.compile(rf"^```{lang}\n(.*?)^```$", re.S | re.M).search(text, start)
+    assert match, f"no {lang} block after {marker!r}"
+    return match.group(1)
+
+
+def test_the_worked_plugin_example_passes_its_own_contract_and_runs_as_shown(tmp_path, monkeypatch, clipkit_plugins):
+    from clipkit.testing import contract_cases
+
+    example = PLUGINS_MD[PLUGINS_MD.index("## Worked example"):PLUGINS_MD.index("## Reference")]
+    package = tmp_path / "clipkit_plugin_tinyconv"
+    package.mkdir()
+    (package / "__init__.py").write_text(_block_after(example, "### `clipkit_plugin_tinyconv/__init__.py`", "python"))
+    (package / "model.py").write_text(_block_after(example, "### `clipkit_plugin_tinyconv/model.py`", "python"))
+    (tmp_path / "my_configs").mkdir()
+    (tmp_path / "my_configs" / "tinyconv-tiny.json").write_text(
+        _block_after(example, "### `my_configs/tinyconv-tiny.json`", "json"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    try:
+        import clipkit_plugin_tinyconv
+
+        clipkit_plugins.register(clipkit_plugin_tinyconv, "tinyconv")
+        cases = contract_cases("tinyconv")
+        assert {str(c) for c in cases} >= {"vision_tower:tinyconv:builds", "vision_tower:tinyconv:freezer",
+                                           "model_config:TinyConv-S:validates"}
+        for case in cases:
+            case.run()
+
+        usage = _block_after(example, "### Use it from Python", "python")
+        expected = [line.split("#")[-1].strip() for line in usage.splitlines() if line.startswith("print(")]
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(usage, "docs/plugins.md", "exec"), {})
+        assert printed.getvalue().splitlines() == expected
+    finally:
+        for name in [m for m in sys.modules if m.startswith("clipkit_plugin_tinyconv")]:
+            del sys.modules[name]
+
+
+def test_the_pooler_call_is_documented_as_the_hf_tower_makes_it():
+    from clipkit.registry import registry
+
+    section = PLUGINS_MD[PLUGINS_MD.index("#### `register_poolers(register)`"):]
+    call = re.search(r"^pooler\((.*)\) -> Tensor\[B, D\]$", _block_after(section, "", "python"), re.M)
+    assert call and call.group(1) == "hidden_states, attention_mask, pooler_output=None"
+    assert "`cls_token_position`" in section.split("####")[1]
+    positions = {}
+    for entry in registry.entries("pooler"):
+        pooler = entry.load()(None)
+        params = list(inspect.signature(pooler.forward).parameters.values())
+        assert len(params) == 3 and params[2].name == "pooler_output" and params[2].default is None, entry.name
+        positions[entry.name] = pooler.cls_token_position
+    assert positions == {"mean_pooler": None, "max_pooler": None, "cls_pooler": 0, "cls_last_hidden_state_pooler": 0}
+
+
+def test_the_documented_license_line_builds_with_the_setuptools_the_scaffold_requires(tmp_path, capsys):
+    import tomllib
+
+    import setuptools
+
+    assert main(["plugin", "new", "licensed", "-o", str(tmp_path)]) == 0
+    root = tmp_path / "clipkit-plugin-licensed"
+    pyproject = (root / "pyproject.toml").read_text()
+    required = tomllib.loads(pyproject)["build-system"]["requires"]
+    worked = tomllib.loads(_block_after(PLUGINS_MD, "### `pyproject.toml`", "toml"))["build-system"]["requires"]
+    assert required == worked == ["setuptools>=77"]  # 77 is the first release that reads license = "SPDX"
+    assert int(setuptools.__version__.split(".")[0]) >= 77, "the dev environment needs what the scaffold needs"
+
+    license_lines = _block_after(PLUGINS_MD, "Add a license first", "toml")
+    assert 'license = "MIT"' in license_lines
+    pyproject = pyproject.replace('version = "0.1.0"\n', 'version = "0.1.0"\n' + license_lines, 1)
+    (root / "pyproject.toml").write_text(pyproject)
+    (root / "LICENSE").write_text("MIT License\n")
+    site = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--no-index", "--target", str(site), str(root)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    metadata = next(site.glob("clipkit_plugin_licensed-0.1.0.dist-info")) / "METADATA"
+    assert "License-Expression: MIT" in metadata.read_text().splitlines()
+
+
+def test_a_negative_unlock_count_raises_the_documented_error():
+    from clipkit import errors
+    from clipkit.freeze import lock_layer_groups
+
+    api = (ROOT / "docs" / "api.md").read_text()
+    documented = {re.search(r"a negative value is a\s+`(\w+)`", PLUGINS_MD).group(1),
+                  re.search(r"a negative or non-int\s+value raises `(\w+)`", api).group(1)}
+    assert len(documented) == 1
+    error = getattr(errors, documented.pop())
+    model = clipkit.create_model("ViT-B-32", device="meta")
+    for lock in (lambda: lock_layer_groups(model.visual, -1), lambda: model.lock_image_tower(-1),
+                 lambda: model.lock_text_tower(unlocked_layers=-2)):
+        with pytest.raises(errors.ClipkitError) as info:
+            lock()
+        assert type(info.value) is error
+
+
+def test_the_json_formats_are_documented_key_for_key(tmp_path, tiny_cfg, capsys, clipkit_plugins):
+    from clipkit.registry import KIND_TITLES
+
+    @clipkit.hookimpl
+    def register_vision_towers(register):
+        raise RuntimeError("boom")
+
+    with pytest.warns(clipkit.PluginWarning):  # a failed plugin: the one place "error" appears
+        clipkit_plugins.module("broken_docs_plugin", register_vision_towers=register_vision_towers)
+
+    def keys(value):
+        """The key structure of a JSON value; a list stands for its elements' keys, merged."""
+        if isinstance(value, dict):
+            return {k: keys(v) for k, v in value.items()}
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            merged = {}
+            for item in value:
+                for k, v in keys(item).items():
+                    merged[k] = v if k not in merged or not isinstance(v, dict) else {**merged[k], **v}
+            return [merged]
+        return None
+
+    def documented(marker):
+        return json.loads(_block_after(README, marker, "json"))
+
+    assert main(["models", "--json"]) == 0
+    assert keys(json.loads(capsys.readouterr().out)) == keys(documented("`clipkit models --json`"))
+
+    assert main(["plugins", "--json"]) == 0
+    emitted, doc = json.loads(capsys.readouterr().out), documented("`clipkit plugins --json`")
+    assert set(emitted) == set(doc) == {"plugins", "conflicts"}
+    assert set().union(*(p.keys() for p in emitted["plugins"])) == set(doc["plugins"][0])
+    assert all(set(p) == set(doc["plugins"][0]) - {"error"} for p in emitted["plugins"] if p["status"] != "failed")
+    said = README[README.index("`registers` maps") + len("`registers` maps"):README.index("to the names registered")]
+    kinds = set(re.findall(r"`(\w+)`", said))
+    assert kinds == set(KIND_TITLES) >= set().union(*(p["registers"] for p in emitted["plugins"]))
+    listed = re.search(r"`clipkit plugins --json` prints the same information as JSON: (.*?)\.\n\n", PLUGINS_MD, re.S)
+    assert set(re.findall(r"`(\w+)`", listed.group(1))) == set(doc["plugins"][0])
+
+    assert main(["trainable", tiny_cfg_file(tmp_path, tiny_cfg), "--lock-image", "--json"]) == 0
+    assert keys(json.loads(capsys.readouterr().out)) == keys(documented("`clipkit trainable MODEL --json`"))
+
+
+def test_the_readme_counts_the_configs_that_ship():
+    import importlib.util
+
+    open_clip = Path(importlib.util.find_spec("open_clip").origin).parent  # its files; importing it takes seconds
+    shipped = {p.stem for p in (ROOT / "clipkit" / "model_configs").glob("*.json")}
+    resnet = {p.stem for p in (ROOT / "plugins").glob("clipkit-plugin-resnet/clipkit_plugin_resnet/model_configs/*.json")}
+    claim = re.search(r"(\d+) configs ship \((\d+) with clipkit, (\d+) ResNet ones with the\s+plugin\): all of "
+                      r"OpenCLIP 3\.3\.0's but CoCa's and the two NLLB-SigLIP ones", README)
+    assert claim, "README: the sentence counting the shipped configs changed; update this test with it"
+    assert tuple(map(int, claim.groups())) == (len(shipped | resnet), len(shipped), len(resnet)) == (138, 128, 10)
+    theirs = {p.stem for p in (open_clip / "model_configs").glob("*.json")
+              if "multimodal_cfg" not in json.loads(p.read_text())}
+    assert theirs - (shipped | resnet) == {"nllb-clip-base-siglip", "nllb-clip-large-siglip"}
+
+
+def test_the_readme_does_not_call_remote_resume_missing():
+    not_yet = re.search(r"^Not yet: (.*?)\.", README, re.M | re.S).group(1)
+    assert "remote" not in not_yet and "URL" not in not_yet
+    assert "`--resume s3://...`" in README
