@@ -191,6 +191,26 @@ def test_a_signal_in_an_epochs_last_step_stops_after_its_checkpoint_before_evalu
     assert torch.load(run_dir / "checkpoints" / "epoch_1.pt", weights_only=True)["clipkit"]["step"] == 8
 
 
+def test_a_signal_while_evaluating_the_saved_epoch_stops_at_once(env, tmp_path, monkeypatch):
+    real = loop.evaluate
+
+    def interrupted(run, completed, final):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+        return real(run, completed, final)
+
+    monkeypatch.setattr(loop, "evaluate", interrupted)
+    run_dir = tmp_path / "logs" / "ctrl-c"
+    args = base_args(env["model"], env["data"], tmp_path / "logs", "ctrl-c", "--val-data", env["zs"],
+                     "--train-num-samples", "16")
+    assert run_inprocess(args) == 75
+    log = (run_dir / "out.log").read_text()
+    [line] = [line for line in log.splitlines() if "stopped by" in line]
+    assert line.split(" | WARNING | ")[-1].startswith(
+        f"stopped by SIGINT while evaluating epoch 1; the last checkpoint is {run_dir / 'checkpoints'}")
+    assert "continue with: clipkit-train " in line and "Traceback" not in log
+    assert torch.load(run_dir / "checkpoints" / "epoch_1.pt", weights_only=True)["clipkit"]["step"] == 2
+
+
 def _ignores_sigterm_when_forked() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
     os.kill(os.getpid(), signal.SIGUSR1)
@@ -202,10 +222,20 @@ def test_stop_signals_second_signal_acts_from_the_thread_and_forked_children_ign
 
     import threading
 
+    outside_steps = distributed.StopSignals(print, print)
+    assert outside_steps.install()
+    try:
+        with pytest.raises(distributed.Interrupted) as raised:  # not deferred: raised in the main thread
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert raised.value.signum == signal.SIGTERM
+    finally:
+        outside_steps.uninstall()
+
     first, second = [], []
     # the second signal is acted on from a thread of its own: the main thread may be stuck in a collective
     stop = distributed.StopSignals(first.append, lambda sig: second.append((sig, threading.current_thread().name)))
     assert stop.install()
+    stop.defer = True
     try:
         child = multiprocessing.get_context("fork").Process(target=_ignores_sigterm_when_forked)
         child.start()

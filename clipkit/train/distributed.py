@@ -107,10 +107,21 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _ACTIVE: List["StopSignals"] = []
 
 
+class Interrupted(BaseException):
+    """A stop signal where nothing has to be finished first, raised in the main thread as
+    ``KeyboardInterrupt`` is (so that ``except Exception`` does not swallow it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopSignals:
     """SIGTERM, SIGINT and SIGUSR1 turned into a request to stop (:attr:`received`, the first signal's
-    number) that the training loop acts on between steps; a second SIGTERM or SIGINT calls ``on_second``
-    at once (which is expected to end the process).
+    number). While :attr:`defer` is true (training steps, saving) the signal is only recorded, for the
+    training loop to act on between steps (``on_first`` is told); otherwise it raises :class:`Interrupted`
+    in the main thread. A second SIGTERM or SIGINT calls ``on_second`` at once (which is expected to end
+    the process).
 
     Python runs signal handlers only when the main thread executes Python code, which a process waiting
     in a collective does not: the signals also reach a thread through a wake-up pipe, so that the second
@@ -119,6 +130,7 @@ class StopSignals:
 
     def __init__(self, on_first: Callable[[int], None], on_second: Callable[[int], None]):
         self.received: Optional[int] = None
+        self.defer = False
         self._on_first, self._on_second = on_first, on_second
         self._saved: Dict[int, Any] = {}
         self._fds: Optional[tuple] = None
@@ -158,6 +170,8 @@ class StopSignals:
         # the main thread's record, so that a check right after a signal already sees it
         if self.received is None:
             self.received = signum
+        if not self.defer:
+            raise Interrupted(signum)
 
     def _watch(self, read: int) -> None:
         count = 0
@@ -173,7 +187,8 @@ class StopSignals:
                     if count == 1:
                         if self.received is None:
                             self.received = signum
-                        self._on_first(signum)
+                        if self.defer:
+                            self._on_first(signum)
                     elif signum in (signal.SIGTERM, signal.SIGINT):
                         self._on_second(signum)
         finally:

@@ -680,7 +680,7 @@ class Run:
         self.reporter = None
         self.ckpt_dir: Optional[Path] = None
         self.step, self.epoch = 0, 0
-        # the handlers log, so they come after the log file is open, and only in the main thread
+        self.stage = "setting up"
         self.signals = distributed.StopSignals(self._signal_received, self._second_signal)
         restore_logging = None
         try:
@@ -692,10 +692,12 @@ class Run:
                     log_file = run_dir / ("out.log" if not args.log_local or env.main and env.world == 1
                                           else f"out-{env.rank}.log")
                 restore_logging = setup_logging(log_file, args.debug, env.rank, args.log_local)
-            self.signals.install()
+            self.signals.install()  # they log: once the log file is open
             return self._start(run_dir, resume)
-        except Exception as exc:
-            if env.distributed and _lost_peer(exc):
+        except (Exception, distributed.Interrupted) as exc:
+            if isinstance(exc, distributed.Interrupted):
+                exc = self._interrupted(exc.signum)
+            elif env.distributed and _lost_peer(exc):
                 got = self.signals.received
                 cause = (f"; it got {signal.Signals(got).name}, as torchrun sends when another process fails"
                          if got else "")
@@ -748,6 +750,13 @@ class Run:
                      "checkpoint%s is kept: %s", signal.Signals(signum).name, self.epoch + 1, self.step, where,
                      self._continue_with())
         os._exit(128 + signum)
+
+    def _interrupted(self, signum: int) -> RunStopped:
+        """A signal outside the training steps: nothing to finish, the last checkpoint is all there is."""
+        latest = ckpt.find_latest(self.ckpt_dir) if self.ckpt_dir is not None and self.ckpt_dir.is_dir() else None
+        saved = f"the last checkpoint is {latest}" if latest else "no checkpoint was saved"
+        go_on = f"; {self._continue_with()}" if self.args.train_data or self.args.dataset_type == "synthetic" else ""
+        return RunStopped(f"stopped by {signal.Signals(signum).name} while {self.stage}; {saved}{go_on}")
 
     def _stop_requested(self) -> int:
         """The stop signal any process got (0: none); every process calls it at the same points."""
@@ -844,6 +853,7 @@ class Run:
         if not (args.fsdp and has_train):
             self._wrap()
         if not has_train:
+            self.stage = "evaluating"
             return self._evaluate(0, final=True)
         logger.info("training %d epochs of %d steps (%d samples, batch %d x %d processes x %d accumulation)",
                     args.epochs, self.steps_per_epoch, self.train_data.num_samples, args.batch_size, env.world,
@@ -852,6 +862,7 @@ class Run:
         started = time.perf_counter()
         for epoch in range(self.start_epoch, args.epochs):
             self.epoch = epoch
+            self.signals.defer = True  # a step and a save are finished before a signal is acted on
             done = self.train_epoch(epoch, progress)
             progress = None
             self._epoch_summary(epoch, done)
@@ -862,7 +873,10 @@ class Run:
             stop = self._stop_requested()
             if stop and epoch + 1 < args.epochs:  # after the last epoch the run finishes: nothing is left
                 raise self._stopped(stop, epoch, done.batches // args.accum_freq)
+            # the epoch is saved: a signal while evaluating it stops at once
+            self.signals.defer, self.stage = False, f"evaluating epoch {epoch + 1}"
             metrics = self._agree(lambda: self._evaluate(epoch + 1, final=epoch + 1 == args.epochs), epoch, "evaluating")
+        self.stage = "copying the run to --remote-sync"
         if self.remote is not None:
             self.remote.sync(final=True)
         if env.main:
