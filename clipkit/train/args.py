@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "a JSON list or one per line")
     g.add_argument("--max-bad-sample-fraction", type=_fraction, default=0.5,
                    help="abort when more than this fraction of an epoch's samples is unreadable (default: 0.5)")
+    g.add_argument("--max-image-pixels", type=pos_int,
+                   help="skip (count too_large) images with more pixels, read from the header before decoding "
+                        "(default: the larger of 32 million and (8 x the model's input side)^2)")
     g.add_argument("--workers", type=int, default=4, help="data loader processes per GPU (default: 4)")
     g.add_argument("--batch-size", type=pos_int, default=64, help="batch size per GPU (default: 64)")
     g.add_argument("--cache-dir", help="where pretrained weights and tokenizers are cached")

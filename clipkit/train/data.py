@@ -9,10 +9,14 @@ resumed run reaches the exact position of a killed one by letting each worker sk
 delivered, undecoded and untransformed, and rotating the worker cycle to where it stopped.
 
 Unreadable samples are dropped before batching and counted by kind (see :data:`SKIP_KINDS`); each
-item carries its worker's running counts, so the counts survive resume and reach the log.
+item carries its worker's running counts, so the counts survive resume and reach the log. Nothing a
+sample holds can end the run: any error decoding or transforming one sample is that sample's, and a
+worker holds at most one decoded image at a time (each sample is transformed as it is decoded), under a
+pixel limit checked from the image header before any pixels are decoded.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -20,6 +24,7 @@ import logging
 import math
 import os
 import random
+import warnings
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -29,6 +34,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..builtin.tokenizers.clip_bpe import text_cap
 from ..errors import ClipkitError
 from . import shards as wds
 
@@ -37,7 +43,23 @@ logger = logging.getLogger("clipkit.train")
 SKIP_KINDS = ("bad_image", "empty_image", "missing_image", "missing_caption", "missing_label", "bad_caption",
               "too_large", "bad_shard")
 SHUFFLE_BUFFER = 2000  # raw samples per worker between shard order and batching (OpenCLIP: 5000 decoded)
-MAX_IMAGE_PIXELS = 128_000_000  # decompression-bomb guard, as OpenCLIP
+# The decompression-bomb guard (see max_image_pixels). A decode costs up to ~7 bytes a pixel (RGBA plus the
+# RGB copy), so the floor lets a worker hold one 32 MP image (6,500 x 4,900: any camera or scan in common
+# use) in ~220 MB; models with larger inputs get room for 8x their side.
+IMAGE_PIXELS_FLOOR = 32_000_000
+IMAGE_PIXELS_SIDE_FACTOR = 8
+# JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) as long as the shorter side stays at least this many
+# times the model's input: a random resized crop of 8% of the area (ratio 4/3) still has input-size pixels
+DRAFT_SIDE_FACTOR = 4
+# PIL formats a sample may be: what the web and cameras produce. Others (EPS runs Ghostscript, and
+# dozens of rarely exercised parsers) count as bad_image whatever the member's extension claims.
+DECODE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "ICO", "AVIF")
+
+
+def max_image_pixels(image_size: Optional[int]) -> int:
+    """The default pixel limit for a model whose input side is ``image_size`` (``--max-image-pixels`` overrides)."""
+    side = IMAGE_PIXELS_SIDE_FACTOR * (image_size or 0)
+    return max(IMAGE_PIXELS_FLOOR, side * side)
 
 
 class DataError(ClipkitError):
@@ -116,11 +138,17 @@ class CsvSource(Source):
     def read(self, units, counts):
         for i in units:
             path, caption = self.rows[i]
-            try:
-                image = Path(path).read_bytes()
-            except OSError:
-                image = None
-            yield {"__key__": f"{self.path}:{i + 2}", "image": image, "text": caption, "label": None}
+            yield {"__key__": f"{self.path}:{i + 2}", "image": _read_file(path), "text": caption, "label": None}
+
+
+def _read_file(path: str) -> Any:
+    """A file's bytes, ``None`` when it cannot be read, or :data:`shards.TOO_LARGE` (not read)."""
+    try:
+        if os.path.getsize(path) > wds.MAX_MEMBER_BYTES:
+            return wds.TOO_LARGE
+        return Path(path).read_bytes()
+    except OSError:
+        return None
 
 
 class FolderSource(Source):
@@ -143,7 +171,7 @@ class FolderSource(Source):
     def read(self, units, counts):
         for i in units:
             path, label = self.items[i]
-            yield {"__key__": path, "image": Path(path).read_bytes(), "text": None, "label": label}
+            yield {"__key__": path, "image": _read_file(path), "text": None, "label": label}
 
 
 class SyntheticSource(Source):
@@ -187,8 +215,29 @@ class SyntheticSource(Source):
 
 
 # -- the per-worker stream ------------------------------------------------------------------------
-def _decode(raw: Dict[str, Any], needs: str, counts: Dict[str, int]):
-    """``(PIL RGB image, text or label, key)``, or ``None`` after counting why the sample is unusable."""
+@contextlib.contextmanager
+def _pixel_limit(limit: int):
+    """PIL's own bomb guard set to ``limit`` (it refuses at twice that) and silent: clipkit's limit decides."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _decode(raw: Dict[str, Any], needs: str, counts: Dict[str, int], *, max_pixels: int,
+            draft_side: Optional[int] = None, caption_chars: Optional[int] = None):
+    """``(PIL RGB image, text or label, key)``, or ``None`` after counting why the sample is unusable.
+
+    The image size is checked from its header (after choosing a reduced JPEG scale of at least
+    ``draft_side``) against ``max_pixels`` before anything is decoded; captions are cut to ``caption_chars``.
+    Whatever a sample's bytes make the decoders raise is counted against the sample.
+    """
     from PIL import Image
 
     def skip(kind: str):
@@ -202,11 +251,12 @@ def _decode(raw: Dict[str, Any], needs: str, counts: Dict[str, int]):
         target = raw["text"]
         if target is None:
             return skip("missing_caption")
-        if isinstance(target, bytes):
-            try:
+        try:
+            if isinstance(target, bytes):
                 target = target.decode("utf-8")
-            except UnicodeDecodeError:
-                return skip("bad_caption")
+            target = str(target)[:caption_chars]
+        except Exception:
+            return skip("bad_caption")
         if not target.strip():
             return skip("missing_caption")
     else:
@@ -215,7 +265,7 @@ def _decode(raw: Dict[str, Any], needs: str, counts: Dict[str, int]):
             return skip("missing_label")
         try:
             target = int(target.decode("utf-8") if isinstance(target, bytes) else target)
-        except ValueError:
+        except Exception:
             return skip("missing_label")
     image = raw["image"]
     if image is None:
@@ -224,13 +274,24 @@ def _decode(raw: Dict[str, Any], needs: str, counts: Dict[str, int]):
         if not image:
             return skip("empty_image")
         try:
-            with Image.open(io.BytesIO(image)) as img:
-                if img.width * img.height > MAX_IMAGE_PIXELS:
+            with _pixel_limit(max_pixels), Image.open(io.BytesIO(image), formats=_formats()) as img:
+                if draft_side and img.format in ("JPEG", "MPO"):
+                    img.draft(img.mode, (draft_side, draft_side))
+                if img.width * img.height > max_pixels:
                     return skip("too_large")
                 image = img.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except Image.DecompressionBombError:
+            return skip("too_large")
+        except Exception:  # PIL's parsers raise far more than OSError on crafted bytes
             return skip("bad_image")
     return image.convert("RGB") if image.mode != "RGB" else image, target, raw["__key__"]
+
+
+def _formats() -> List[str]:
+    from PIL import Image
+
+    Image.init()
+    return [f for f in DECODE_FORMATS if f in Image.OPEN]
 
 
 def _shuffled(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[Any]:
@@ -256,10 +317,15 @@ class EpochStream(IterableDataset):
     """
 
     def __init__(self, source: Source, *, batch_size: int, transform: Callable, tokenizer: Optional[Callable],
-                 train: bool, seed: int = 0, rank: int = 0, world: int = 1, resampled: bool = False):
+                 train: bool, seed: int = 0, rank: int = 0, world: int = 1, resampled: bool = False,
+                 image_size: Optional[int] = None, max_pixels: Optional[int] = None):
         self.source, self.batch_size, self.transform, self.tokenizer = source, batch_size, transform, tokenizer
         self.train, self.seed, self.rank, self.world, self.resampled = train, seed, rank, world, resampled
         self.needs = "text" if tokenizer is not None else "label"
+        self.max_pixels = max_pixels or max_image_pixels(image_size)
+        self.draft_side = DRAFT_SIDE_FACTOR * image_size if image_size else None
+        context = getattr(tokenizer, "context_length", None)
+        self.caption_chars = text_cap(context if isinstance(context, int) else 77)
         self.epoch = 0
         self.skip: List[int] = []  # items each logical worker already delivered (resume)
         self.rotate = 0  # the logical worker that physical worker 0 plays (resume)
@@ -288,10 +354,23 @@ class EpochStream(IterableDataset):
                              self.source.shuffle_buffer)
         index, pending = 0, []
         for raw in raws:
-            sample = _decode(raw, self.needs, counts)
+            sample = _decode(raw, self.needs, counts, max_pixels=self.max_pixels, draft_side=self.draft_side,
+                             caption_chars=self.caption_chars)
             if sample is None:
                 continue
-            pending.append(sample)
+            image, target, key = sample
+            if index >= skip:
+                # transformed now, so that only input-sized tensors wait for the batch to fill
+                try:
+                    image = self._transform(image, key)
+                except Exception:
+                    counts["bad_image"] = counts.get("bad_image", 0) + 1
+                    continue
+            else:
+                # a batch delivered before the resume: only which samples decode matters (a transform
+                # failure, which a decodable RGB image should never cause, would shift these batches)
+                image = None
+            pending.append((image, target, key))
             if len(pending) == self.batch_size:
                 if index >= skip:
                     yield self._batch(pending, worker, index, counts)
@@ -303,29 +382,28 @@ class EpochStream(IterableDataset):
         if index >= skip:
             yield {"worker": worker, "index": index, "final": True, "stats": dict(counts), "dropped": len(pending)}
 
-    def _batch(self, samples: List[Any], worker: int, index: int, counts: Dict[str, int]) -> Dict[str, Any]:
-        images, targets, keys = zip(*samples)
-        if self.train:
-            # augmentations draw from torch's and Python's global generators: seed them per sample, from
-            # its key and the epoch, so that a replayed batch is augmented exactly as the first time and a
-            # sample gets the same crop whatever the number of processes and workers
-            state = random.getstate()
-            epoch_seed = hash((self.seed, self.epoch))
+    def _transform(self, image: Any, key: str) -> torch.Tensor:
+        if not self.train:
+            return self.transform(image)
+        # augmentations draw from torch's and Python's global generators: seed them per sample, from its
+        # key and the epoch, so that a replayed batch is augmented exactly as the first time and a sample
+        # gets the same crop whatever the number of processes and workers
+        state = random.getstate()
+        try:
             with torch.random.fork_rng(devices=[]):
-                out = []
-                for img, key in zip(images, keys):
-                    # the key without its folder: the same crops wherever the dataset lives
-                    stable = key.rsplit("/", 1)[-1].encode("utf-8")
-                    seed = hash((epoch_seed, zlib.crc32(stable))) & 0x7FFF_FFFF_FFFF_FFFF
-                    torch.manual_seed(seed)
-                    random.seed(seed)
-                    out.append(self.transform(img))
-                pixels = torch.stack(out)
+                # the key without its folder: the same crops wherever the dataset lives
+                stable = key.rsplit("/", 1)[-1].encode("utf-8")
+                seed = hash((hash((self.seed, self.epoch)), zlib.crc32(stable))) & 0x7FFF_FFFF_FFFF_FFFF
+                torch.manual_seed(seed)
+                random.seed(seed)
+                return self.transform(image)
+        finally:
             random.setstate(state)
-        else:
-            pixels = torch.stack([self.transform(img) for img in images])
-        item = {"worker": worker, "index": index, "images": pixels, "keys": list(keys), "stats": dict(counts),
-                "final": False}
+
+    def _batch(self, samples: List[Any], worker: int, index: int, counts: Dict[str, int]) -> Dict[str, Any]:
+        pixels, targets, keys = zip(*samples)
+        item = {"worker": worker, "index": index, "images": torch.stack(pixels), "keys": list(keys),
+                "stats": dict(counts), "final": False}
         if self.needs == "text":
             item["texts"] = self.tokenizer(list(targets))
         else:
@@ -455,16 +533,17 @@ def train_loader(args, transform, tokenizer, rank: int, world: int, image_size: 
             logger.warning("%d shards for %d data workers: %d workers will have no data (no hang, but slower); "
                            "write more shards or lower --workers", len(source.urls), slots, slots - len(source.urls))
     stream = EpochStream(source, batch_size=args.batch_size, transform=transform, tokenizer=tokenizer, train=True,
-                         seed=args.seed, rank=rank, world=world, resampled=args.dataset_resampled)
+                         seed=args.seed, rank=rank, world=world, resampled=args.dataset_resampled,
+                         image_size=image_size, max_pixels=getattr(args, "max_image_pixels", None))
     return Loader(stream, args.workers, num_samples, num_batches)
 
 
 def eval_loader(spec: str, dataset_type: str, args, transform, tokenizer, *, label: bool = False,
-                num_samples: Optional[int] = None) -> Loader:
+                num_samples: Optional[int] = None, image_size: Optional[int] = None) -> Loader:
     """An evaluation loader on one process: natural order, partial last batches, no augmentation."""
     source = _source(spec, dataset_type, args, label=label)
     stream = EpochStream(source, batch_size=args.batch_size, transform=transform, tokenizer=tokenizer, train=False,
-                         seed=args.seed)
+                         seed=args.seed, image_size=image_size, max_pixels=getattr(args, "max_image_pixels", None))
     limit = None if num_samples is None else math.ceil(num_samples / args.batch_size)
     return Loader(stream, args.workers, num_samples or 0, limit)
 

@@ -56,19 +56,40 @@ def open_url(url: str):
     return open(url.removeprefix("file:"), "rb")
 
 
+class _Member(tarfile.TarInfo):
+    """A tar header that records, on its archive, whether the end-of-archive marker was read.
+
+    ``tarfile`` ends iteration alike on the zero block that closes an archive and on a file that simply
+    stops (cut on a 512-byte boundary) or a garbage header: only the marker tells a whole shard.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.clipkit_end_seen = True
+            raise
+
+
 def iter_shard(url: str, wanted: Sequence[str], counts: Dict[str, int]) -> Iterator[Dict[str, Any]]:
     """Samples ``{"__key__", "__url__", EXT: bytes, ...}`` of one shard, in file order.
 
     Only members whose extension is in ``wanted`` are read. A shard that cannot be opened or read to
-    its end counts one ``bad_shard`` (its complete samples before the damage are kept); an oversized
-    member is not read: :data:`TOO_LARGE` stands in for it.
+    its end, or that ends without the end-of-archive marker (a truncated file), counts one ``bad_shard``
+    (its complete samples before the damage are kept); an oversized member is not read:
+    :data:`TOO_LARGE` stands in for it.
     """
     current: Optional[Dict[str, Any]] = None
     stream, damaged = None, False
     try:
         stream = open_url(url)
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_Member) as tar:
+            while True:
+                info = tar.next()
+                if info is None:
+                    break
+                tar.members.clear()  # a stream is read once: keep no headers, however many members a shard has
                 if not info.isreg():
                     continue
                 key, ext = _split_name(info.name)
@@ -83,8 +104,14 @@ def iter_shard(url: str, wanted: Sequence[str], counts: Dict[str, int]) -> Itera
                     continue
                 handle = tar.extractfile(info)
                 current[ext] = handle.read() if handle is not None else b""
+            ended = getattr(tar, "clipkit_end_seen", False)
         if current is not None:
-            yield current
+            yield current  # judged like any other sample: an incomplete one is counted by what it lacks
+        if not ended:
+            damaged = True
+            counts["bad_shard"] = counts.get("bad_shard", 0) + 1
+            logger.warning("shard %s ends without the tar end-of-archive marker: the file is truncated or damaged "
+                           "after its last complete member, and whatever followed is lost", url)
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         # the sample being read when the damage hit is incomplete: dropped with the shard's rest
         damaged = True

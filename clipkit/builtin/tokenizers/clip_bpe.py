@@ -3,6 +3,12 @@
 Ids equal OpenCLIP's ``SimpleTokenizer`` on any text: texts are cleaned (ftfy, HTML unescaping,
 then one of the ``clean`` modes), split by CLIP's pattern, mapped byte-wise to printable characters,
 merged by the 48,894 ranked BPE merges, and framed as ``[49406] + ids + [49407]``, zero-padded.
+
+Two bounds keep one hostile caption from stalling a data worker (BPE is quadratic in a word's length,
+and nothing else bounds a caption): a text is cut to :func:`text_cap` characters before it is cleaned,
+and a word longer than :data:`MAX_WORD_SYMBOLS` bytes is merged in chunks of that many. Neither
+changes the ids of real captions (see those names for why); tokenizing into a context also stops
+reading once the context is full.
 """
 from __future__ import annotations
 
@@ -24,6 +30,19 @@ NUM_MERGES = 49152 - 256 - 2  # the merges CLIP was trained with; the file holds
 SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
 CLEAN_MODES = ("lower", "whitespace", "canonicalize")
 REDUCTION_MASKS = ("", "simple", "random", "shuffle")
+# The longest vocabulary entry spells 32 bytes and words are separated by one space, so a token never
+# stands for more than 33 characters of cleaned text; 64 per token leaves room for what cleaning drops
+# (runs of whitespace, "&amp;" entities). A 77-token context reads at most the first 4,928 characters.
+MAX_CHARS_PER_TOKEN = 64
+# BPE costs len(word)^2: 512 bytes merge in ~15 ms. A longer "word" is not language (the vocabulary's
+# longest entry is 32 bytes; real long words, URLs included, are split by the pattern far below this).
+MAX_WORD_SYMBOLS = 512
+CACHE_SIZE = 100_000  # merged words kept per tokenizer: a stream of distinct words must not grow it forever
+
+
+def text_cap(context_length: int) -> int:
+    """Characters of a text that can matter to a context of ``context_length`` tokens."""
+    return max(context_length, 77) * MAX_CHARS_PER_TOKEN
 
 
 @lru_cache()
@@ -121,18 +140,22 @@ class ClipTokenizer:
         self.sot_token_id, self.eot_token_id = self.all_special_ids[:2]
         self.eos_token_id = self.eot_token_id
         self.pad_token_id = 0  # padding is id 0 (which is also "!"): argmax pooling relies on EOT being the top id
+        self.all_special_tokens = specials
         self._cache: Dict[str, List[str]] = {t: [t] for t in specials}
         # special tokens first, then contractions, letter runs, single digits, other non-space runs
         alternatives = [regex.escape(t) for t in specials] + [
             r"'s", r"'t", r"'re", r"'ve", r"'m", r"'ll", r"'d", r"[\p{L}]+", r"[\p{N}]", r"[^\s\p{L}\p{N}]+"]
         self.pattern = regex.compile("|".join(alternatives), regex.IGNORECASE)
 
-    def _merge(self, piece: str) -> List[str]:
-        """BPE on one pre-token: repeatedly join the adjacent pair with the lowest merge rank."""
-        cached = self._cache.get(piece)
+    def _merge(self, piece: str, end: bool = True) -> List[str]:
+        """BPE on one pre-token: repeatedly join the adjacent pair with the lowest merge rank.
+
+        ``end=False`` merges a chunk of a longer word: no end-of-word marker, and not cached.
+        """
+        cached = self._cache.get(piece) if end else None
         if cached is not None:
             return cached
-        parts = list(piece[:-1]) + [piece[-1] + "</w>"]
+        parts = list(piece[:-1]) + [piece[-1] + "</w>"] if end else list(piece)
         while len(parts) > 1:
             best_rank, best = None, None
             for pair in zip(parts, parts[1:]):
@@ -151,16 +174,27 @@ class ClipTokenizer:
                     merged.append(parts[i])
                     i += 1
             parts = merged
-        self._cache[piece] = parts
+        if end:
+            if len(self._cache) >= CACHE_SIZE:
+                self._cache = {t: [t] for t in self.all_special_tokens}
+            self._cache[piece] = parts
         return parts
 
-    def encode(self, text: str) -> List[int]:
-        """Token ids of one text, without start/end tokens."""
+    def _ids(self, text: str, limit: Optional[int] = None) -> List[int]:
+        """Token ids of ``text``; with ``limit``, stop once at least that many are known."""
         ids: List[int] = []
-        for piece in self.pattern.findall(clean_text(text, self.clean)):
-            symbols = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-            ids.extend(self.encoder[token] for token in self._merge(symbols))
+        for match in self.pattern.finditer(clean_text(text, self.clean)):
+            symbols = "".join(self.byte_encoder[b] for b in match.group().encode("utf-8"))
+            for start in range(0, len(symbols), MAX_WORD_SYMBOLS):
+                last = start + MAX_WORD_SYMBOLS >= len(symbols)
+                ids.extend(self.encoder[token] for token in self._merge(symbols[start:start + MAX_WORD_SYMBOLS], last))
+                if limit is not None and len(ids) >= limit:
+                    return ids
         return ids
+
+    def encode(self, text: str) -> List[int]:
+        """Token ids of one text, without start/end tokens (the whole text: no cap)."""
+        return self._ids(text)
 
     def decode(self, ids: Union[Sequence[int], torch.Tensor]) -> str:
         """Text of token ids; end-of-word markers become spaces, special tokens read as their names."""
@@ -194,8 +228,11 @@ class ClipTokenizer:
             texts = [texts]
         length = context_length or self.context_length
         out = torch.zeros(len(texts), length, dtype=torch.long)
+        cap = text_cap(length)
+        # truncation needs only the ids that fit; the reduction masks choose among all of the capped text's
+        limit = None if self.reduction_mask else length
         for row, text in enumerate(texts):
-            framed = self._fit(self.encode(text), length)
+            framed = self._fit(self._ids(text[:cap], limit), length)
             out[row, : len(framed)] = torch.tensor(framed, dtype=torch.long)
         return out
 
