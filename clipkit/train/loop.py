@@ -150,7 +150,7 @@ def _find_resume(args, run_dir: Optional[Path]) -> Optional[Path]:
     from ._runlock import lock_run_folder
 
     if run_dir is not None:  # before anything in it is read, written or removed
-        lock_run_folder(run_dir)
+        lock_run_folder(run_dir, owner=args)
     resume: Optional[Path] = None
     if args.resume and args.resume != "latest" and "://" not in args.resume:
         resume = Path(args.resume)
