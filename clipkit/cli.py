@@ -67,13 +67,13 @@ def _load_target(target: str) -> tuple:
     except ClipkitError as exc:
         raise _Usage(str(exc)) from exc
     path = Path(target)
-    if path.is_dir():
+    if path.is_dir() and get_model_config(target) is None:  # a folder named like a model is not in the way
         saved = (path / HF_CONFIG_NAME).is_file()
         raise _Usage(f"{path}: is a folder, not a config file; " + (
             f"for the model saved there, check local-dir:{target}" if saved else
             f"a model saved with clipkit.save_pretrained is checked as local-dir:FOLDER (this one has no "
             f"{HF_CONFIG_NAME})"))
-    if path.suffix == ".json" or path.exists():
+    if path.suffix == ".json" or path.exists() and not path.is_dir():
         from .config import load_json  # bounded: a crafted file is an error, not a RecursionError
 
         try:

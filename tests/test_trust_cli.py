@@ -111,8 +111,12 @@ def test_config_check_names_a_saved_model_once(saved, capsys):
         f"(provided by clipkit-plugin-tinyconv 0.2.0 when the model was saved; pip install clipkit-plugin-tinyconv)")
 
 
-def test_config_check_of_a_folder_suggests_local_dir(saved, tmp_path, capsys):
+def test_config_check_of_a_folder_suggests_local_dir(saved, tmp_path, capsys, monkeypatch):
     folder, _ = saved
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ViT-B-32").mkdir()  # a folder named like a model does not hide the model
+    assert main(["config", "check", "ViT-B-32"]) == 0
+    assert capsys.readouterr().out.strip().endswith("ViT-B-32.json: ok")
     assert main(["config", "check", str(folder)]) == 2
     assert _one_line(capsys.readouterr().err) == (
         f"{folder}: is a folder, not a config file; for the model saved there, check local-dir:{folder}")
