@@ -131,6 +131,32 @@ def test_a_full_disk_while_saving_is_one_line_with_the_resume_hint(env, tmp_path
     assert ckpt.progress_of(ckpt.read(run_dir / "checkpoints" / ckpt.LATEST))[0] == 3
 
 
+def test_a_log_file_that_cannot_be_written_is_one_line_and_the_run_goes_on(env, tmp_path, capsys, monkeypatch):
+    import logging
+
+    calls = []
+
+    def full_disk(self, record):  # the standard library's own shape: errors go to handleError
+        calls.append(1)
+        try:
+            if len(calls) > 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            logging.StreamHandler.emit(self, record)
+        except OSError:
+            self.handleError(record)
+
+    monkeypatch.setattr(logging.FileHandler, "emit", full_disk)
+    args = base_args(env["model"], env["data"], tmp_path / "logs", "nolog", "--epochs", "1",
+                     "--train-num-samples", "16")
+    assert run_inprocess(args) == 0
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and "Traceback" not in err
+    [line] = _error_lines(err)
+    assert line.endswith(f"cannot write {tmp_path / 'logs' / 'nolog' / 'out.log'}: No space left on device; the "
+                         f"log goes to the terminal only from here on")
+    assert "| INFO | done: 1 epochs" in err.split(line, 1)[1]
+
+
 # -- item 10: signals -----------------------------------------------------------------------------
 def _final_state(path: Path):
     data = torch.load(path, weights_only=True)

@@ -692,6 +692,7 @@ class Run:
                     log_file = run_dir / ("out.log" if not args.log_local or env.main and env.world == 1
                                           else f"out-{env.rank}.log")
                 restore_logging = setup_logging(log_file, args.debug, env.rank, args.log_local)
+            _guard_log_files()
             self.signals.install()  # they log: once the log file is open
             return self._start(run_dir, resume)
         except (Exception, distributed.Interrupted) as exc:
@@ -969,6 +970,27 @@ def _progress_bar(main: bool, total: int, initial: int, epoch: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}", unit="step", leave=False)
+
+
+def _guard_log_files() -> None:
+    """A log file that cannot be written (a full disk) is given up with one line, and the log goes on
+    on the terminal, instead of a "--- Logging error ---" traceback for every line."""
+    for handler in logging.getLogger("clipkit").handlers:
+        if isinstance(handler, logging.FileHandler) and getattr(handler, "_clipkit_train", False):
+            handler.handleError = lambda record, handler=handler: _log_file_failed(handler)
+
+
+def _log_file_failed(handler: logging.FileHandler) -> None:
+    import sys
+
+    error = sys.exc_info()[1]
+    logging.getLogger("clipkit").removeHandler(handler)
+    try:
+        handler.close()  # flushes what it holds: that fails too
+    except OSError:
+        pass
+    logger.error("cannot write %s: %s; the log goes to the terminal only from here on", handler.baseFilename,
+                 getattr(error, "strerror", None) or error)
 
 
 def _lost_peer(exc: BaseException) -> bool:
