@@ -32,10 +32,12 @@ CLEAN_MODES = ("lower", "whitespace", "canonicalize")
 REDUCTION_MASKS = ("", "simple", "random", "shuffle")
 # The longest vocabulary entry spells 32 bytes and words are separated by one space, so a token never
 # stands for more than 33 characters of cleaned text; 64 per token leaves room for what cleaning drops
-# (runs of whitespace, "&amp;" entities). A 77-token context reads at most the first 4,928 characters.
+# (runs of whitespace, "&amp;" entities, canonicalize's punctuation). A 77-token context reads at most
+# the first 4,928 characters; only a text padded with over 30 droppable characters per token can differ.
 MAX_CHARS_PER_TOKEN = 64
-# BPE costs len(word)^2: 512 bytes merge in ~15 ms. A longer "word" is not language (the vocabulary's
-# longest entry is 32 bytes; real long words, URLs included, are split by the pattern far below this).
+# BPE costs len(word)^2: 512 bytes merge in ~15 ms. The pattern splits letters from digits and
+# punctuation (so URLs too), and the vocabulary's longest entry is 32 bytes: the only real text this
+# long is a run of over 170 CJK characters without punctuation, whose ids may change next to each cut.
 MAX_WORD_SYMBOLS = 512
 CACHE_SIZE = 100_000  # merged words kept per tokenizer: a stream of distinct words must not grow it forever
 
