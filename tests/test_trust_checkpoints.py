@@ -148,7 +148,7 @@ def test_genuine_metadata_reads_and_crafted_extents_are_refused(tmp_path):
     with pytest.warns(UserWarning):
         dcp.save({"model": layer.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(folder))
     state = {}
-    _dcp.load(state, folder, no_dist=True)
+    _dcp.load(state, folder)
     assert torch.equal(state["model"]["weight"], layer.weight.detach())
     assert state["optim"]["param_groups"][0]["betas"] == (0.9, 0.999)
     metadata = _dcp.read_metadata(folder / ".metadata")
@@ -248,6 +248,16 @@ def test_a_second_trainer_on_a_held_run_folder_exits_naming_the_holder(trained, 
     assert _can_lock(run / LOCK_FILE)  # the OS dropped the lock of the killed process: nothing stale
     assert run_inprocess(_args(model, run.parent, "held", 2, "--resume", "latest")) == 0
     assert not in_flight.exists()  # its writer is dead now: removed as torn
+
+
+def test_remote_sync_never_opens_the_lock_file(trained, tmp_path):
+    """Closing any descriptor of a POSIX-locked file drops the lock: the syncing trainer must not copy it."""
+    root, model = trained
+    remote = tmp_path / "bucket"
+    assert run_inprocess(_args(model, tmp_path / "logs", "synced", 1, "--remote-sync", f"file://{remote}",
+                               "--remote-sync-protocol", "fsspec")) == 0
+    assert (tmp_path / "logs" / "synced" / LOCK_FILE).is_file()
+    assert sorted(p.name for p in (remote / "synced").iterdir()) == ["checkpoints", "out.log", "params.txt"]
 
 
 # -- 11. weights that would load silently and wrongly -----------------------------------------------

@@ -145,9 +145,10 @@ class _WholePlanner(_BytesAsData, _EmptyStateDictLoadPlanner):
     pass
 
 
-def load(state: Dict[str, Any], folder: Path, *, partial: bool = False, no_dist: bool = False) -> None:
-    """``dcp.load`` of ``folder`` into ``state`` (this run's tensors, or ``{}`` for everything the folder holds),
-    as data only; failures are one-line :class:`CheckpointError` s naming the folder."""
+def load(state: Dict[str, Any], folder: Path, *, partial: bool = False) -> None:
+    """``dcp.load`` of ``folder`` into ``state`` as data only: this run's tensors (``partial``: those the folder
+    has), or, given ``{}``, everything the folder holds, read in this one process. Failures are one-line
+    :class:`CheckpointError` s naming the folder."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -156,7 +157,7 @@ def load(state: Dict[str, Any], folder: Path, *, partial: bool = False, no_dist:
     reader = SafeReader(folder, read_metadata(folder / METADATA))
     try:
         if state:
-            dcp.load(state, storage_reader=reader, planner=_Planner(allow_partial_load=partial), no_dist=no_dist)
+            dcp.load(state, storage_reader=reader, planner=_Planner(allow_partial_load=partial))
         else:  # dcp.load fills a copy of the dict it is given; this fills ``state`` itself (as dcp_to_torch_save)
             _load_state_dict(state, storage_reader=reader, planner=_WholePlanner(), no_dist=True)
     except CheckpointException as exc:  # DCP gathers each process's failure; a BaseException

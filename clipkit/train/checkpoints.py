@@ -217,7 +217,7 @@ def consolidate(dcp_dir: Path, out_file: Path) -> Dict[str, Any]:
     state: Dict[str, Any] = {}
     with warnings.catch_warnings():  # "no process group: loading in a single process", which is the point
         warnings.simplefilter("ignore", UserWarning)
-        _dcp.load(state, dcp_dir, no_dist=True)
+        _dcp.load(state, dcp_dir)
     if not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{dcp_dir}: holds no model weights (no 'model' entry)")
     payload = dict(extras)
