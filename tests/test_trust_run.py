@@ -165,7 +165,7 @@ def _final_state(path: Path):
 
 def test_sigterm_mid_epoch_saves_stops_with_one_line_and_resumes_bit_identically(env, tmp_path, monkeypatch):
     logs = tmp_path / "logs"
-    assert run_inprocess(base_args(env["model"], env["data"], logs, "straight")) == 0
+    assert run_inprocess(base_args(env["model"], env["data"], logs, "straight", "--epochs", "1")) == 0
 
     real = loop.learning_rate
 
@@ -175,7 +175,7 @@ def test_sigterm_mid_epoch_saves_stops_with_one_line_and_resumes_bit_identically
         return real(args, step, *rest)
 
     monkeypatch.setattr(loop, "learning_rate", terminate_at_step_5)
-    args = base_args(env["model"], env["data"], logs, "stopped")
+    args = base_args(env["model"], env["data"], logs, "stopped", "--epochs", "1")
     assert run_inprocess(args) == loop.STOPPED_EXIT_CODE == 75
     log = (logs / "stopped" / "out.log").read_text()
     latest = logs / "stopped" / "checkpoints" / ckpt.LATEST
@@ -189,9 +189,9 @@ def test_sigterm_mid_epoch_saves_stops_with_one_line_and_resumes_bit_identically
 
     monkeypatch.setattr(loop, "learning_rate", real)
     assert run_inprocess(args + ["--resume", "latest"]) == 0
-    ref_w, ref_opt, ref_step = _final_state(logs / "straight" / "checkpoints" / "epoch_2.pt")
-    got_w, got_opt, got_step = _final_state(logs / "stopped" / "checkpoints" / "epoch_2.pt")
-    assert ref_step == got_step == 16
+    ref_w, ref_opt, ref_step = _final_state(logs / "straight" / "checkpoints" / "epoch_1.pt")
+    got_w, got_opt, got_step = _final_state(logs / "stopped" / "checkpoints" / "epoch_1.pt")
+    assert ref_step == got_step == 8
     for key in ref_w:
         assert torch.equal(ref_w[key], got_w[key]), key
     for index, state in ref_opt.items():
@@ -203,18 +203,19 @@ def test_a_signal_in_an_epochs_last_step_stops_after_its_checkpoint_before_evalu
     real = loop.learning_rate
 
     def terminate_in_last_step(args, step, *rest):
-        if step == 7:  # the 8th and last step of epoch 1
+        if step == 1:  # the 2nd and last step of epoch 1
             os.kill(os.getpid(), signal.SIGUSR1)  # as SLURM's --signal=USR1@90
         return real(args, step, *rest)
 
     monkeypatch.setattr(loop, "learning_rate", terminate_in_last_step)
     run_dir = tmp_path / "logs" / "edge"
-    args = base_args(env["model"], env["data"], tmp_path / "logs", "edge", "--val-data", env["zs"])
+    args = base_args(env["model"], env["data"], tmp_path / "logs", "edge", "--val-data", env["zs"],
+                     "--train-num-samples", "16")
     assert run_inprocess(args) == 75
     log = (run_dir / "out.log").read_text()
-    assert "stopped by SIGUSR1 at epoch 1 step 8 (global step 8); checkpoint saved to " in log
+    assert "stopped by SIGUSR1 at epoch 1 step 2 (global step 2); checkpoint saved to " in log
     assert "eval epoch" not in log and not (run_dir / "checkpoints" / "results.jsonl").exists()
-    assert torch.load(run_dir / "checkpoints" / "epoch_1.pt", weights_only=True)["clipkit"]["step"] == 8
+    assert torch.load(run_dir / "checkpoints" / "epoch_1.pt", weights_only=True)["clipkit"]["step"] == 2
 
 
 def test_a_signal_while_evaluating_the_saved_epoch_stops_at_once(env, tmp_path, monkeypatch):
