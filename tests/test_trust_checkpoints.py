@@ -162,7 +162,7 @@ def test_genuine_metadata_reads_and_crafted_extents_are_refused(tmp_path):
     entry = metadata.state_dict_metadata["model.weight"]
     entry.size = torch.Size([10 ** 6, 10 ** 6])
     (folder / ".metadata").write_bytes(pickle.dumps(metadata))
-    with pytest.raises(CheckpointError, match="declares 4000000000[0-9]+ bytes of tensors, more than its shard files hold"):
+    with pytest.raises(CheckpointError, match="declares 4000000000[0-9]+ bytes of tensors, more than its shard"):
         _dcp.read_metadata(folder / ".metadata")
 
 
@@ -194,6 +194,16 @@ def test_damaged_latest_is_skipped_for_the_newest_intact_checkpoint(trained, fil
     assert run_inprocess(_args(model, run.parent, run.name, 2, "--resume", "latest")) == 0
     assert f"skipping a damaged checkpoint: {latest}: damaged" in caplog.text
     assert f"resumed from {numbered} (after epoch 1)" in (run / "out.log").read_text()
+
+
+def test_a_numbered_copy_cut_short_is_made_on_resume(trained):
+    """epoch_latest.pt is written first, then copied to epoch_N.pt: a run stopped in between gets its copy."""
+    run, model = _copy_run(trained, "uncopied")
+    (run / "checkpoints" / "epoch_1.pt").unlink()
+    assert run_inprocess(_args(model, run.parent, run.name, 2, "--resume", "latest")) == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*.pt")) == ["epoch_1.pt", "epoch_2.pt",
+                                                                                  "epoch_latest.pt"]
+    assert torch.load(run / "checkpoints" / "epoch_1.pt", weights_only=True)["epoch"] == 1
 
 
 def test_resuming_a_named_damaged_file_is_one_line(trained, tmp_path, capsys):

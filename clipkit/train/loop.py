@@ -473,6 +473,13 @@ class Run:
         progress = Progress.from_state(mine["data"]) if mine.get("data") else None
         where = f"epoch {self.start_epoch + 1}, step {self.step}" if progress else f"after epoch {self.start_epoch}"
         logger.info("resumed from %s (%s)", path, where)
+        done, every = self.start_epoch, self.args.save_frequency
+        numbered = path.parent / f"epoch_{done}.pt"
+        if (self.env.main and progress is None and self.ckpt_dir is not None and path == self.ckpt_dir / ckpt.LATEST
+                and done > 0 and every > 0 and (done == self.args.epochs or done % every == 0)
+                and not numbered.exists()):  # the run stopped between writing epoch_latest.pt and its copy
+            ckpt.atomic_copy(path, numbered)
+            logger.info("saved %s (the copy of %s the previous attempt did not finish)", numbered, path.name)
         return progress
 
     # the loop -----------------------------------------------------------------------------------
