@@ -103,7 +103,8 @@ def shutdown(env: Env) -> None:
 
 
 # -- stop signals ----------------------------------------------------------------------------------
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1")
+                     if hasattr(signal, name))  # Windows has no SIGUSR1
 _ACTIVE: List["StopSignals"] = []
 
 
@@ -212,4 +213,5 @@ def _after_fork_in_child() -> None:
     _ACTIVE.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX: where data loader workers are forked
+    os.register_at_fork(after_in_child=_after_fork_in_child)
