@@ -198,8 +198,8 @@ class StopSignals:
 
 def _after_fork_in_child() -> None:
     for stop in _ACTIVE:
-        # blocked, not ignored: torch's data loader workers install their own SIGTERM handler, and
-        # torchrun, SLURM and a terminal's Ctrl-C signal the whole process group
+        # blocked, not ignored: torch's data loader workers install their own SIGTERM handler; and
+        # torchrun and a terminal's Ctrl-C signal the whole process group, workers included
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             signal.set_wakeup_fd(-1)
