@@ -91,7 +91,7 @@ def test_metadata_payload_does_not_run_on_resume_dir_url_or_consolidate(trained,
     assert not marker.exists() and not (tmp_path / "out.pt").exists()
 
 
-def test_planted_folder_never_wins_resume_latest(trained, tmp_path, caplog):
+def test_planted_folder_never_wins_resume_latest(trained, tmp_path, caplog, capsys):
     run, model = _copy_run(trained, "planted")
     marker = tmp_path / "ran"
     _evil_dcp(run / "checkpoints" / "epoch_9", marker)
@@ -102,6 +102,10 @@ def test_planted_folder_never_wins_resume_latest(trained, tmp_path, caplog):
     caplog.clear()
     assert ckpt.find_latest(run / "checkpoints", fsdp=True) == run / "checkpoints" / ckpt.LATEST
     assert f"{run / 'checkpoints' / 'epoch_9' / '.metadata'}: refused" in caplog.text
+    # folders only, without --fsdp: a one-line error that says how to use them
+    only = _evil_dcp(tmp_path / "logs" / "folders" / "checkpoints" / "epoch_latest", marker)
+    assert run_inprocess(_args(model, tmp_path / "logs", "folders", 2, "--resume", "latest")) == 1
+    assert f"holds --fsdp checkpoint folders only; add --fsdp, or name one: --resume {only}" in _one_line_error(capsys)
     assert not marker.exists()
 
 

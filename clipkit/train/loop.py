@@ -170,7 +170,8 @@ def _find_resume(args, run_dir: Optional[Path]) -> Optional[Path]:
         return resume
     resume = ckpt.find_latest(folder, fsdp=args.fsdp)
     dirs = ckpt.candidates(folder, folders=True)
-    if resume is None and not args.fsdp and dirs:  # never a folder the run did not write or the user name
+    # never a folder that the run did not write or the user did not name
+    if resume is None and not args.fsdp and dirs and not ckpt.candidates(folder, folders=False):
         raise TrainingError(f"--resume latest: {folder} holds --fsdp checkpoint folders only; add --fsdp, or "
                             f"name one: --resume {dirs[0]}")
     return resume
