@@ -40,7 +40,7 @@ def test_cli_prints_the_schema(capsys):
 def test_every_shipped_and_openclip_config_validates(validator):
     files = sorted(BUILTIN_CONFIG_DIR.glob("*.json")) + sorted(RESNET_CONFIGS.glob("*.json"))
     files += sorted(OPENCLIP_CONFIGS.glob("*.json"))
-    assert len(files) == 128 + 10 + 144
+    assert len(files) == 130 + 10 + 144
     coca = []
     for file in files:
         errors = [e.message for e in validator.iter_errors(json.loads(file.read_text()))]

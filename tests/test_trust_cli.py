@@ -346,12 +346,13 @@ def test_the_readme_counts_the_configs_that_ship():
     shipped = {p.stem for p in (ROOT / "clipkit" / "model_configs").glob("*.json")}
     resnet = {p.stem for p in (ROOT / "plugins").glob("clipkit-plugin-resnet/clipkit_plugin_resnet/model_configs/*.json")}
     claim = re.search(r"(\d+) configs ship \((\d+) with clipkit, (\d+) ResNet ones with the\s+plugin\): all of "
-                      r"OpenCLIP 3\.3\.0's but CoCa's and the two NLLB-SigLIP ones", README)
+                      r"OpenCLIP 3\.3\.0's but CoCa's", README)
     assert claim, "README: the sentence counting the shipped configs changed; update this test with it"
-    assert tuple(map(int, claim.groups())) == (len(shipped | resnet), len(shipped), len(resnet)) == (138, 128, 10)
+    assert tuple(map(int, claim.groups())) == (len(shipped | resnet), len(shipped), len(resnet)) == (140, 130, 10)
     theirs = {p.stem for p in (open_clip / "model_configs").glob("*.json")
               if "multimodal_cfg" not in json.loads(p.read_text())}
-    assert theirs - (shipped | resnet) == {"nllb-clip-base-siglip", "nllb-clip-large-siglip"}
+    assert not theirs - (shipped | resnet), f"OpenCLIP configs not shipped: {sorted(theirs - (shipped | resnet))}"
+    assert not (shipped | resnet) - theirs, f"shipped configs OpenCLIP lacks: {sorted((shipped | resnet) - theirs)}"
 
 
 def test_the_readme_does_not_call_remote_resume_missing():
