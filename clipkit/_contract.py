@@ -14,17 +14,17 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from . import kinds
 from .config import TOKENIZER_KEYS, get_model_config, validate_model_config
 from .errors import ClipkitError, ContractError
-from .registry import Entry, registry
+from .kinds import FREEZER, MODEL_CONFIG, TEXT_TOWER, TOKENIZER, VISION_TOWER, spec
+from .registry import Entry, import_target, registry
 
 EMBED_DIM = 24
 BATCH = 2
 CONTEXT = 12
 TEXTS = ["a photo of a cat", "", "a diagram of a bicycle " * 40, "Übergrößenträger, 日本語の文, 😀"]
 HEAVY = ("torch", "timm", "transformers")
-_PARTNER = {"vision_tower": ("text_tower", "transformer"), "text_tower": ("vision_tower", "vit")}
-_SECTION_KEY = {"vision_tower": "vision_cfg", "text_tower": "text_cfg"}
 
 
 def _fail(where: str, contract: str, detail: str) -> ContractError:
@@ -51,12 +51,12 @@ class _Tower:
         self.section = dict(section)
 
     def config(self, **overrides: Any) -> Dict[str, Any]:
-        kind = self.entry.kind
-        partner_kind, partner_name = _PARTNER[kind]
-        partner = registry.get(partner_kind, partner_name)
+        kind = spec(self.entry.kind)
+        partner_kind = next(other for other in kinds.towers() if other.name != kind.name)  # the builtin default
+        partner = registry.get(partner_kind.name, partner_kind.default)
         return {"embed_dim": EMBED_DIM,
-                _SECTION_KEY[kind]: {"type": self.entry.name, **self.section, **overrides},
-                _SECTION_KEY[partner_kind]: {"type": partner_name, **partner.meta["example"]}}
+                kind.section: {kind.select_key: self.entry.name, **self.section, **overrides},
+                partner_kind.section: {partner_kind.select_key: partner.name, **partner.meta["example"]}}
 
     def model(self, **overrides: Any) -> nn.Module:
         from .factory import build_model
@@ -71,7 +71,7 @@ class _Tower:
             raise _fail(self.entry.where, "builds", f"building raised {exc!r}") from exc
 
     def tower(self, model: nn.Module) -> nn.Module:
-        return model.visual if self.entry.kind == "vision_tower" else model.text
+        return model.visual if self.entry.kind == VISION_TOWER else model.text
 
     def inputs(self, model: nn.Module, batch: int = BATCH) -> Tuple[torch.Tensor, torch.Tensor]:
         """An image batch and a text batch the model's towers accept."""
@@ -85,7 +85,7 @@ class _Tower:
 
     def forward(self, model: nn.Module, batch: int = BATCH):
         image, text = self.inputs(model, batch)
-        return self.tower(model)(image if self.entry.kind == "vision_tower" else text)
+        return self.tower(model)(image if self.entry.kind == VISION_TOWER else text)
 
 
 def _pooled(where: str, contract: str, out: Any, batch: int = BATCH) -> torch.Tensor:
@@ -111,8 +111,8 @@ def _output_shape(t: _Tower, model: nn.Module) -> None:
     with torch.no_grad():
         pooled = _pooled(where, "output-shape", t.forward(model))
         one = _pooled(where, "output-shape", t.forward(model, batch=1), batch=1)
-        encoded = (model.encode_image if t.entry.kind == "vision_tower" else model.encode_text)(
-            t.inputs(model)[0 if t.entry.kind == "vision_tower" else 1])
+        encoded = (model.encode_image if t.entry.kind == VISION_TOWER else model.encode_text)(
+            t.inputs(model)[0 if t.entry.kind == VISION_TOWER else 1])
     if not torch.allclose(one[0], pooled[0], rtol=1e-4, atol=1e-4):
         raise _fail(where, "output-shape", "in eval mode a sample's features depend on the rest of the batch")
     if tuple(encoded.shape) != (BATCH, EMBED_DIM):
@@ -251,15 +251,15 @@ def _save_load(t: _Tower, model: nn.Module) -> None:
 
 
 def _freezer_where(t: _Tower) -> str:
-    if registry.has("freezer", t.entry.name):
-        return registry.get("freezer", t.entry.name).where
+    if registry.has(FREEZER, t.entry.name):
+        return registry.get(FREEZER, t.entry.name).where
     return f"{t.entry.where}, locked by clipkit's default freezer (lock_layer_groups over its layer_groups())"
 
 
 def _freezer(t: _Tower, model: nn.Module) -> None:
     where = _freezer_where(t)
     tower = t.tower(model)
-    vision = t.entry.kind == "vision_tower"
+    vision = t.entry.kind == VISION_TOWER
     lock = model.lock_image_tower if vision else model.lock_text_tower
     names = {id(p): n for n, p in tower.named_parameters()}
     groups = list(tower.layer_groups())
@@ -310,11 +310,20 @@ def _bn_stats_frozen(t: _Tower, model: nn.Module, where: str, last: set) -> None
                                       f"{_names(moved)} still change in train mode")
 
 
-_TOWER_CHECKS: Dict[str, Callable[[_Tower, nn.Module], None]] = {
+def _on_tower(check: Callable[[_Tower, nn.Module], None]) -> Callable[[Entry, Any], None]:
+    """A tower check as a contract check: build the tower (in a model) from ``section``, then check it."""
+    def run(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
+        tower = _Tower(entry, section)
+        check(tower, tower.model())
+    return run
+
+
+#: The checks of ``vision_tower`` and ``text_tower`` parts (clipkit.kinds names them by this attribute).
+TOWER_CHECKS: Dict[str, Callable[[Entry, Any], None]] = {name: _on_tower(check) for name, check in {
     "builds": _builds, "output-shape": _output_shape, "output-tokens": _output_tokens,
     "layer-groups": _layer_groups, "backward": _backward, "grad-checkpointing": _grad_checkpointing,
     "autocast": _autocast, "save-load": _save_load, "freezer": _freezer,
-}
+}.items()}
 
 
 # -- tokenizers, poolers, model configs, freezers alone, plugins --------------------------------------
@@ -352,12 +361,13 @@ def _special_ids(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
     from .tokenizer import _check_special_ids, get_tokenizer
 
     tokenizer, text_cfg = _tokenizer(entry, section, "special-ids")
-    vit, transformer = registry.get("vision_tower", "vit"), registry.get("text_tower", "transformer")
-    default = {"embed_dim": EMBED_DIM, "vision_cfg": {"type": "vit", **vit.meta["example"]},
-               "text_cfg": {"type": "transformer", **transformer.meta["example"],
+    vision, text = spec(VISION_TOWER), spec(TEXT_TOWER)
+    vit, transformer = registry.get(VISION_TOWER, vision.default), registry.get(TEXT_TOWER, text.default)
+    default = {"embed_dim": EMBED_DIM, vision.section: {"type": vit.name, **vit.meta["example"]},
+               text.section: {"type": transformer.name, **transformer.meta["example"],
                             **{k: v for k, v in text_cfg.items() if k in TOKENIZER_KEYS}, "tokenizer": entry.name}}
     checks: List[Tuple[str, Dict[str, Any], Any]] = [("a builtin text transformer", default, tokenizer)]
-    for model in registry.entries("model_config"):  # the plugin's own configs that use this tokenizer
+    for model in registry.entries(MODEL_CONFIG):  # the plugin's own configs that use this tokenizer
         data = get_model_config(model.name) if model.plugin is entry.plugin else None
         text = (data or {}).get("text_cfg") or {}
         if text.get("tokenizer") == entry.name:
@@ -438,7 +448,7 @@ def _validates(entry: Entry, section: Any) -> None:
 
 
 def _freezer_alone(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
-    for kind in ("vision_tower", "text_tower"):
+    for kind in spec(FREEZER).keyed_by:
         if registry.has(kind, entry.name):
             tower = _Tower(registry.get(kind, entry.name), section)
             _freezer(tower, tower.model())
@@ -463,9 +473,9 @@ def _loads(name: str) -> None:
 
 _IMPORT_CHECK = """
 import sys
+from clipkit.kinds import KINDS
 from clipkit.registry import registry
-entries = [e for kind in ("vision_tower", "text_tower", "tokenizer", "pooler", "freezer", "model_config")
-           for e in registry.entries(kind) if e.plugin.name == sys.argv[1]]
+entries = [e for kind in KINDS for e in registry.entries(kind) if e.plugin.name == sys.argv[1]]
 for entry in entries:
     entry.config_class()
 print(",".join(m for m in sys.argv[2:] if m in sys.modules))
@@ -487,12 +497,11 @@ def _imports_without_torch(name: str) -> None:
                     f"register factories as 'package.module:attr' strings")
 
 
-_PART_CHECKS: Dict[str, Dict[str, Callable[[Entry, Any], None]]] = {
-    "tokenizer": {"token-ids": _token_ids, "special-ids": _special_ids},
-    "pooler": {"pooled-shape": _pooled_shape, "attention-mask": _attention_mask},
-    "model_config": {"validates": _validates},
-    "freezer": {"freezer": _freezer_alone},
-}
+# the checks of the other kinds, by contract (clipkit.kinds names each mapping as its kind's checks)
+TOKENIZER_CHECKS = {"token-ids": _token_ids, "special-ids": _special_ids}
+POOLER_CHECKS = {"pooled-shape": _pooled_shape, "attention-mask": _attention_mask}
+MODEL_CONFIG_CHECKS = {"validates": _validates}
+FREEZER_CHECKS = {"freezer": _freezer_alone}
 
 
 def run(case: Any, section: Optional[Mapping[str, Any]] = None) -> None:
@@ -513,7 +522,9 @@ def _run(case: Any, section: Optional[Mapping[str, Any]]) -> None:
         raise ContractError(f"{case}: no {case.kind} {case.name!r} is registered now; "
                             + registry.unknown_message(case.kind, case.name))
     entry = registry.get(case.kind, case.name)
-    if case.kind in _PART_CHECKS:
-        return _PART_CHECKS[case.kind][case.contract](entry, section)
-    tower = _Tower(entry, section)
-    _TOWER_CHECKS[case.contract](tower, tower.model())
+    kind = spec(case.kind)
+    checks = import_target(kind.checks, what=f"the contract checks of kind {kind.name!r}") if kind.checks else {}
+    if case.contract not in checks:
+        raise ContractError(f"{case}: kind {kind.name!r} has no contract {case.contract!r} (it has "
+                            f"{', '.join(checks) or 'none'})")
+    checks[case.contract](entry, section)

@@ -34,11 +34,13 @@ def _table(cls: type) -> str:
 
 def _tower_sections() -> list:
     """One table per tower type the builtin plugins register, found through the registry."""
+    from .kinds import towers
     from .registry import registry
 
     parts = []
-    for kind, section, title in (("vision_tower", "vision_cfg", "vision"), ("text_tower", "text_cfg", "text")):
-        for entry in registry.entries(kind):
+    for kind in towers():
+        section, title = kind.section, kind.short
+        for entry in registry.entries(kind.name):
             cls = entry.config_class()
             if not entry.plugin.builtin or cls is None:
                 continue

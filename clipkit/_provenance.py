@@ -15,29 +15,31 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
-from .config import HF_CONFIG_NAME, ModelConfig, infer_text_type, infer_vision_type
+from . import kinds
+from .config import HF_CONFIG_NAME, ModelConfig, infer_part
 from .errors import ClipkitError, ConfigError, Problem
-from .registry import BUILTIN_DIST, KIND_TITLES, registry
+from .registry import BUILTIN_DIST, registry
 
 logger = logging.getLogger("clipkit")
 
 #: The key under which the record is stored, in saved configs and in training checkpoints alike.
 PROVENANCE_KEY = "clipkit_parts"
 
-# record key -> registry kind; the freezers are keyed by their tower's type
-_KINDS = {"vision_tower": "vision_tower", "text_tower": "text_tower", "tokenizer": "tokenizer",
-          "vision_freezer": "freezer", "text_freezer": "freezer"}
+def _record_kinds() -> Dict[str, kinds.KindSpec]:
+    """Record key -> the kind of the part recorded under it (``clipkit.kinds`` declares which are recorded)."""
+    return {key: kind for key, kind, _ in kinds.recorded_parts()}
 
 
-def _part_types(config: Union[ModelConfig, Mapping[str, Any]]) -> Dict[str, str]:
-    if isinstance(config, ModelConfig):
-        vision, text, tokenizer = config.vision_type, config.text_type, config.tokenizer_name
-    else:  # a raw model config: the types clipkit would infer from it
-        vision_cfg, text_cfg = config.get("vision_cfg") or {}, config.get("text_cfg") or {}
-        vision, text = infer_vision_type(vision_cfg), infer_text_type(text_cfg)
-        tokenizer = text_cfg.get("tokenizer") or ("hf" if text_cfg.get("hf_tokenizer_name") else "clip")
-    return {"vision_tower": vision, "text_tower": text, "tokenizer": tokenizer,
-            "vision_freezer": vision, "text_freezer": text}
+def _part_types(config: Union[ModelConfig, Mapping[str, Any]]) -> Dict[str, Any]:
+    """Record key -> the name of the part a config selects (parts keyed by another take that one's name)."""
+    raw = config.raw if isinstance(config, ModelConfig) else config
+    names: Dict[str, Any] = {}
+    for key, kind, keyed_by in kinds.recorded_parts():
+        selector = keyed_by or kind
+        section = raw.get(selector.section) if selector.section else None
+        if isinstance(section, Mapping):
+            names[key] = infer_part(selector.name, section)
+    return names
 
 
 def parts_provenance(config: Union[ModelConfig, Mapping[str, Any]]) -> Dict[str, Dict[str, str]]:
@@ -50,8 +52,9 @@ def parts_provenance(config: Union[ModelConfig, Mapping[str, Any]]) -> Dict[str,
     ``torch.load(weights_only=True)`` checkpoints as it is.
     """
     record: Dict[str, Dict[str, str]] = {}
+    record_kinds = _record_kinds()
     for key, name in _part_types(config).items():
-        kind = _KINDS[key]
+        kind = record_kinds[key].name
         if not isinstance(name, str) or not registry.has(kind, name):
             continue  # an unbuildable config has nothing to record; a freezer is optional
         plugin = registry.get(kind, name).plugin
@@ -78,17 +81,18 @@ def check_provenance(record: Any, where: str) -> None:
     ``local-dir:...``). A record that is not a mapping (none, or hand-edited) is ignored.
     """
     missing = missing_parts(record)
+    record_kinds = _record_kinds()
     for key, part in _parts(record):
-        kind, name = _KINDS[key], part["type"]
-        if registry.has(kind, name):
-            now = registry.get(kind, name).plugin.distribution
+        kind, name = record_kinds[key], part["type"]
+        if registry.has(kind.name, name):
+            now = registry.get(kind.name, name).plugin.distribution
             if now != part.get("distribution"):  # same name, another implementation: say so
                 logger.warning("%s: %s %r was provided by %s %s when this model was saved, now by %s",
-                               where, KIND_TITLES[kind], name, part.get("distribution"), part.get("version"), now)
-        elif kind == "freezer":
-            logger.warning("%s: the freezer of %s type %r came from %s %s when this model was saved and is not "
-                           "installed; locking uses clipkit's default freezer (%s)", where, key.split("_")[0],
-                           name, part.get("distribution"), part.get("version"), _install_hint(part))
+                               where, kind.title, name, part.get("distribution"), part.get("version"), now)
+        elif kind.fallback:
+            logger.warning("%s: the %s of %s type %r came from %s %s when this model was saved and is not "
+                           "installed; %s (%s)", where, kind.title, key.split("_")[0], name,
+                           part.get("distribution"), part.get("version"), kind.fallback, _install_hint(part))
     if missing:
         raise ClipkitError(f"{where}: this model needs parts that are not installed: " + "; ".join(missing))
 
@@ -97,8 +101,9 @@ def _parts(record: Any) -> Iterator[tuple]:
     """``(key, part)`` for each well-formed entry of a record; anything else (none, hand-edited) is skipped."""
     if not isinstance(record, Mapping):
         return
+    record_kinds = _record_kinds()
     for key, part in record.items():
-        if key in _KINDS and isinstance(part, Mapping) and isinstance(part.get("type"), str):
+        if key in record_kinds and isinstance(part, Mapping) and isinstance(part.get("type"), str):
             yield key, part
 
 
@@ -107,10 +112,11 @@ def missing_parts(record: Any) -> List[str]:
     the distribution and version that provided it, and how to install it. Freezers are optional: never listed.
     """
     missing = []
+    record_kinds = _record_kinds()
     for key, part in _parts(record):
-        kind, name = _KINDS[key], part["type"]
-        if kind != "freezer" and not registry.has(kind, name):
-            missing.append(f"{KIND_TITLES[kind]} {name!r} (provided by {part.get('distribution')} "
+        kind, name = record_kinds[key], part["type"]
+        if not kind.fallback and not registry.has(kind.name, name):
+            missing.append(f"{kind.title} {name!r} (provided by {part.get('distribution')} "
                            f"{part.get('version')} when the model was saved; {_install_hint(part)})")
     return missing
 
@@ -129,7 +135,7 @@ def checkpoint_parts(path: Union[str, Path, None]) -> Any:
         if (path / HF_CONFIG_NAME).is_file():
             return json.loads((path / HF_CONFIG_NAME).read_text(encoding="utf-8")).get(PROVENANCE_KEY)
         if path.is_dir():
-            from .train.checkpoints import read_extras
+            from .train.checkpointer import read_extras
 
             return read_extras(path).get(PROVENANCE_KEY)
         if path.is_file() and path.suffix != ".safetensors":  # safetensors files hold tensors only

@@ -1,6 +1,9 @@
 """``clipkit plugin new``: write a ready plugin distribution ``clipkit-plugin-NAME/`` from the templates in
 ``clipkit/templates/plugin`` (``$name``-style placeholders, filled by :class:`string.Template`).
 
+Which kinds it writes, and what each one's package says about itself, come from :mod:`clipkit.kinds`
+(a kind's :class:`~clipkit.kinds.Scaffold`); its files are the folder of templates named by its short name.
+
 What is written installs with ``pip install -e``, passes its own tests (clipkit's contract cases and a
 few of its own), and shows in ``clipkit plugins``. No torch here.
 """
@@ -8,13 +11,13 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Dict, List
 
 from . import __version__
 from .errors import ClipkitError
+from .kinds import KindSpec, scaffolds
 
 #: How a NAME may look: it becomes the registry name, the entry-point name and (with _ for -) the package.
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
@@ -23,52 +26,9 @@ NAME_PATTERN = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
 MAX_NAME_LENGTH = 40
 
 
-@dataclass(frozen=True)
-class Kind:
-    """One kind of plugin the scaffold writes: what it registers and how its README shows it in use."""
-
-    registers: str   # the registry kind its NAME is registered as
-    module: str      # the torch module of the package, beside __init__.py
-    summary: str     # one line, no quotes: it is the description in pyproject.toml
-    usage: str
-    requirement: str = "clipkit-torch"
-
-
-_VIT_TINY = '"vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64, "head_width": 32}'
-
-KINDS: Dict[str, Kind] = {
-    "vision": Kind("vision_tower", "model", "A small convolutional vision tower for clipkit (tower type $name)",
-                   'Select the tower by type in a model config:\n\n```json\n'
-                   '{\n    "embed_dim": 64,\n    "vision_cfg": {"type": "$name", "image_size": 32, "channels": [16, 32, 64]},\n'
-                   '    "text_cfg": {"context_length": 32, "width": 64, "heads": 4, "layers": 2}\n}\n```\n\n'
-                   'or use the config it ships: `clipkit.create_model("$name-example")`.'),
-    "text": Kind("text_tower", "model", "A convolutional text tower for clipkit (tower type $name)",
-                 'Select the tower by type in a model config:\n\n```json\n'
-                 '{\n    "embed_dim": 64,\n    ' + _VIT_TINY + ',\n'
-                 '    "text_cfg": {"type": "$name", "context_length": 32, "width": 64, "layers": 2}\n}\n```\n\n'
-                 'or use the config it ships: `clipkit.create_model("$name-example")`. It reads CLIP\'s BPE '
-                 'tokens (the default tokenizer).'),
-    "pooler": Kind("pooler", "pooler", "A last-token pooler for the HuggingFace text towers of clipkit (pooler $name)",
-                   'Name it as the pooler of an `hf` text tower:\n\n```json\n'
-                   '"text_cfg": {"hf_model_name": "sentence-transformers/all-MiniLM-L6-v2", '
-                   '"hf_pooler_type": "$name"}\n```\n\n'
-                   'The shipped `$name-example` config does this with all-MiniLM-L6-v2 (downloaded when built).',
-                   requirement="clipkit-torch[hf]"),
-    "tokenizer": Kind("tokenizer", "tokenizer", "A byte-level tokenizer for clipkit (tokenizer $name)",
-                      'Select it in a model\'s `text_cfg`; the text tower needs its vocabulary (259 ids) and '
-                      'special ids:\n\n```json\n"text_cfg": {"tokenizer": "$name", "vocab_size": 259, '
-                      '"pool_type": "eos", "eos_id": 2, "pad_id": 0, "context_length": 64, '
-                      '"width": 64, "heads": 4, "layers": 2}\n```\n\n'
-                      '`clipkit.get_tokenizer("$name-example")` gives it for the shipped config; '
-                      '`"tokenizer_kwargs": {"lowercase": true}` lowercases texts first.'),
-    "freezer": Kind("freezer", "freezer", "The builtin ViT of clipkit as tower type $name, locked with its projection "
-                                          "kept trainable",
-                    'Select the type in a model config; its keys are the builtin ViT\'s:\n\n```json\n'
-                    '"vision_cfg": {"type": "$name", "image_size": 32, "patch_size": 8, "layers": 2, '
-                    '"width": 64, "head_width": 32}\n```\n\n'
-                    '`model.lock_image_tower(0)` then freezes everything but the projection into the joint '
-                    'space (`clipkit trainable $name-example --lock-image` shows it).'),
-}
+def kinds() -> Dict[str, KindSpec]:
+    """The ``--kind`` choices: every kind :mod:`clipkit.kinds` declares a scaffold for, by its short name."""
+    return scaffolds()
 
 
 def _version_range(version: str) -> str:
@@ -77,13 +37,18 @@ def _version_range(version: str) -> str:
     return f">={major}.{minor},<{major}.{minor + 1}" if major == 0 else f">={major}.{minor},<{major + 1}"
 
 
-def _fields(name: str, kind: Kind) -> Dict[str, str]:
+def _templates(kind: KindSpec):
+    return resources.files("clipkit") / "templates" / "plugin" / kind.short
+
+
+def _fields(name: str, kind: KindSpec) -> Dict[str, str]:
     ident = name.replace("-", "_")
     fields = {"name": name, "pkg": f"clipkit_plugin_{ident}", "dist": f"clipkit-plugin-{name}",
               "cls": "".join(part.capitalize() for part in re.split(r"[-_]", name)),
-              "requirement": kind.requirement + _version_range(__version__), "test_file": f"test_{ident}.py"}
-    fields["summary"] = string.Template(kind.summary).substitute(fields)
-    fields["usage"] = string.Template(kind.usage).substitute(fields)
+              "requirement": kind.scaffold.requirement + _version_range(__version__), "test_file": f"test_{ident}.py"}
+    fields["summary"] = string.Template(kind.scaffold.summary).substitute(fields)
+    usage = (_templates(kind) / "usage.md.tmpl").read_text(encoding="utf-8").rstrip("\n")
+    fields["usage"] = string.Template(usage).substitute(fields)
     return fields
 
 
@@ -91,20 +56,21 @@ def check_name(name: str, kind: str) -> str:
     """The plugin name to use, or a ClipkitError saying why ``name`` cannot be one."""
     if name.startswith("clipkit-plugin-"):
         name = name[len("clipkit-plugin-"):]
-    if kind not in KINDS:
-        raise ClipkitError(f"unknown plugin kind {kind!r}; choose one of {', '.join(KINDS)}")
+    choices = kinds()
+    if kind not in choices:
+        raise ClipkitError(f"unknown plugin kind {kind!r}; choose one of {', '.join(choices)}")
     if len(name) > MAX_NAME_LENGTH:
         raise ClipkitError(f"plugin name {name[:20]!r}... is {len(name)} characters long; use at most "
                            f"{MAX_NAME_LENGTH}")
     if not NAME_PATTERN.fullmatch(name):
         raise ClipkitError(f"plugin name {name!r}: use lowercase letters and digits, starting with a letter, "
                            f"optionally joined by '-' or '_' (e.g. 'tinyconv' or 'my-tower')")
-    from .registry import KIND_TITLES, registry
+    from .registry import registry
 
-    registers = KINDS[kind].registers
-    if registry.has(registers, name):
-        raise ClipkitError(f"{KIND_TITLES[registers]} {name!r} is already registered by "
-                           f"{registry.get(registers, name).plugin.label}; two plugins with one name conflict, "
+    registers = choices[kind]
+    if registry.has(registers.name, name):
+        raise ClipkitError(f"{registers.title} {name!r} is already registered by "
+                           f"{registry.get(registers.name, name).plugin.label}; two plugins with one name conflict, "
                            f"so choose another name")
     return name
 
@@ -116,7 +82,7 @@ def scaffold_plugin(name: str, kind: str = "vision", output: Path = Path(".")) -
     not a folder, an existing plugin folder, or a folder that cannot be written.
     """
     name = check_name(name, kind)
-    fields = _fields(name, KINDS[kind])
+    fields = _fields(name, kinds()[kind])
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise ClipkitError(f"--output {output}: is a file, not a folder")
@@ -131,16 +97,19 @@ def scaffold_plugin(name: str, kind: str = "vision", output: Path = Path(".")) -
 
 def _write(root: Path, kind: str, name: str, fields: Dict[str, str]) -> List[Path]:
     templates = resources.files("clipkit") / "templates" / "plugin"
+    spec = kinds()[kind]
+    own, module = _templates(spec), spec.scaffold.module
     pkg = root / fields["pkg"]
     layout = {
         templates / "pyproject.toml.tmpl": root / "pyproject.toml",
         templates / "README.md.tmpl": root / "README.md",
         templates / "gitignore.tmpl": root / ".gitignore",
-        templates / kind / "__init__.py.tmpl": pkg / "__init__.py",
-        templates / kind / f"{KINDS[kind].module}.py.tmpl": pkg / f"{KINDS[kind].module}.py",
-        templates / kind / "config.json.tmpl": pkg / "model_configs" / f"{name}-example.json",
-        templates / kind / "test.py.tmpl": root / "tests" / fields["test_file"],
+        own / "__init__.py.tmpl": pkg / "__init__.py",
+        own / f"{module}.py.tmpl": pkg / f"{module}.py",
     }
+    if (own / "config.json.tmpl").is_file():  # kinds whose parts go into model configs ship an example
+        layout[own / "config.json.tmpl"] = pkg / "model_configs" / f"{name}-example.json"
+    layout[own / "test.py.tmpl"] = root / "tests" / fields["test_file"]
     written = [root]
     for template, path in layout.items():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,16 +9,18 @@ No torch here.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ._typed import json_schema
-from .config import DEFAULT_TYPES, SCHEMA_VERSION, TEXT_TYPE_RULES, VISION_TYPE_RULES, ModelCfg, TokenizerCfg
-from .registry import FIRST_PARTY, registry
+from .config import SCHEMA_VERSION, ModelCfg, TokenizerCfg
+from .hookspecs import Infer
+from .kinds import TOKENIZER, Kind, spec, towers
+from .registry import FIRST_PARTY, FIRST_PARTY_INFER, registry
 
 _NOT_ALLOWED = {"type": "null"}  # a key that does not apply may be absent or null, as the validator accepts
 
 
-def _tower_defs(kind: str, tokenizer_keys: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def _tower_defs(kind: Kind, tokenizer_keys: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     defs = {}
     for entry in registry.entries(kind):
         extra = {"type": {"const": entry.name, "description": f"{entry.name!r}, provided by {entry.plugin.label}"}}
@@ -30,13 +32,31 @@ def _tower_defs(kind: str, tokenizer_keys: Optional[Dict[str, Any]]) -> Dict[str
     return defs
 
 
-def _has_value(key: str, test: str) -> Dict[str, Any]:
-    """The schema of a section whose ``key`` passes an inference test of config.py."""
-    value = {"type": "array"} if test == "list" else {"not": {"enum": [None, "", 0, False, [], {}]}}
-    return {"required": [key], "properties": {key: value}}
+def _inference(kind: Kind) -> List[Tuple[str, Infer]]:
+    """``(name, rule)`` in the order config.py tries them for a section that names no part of ``kind``."""
+    rules = [(entry.name, rule) for entry in registry.inferring(kind) for rule in entry.infer]
+    claimed = {name for name, _ in rules}
+    rules += [(name, rule) for (hint_kind, name), rule in FIRST_PARTY_INFER.items()
+              if hint_kind == kind and name not in claimed]
+    return rules
 
 
-def _section(kind: str, rules, default: str) -> Dict[str, Any]:
+def _inferred_as(kind: Kind) -> Dict[str, Dict[str, Any]]:
+    """For each part a section without a name may be inferred as: the schema of such sections."""
+    conditions: Dict[str, List[Dict[str, Any]]] = {}
+    earlier: List[Dict[str, Any]] = []
+    for name, rule in _inference(kind):
+        this = rule.json_schema()
+        conditions.setdefault(name, []).append({"allOf": [*({"not": e} for e in earlier), this]})
+        earlier.append(this)
+    default = spec(kind).default
+    if default is not None:
+        conditions.setdefault(default, []).append({"allOf": [{"not": e} for e in earlier]} if earlier else {})
+    return {name: {"anyOf": alternatives} if len(alternatives) > 1 else alternatives[0]
+            for name, alternatives in conditions.items()}
+
+
+def _section(kind: Kind) -> Dict[str, Any]:
     """Dispatch on ``"type"``; without it, on the inference rules, first match wins."""
     names = registry.names(kind)
 
@@ -48,9 +68,9 @@ def _section(kind: str, rules, default: str) -> Dict[str, Any]:
         return {"not": {}, "description": f"this section is inferred to be of type {name!r}, which is not "
                                           f"installed{hint}"}
 
-    inferred = ref(default)
-    for tower_type, key, test in reversed(rules):
-        inferred = {"if": _has_value(key, test), "then": ref(tower_type), "else": inferred}
+    inferred: Dict[str, Any] = {"not": {}}  # reached only when no rule and no default applies
+    for name, condition in reversed(list(_inferred_as(kind).items())):
+        inferred = {"if": condition, "then": ref(name), "else": inferred}
     explicit = {"allOf": [{"if": {"properties": {"type": {"const": name}}}, "then": ref(name)} for name in names]}
     return {"type": "object", "properties": {"type": {"enum": names, "description": "Registered tower type."}},
             "if": {"required": ["type"]}, "then": explicit, "else": inferred}
@@ -59,19 +79,17 @@ def _section(kind: str, rules, default: str) -> Dict[str, Any]:
 def _tokenizer_rules() -> List[Dict[str, Any]]:
     """Which tokenizer a text_cfg selects (named, or inferred as config.py does), and its keys."""
     no_name = {"anyOf": [{"not": {"required": ["tokenizer"]}}, {"properties": {"tokenizer": {"type": "null"}}}]}
-    hf_named = {"required": ["hf_tokenizer_name"], "properties": {"hf_tokenizer_name": {"type": "string"}}}
+    inferred = _inferred_as(TOKENIZER)
 
     def selects(name: str) -> Dict[str, Any]:
         named = {"required": ["tokenizer"], "properties": {"tokenizer": {"const": name}}}
-        if name == "hf":
-            return {"anyOf": [named, {"allOf": [no_name, hf_named]}]}
-        if name == "clip":
-            return {"anyOf": [named, {"allOf": [no_name, {"not": hf_named}]}]}
+        if name in inferred:
+            return {"anyOf": [named, {"allOf": [no_name, inferred[name]]}]}
         return named
 
     rules = [{"if": {"not": selects("hf")}, "then": {"properties": {"hf_tokenizer_name": _NOT_ALLOWED,
                                                                     "tokenizer_mode": _NOT_ALLOWED}}}]
-    for entry in registry.entries("tokenizer"):
+    for entry in registry.entries(TOKENIZER):
         options = entry.meta.get("options")
         if options is not None:
             rules.append({"if": selects(entry.name), "then": {"properties": {"tokenizer_kwargs": {
@@ -82,14 +100,16 @@ def _tokenizer_rules() -> List[Dict[str, Any]]:
 def model_config_schema() -> Dict[str, Any]:
     """JSON Schema of a model config, reflecting the tower types and tokenizers installed now."""
     tokenizer = json_schema(TokenizerCfg, "tokenizer keys")["properties"]
-    tokenizer["tokenizer"] = {"anyOf": [{"enum": registry.names("tokenizer")}, {"type": "null"}],
+    tokenizer["tokenizer"] = {"anyOf": [{"enum": registry.names(TOKENIZER)}, {"type": "null"}],
                               "description": tokenizer["tokenizer"].get("description", "")}
-    defs = {**_tower_defs("vision_tower", None), **_tower_defs("text_tower", tokenizer)}
-    text = _section("text_tower", TEXT_TYPE_RULES, DEFAULT_TYPES["text_tower"])
-    text["allOf"] = _tokenizer_rules()
-    top = json_schema(ModelCfg, "clipkit model config", {
-        "vision_cfg": _section("vision_tower", VISION_TYPE_RULES, DEFAULT_TYPES["vision_tower"]),
-        "text_cfg": text})
+    defs: Dict[str, Any] = {}
+    sections: Dict[str, Any] = {}
+    for kind in towers():
+        # the tokenizer's keys sit in the section of the tower that reads its ids
+        defs.update(_tower_defs(kind.name, tokenizer if kind.section == spec(TOKENIZER).section else None))
+        sections[kind.section] = _section(kind.name)
+    sections[spec(TOKENIZER).section]["allOf"] = _tokenizer_rules()
+    top = json_schema(ModelCfg, "clipkit model config", sections)
     top["properties"]["schema_version"]["maximum"] = SCHEMA_VERSION  # a newer file needs a newer clipkit
     top["required"] = ["embed_dim", "vision_cfg", "text_cfg"]
     top["$schema"] = "https://json-schema.org/draft/2020-12/schema"

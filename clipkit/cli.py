@@ -13,8 +13,6 @@ from typing import Any, Dict, List, Optional
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 #: The status a shell reports for a command stopped by SIGPIPE (128 + 13).
 EXIT_BROKEN_PIPE = 141
-#: The kinds ``clipkit plugin new`` writes (``clipkit._scaffold.KINDS``), listed here so parsing imports nothing.
-PLUGIN_KINDS = ("vision", "text", "pooler", "tokenizer", "freezer")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -232,6 +230,7 @@ EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .kinds import scaffolds  # the kinds table imports nothing heavy, so parsing stays fast
 
     parser = argparse.ArgumentParser(prog="clipkit", description="Build and train CLIP-style models from JSON configs.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -285,16 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "  clipkit plugin new tinyconv\n"
                                "  pip install -e ./clipkit-plugin-tinyconv && pytest clipkit-plugin-tinyconv\n"
                                "  clipkit plugin new bytes --kind tokenizer --output ~/src\n\n"
-                               "kinds:\n"
-                               "  vision     a vision tower type (small conv net)\n"
-                               "  text       a text tower type (convolutions over token embeddings)\n"
-                               "  pooler     a pooler for HuggingFace text towers (last real token)\n"
-                               "  tokenizer  a tokenizer (UTF-8 bytes)\n"
-                               "  freezer    a freezer, for a tower type reusing the builtin ViT\n",
+                               "kinds:\n" + "".join(f"  {short:<10s} {kind.scaffold.blurb}\n"
+                                                      for short, kind in scaffolds().items()),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", metavar="NAME", help="registry and entry-point name; the distribution is "
                                                 "clipkit-plugin-NAME and the package clipkit_plugin_NAME")
-    p.add_argument("--kind", choices=PLUGIN_KINDS, default="vision", help="what the plugin registers (default: vision)")
+    p.add_argument("--kind", choices=tuple(scaffolds()), default="vision", help="what the plugin registers (default: vision)")
     p.add_argument("--output", "-o", type=Path, default=Path("."), metavar="DIR",
                    help="where to create clipkit-plugin-NAME/ (default: the current folder)")
     p.set_defaults(func=_cmd_plugin_new)

@@ -10,6 +10,7 @@ Validation binds each section to the config class its tower type registered, col
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import logging
@@ -23,7 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from ._size import size_problems
 from ._typed import option, validate
 from .errors import ClipkitError, ConfigError, Problem
-from .registry import FIRST_PARTY_MODELS, KIND_TITLES, registry
+from .kinds import MODEL_CONFIG, TEXT_TOWER, TOKENIZER, VISION_TOWER, Kind, spec
+from .registry import FIRST_PARTY_INFER, FIRST_PARTY_MODELS, registry
 
 logger = logging.getLogger("clipkit")
 
@@ -38,7 +40,8 @@ MAX_CONFIG_DEPTH = 64
 TOKENIZER_KEYS = ("tokenizer", "hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs")
 
 __all__ = ["add_model_config", "list_models", "get_model_config", "validate_model_config", "ModelConfig",
-           "ModelCfg", "TokenizerCfg", "parse_model_name", "infer_vision_type", "infer_text_type", "option"]
+           "ModelCfg", "TokenizerCfg", "parse_model_name", "infer_part", "infer_vision_type", "infer_text_type",
+           "infer_tokenizer", "option"]
 
 
 @dataclass
@@ -59,8 +62,8 @@ class ModelCfg:
 class TokenizerCfg:
     """Tokenizer keys of ``text_cfg``; they are shared by every text tower type."""
 
-    tokenizer: Optional[str] = option(None, "Registered tokenizer name; inferred when absent "
-                                            "(hf_tokenizer_name -> 'hf', otherwise 'clip').")
+    tokenizer: Optional[str] = option(None, "Registered tokenizer name; inferred when absent, from the keys "
+                                            "tokenizers declare (hf_tokenizer_name -> 'hf'), otherwise 'clip'.")
     hf_tokenizer_name: Optional[str] = option(None, "HuggingFace tokenizer: hub name or local folder.")
     tokenizer_mode: Optional[str] = option(None, "Tokenizer mode passed to the tokenizer (OpenCLIP: 'clips').")
     tokenizer_kwargs: Optional[Dict[str, Any]] = option(None, "Extra tokenizer arguments, e.g. {\"clean\": \"canonicalize\"}.")
@@ -87,65 +90,76 @@ class ModelConfig:
     @property
     def tokenizer_name(self) -> str:
         """The tokenizer to build: explicit ``text_cfg.tokenizer`` or the inferred one."""
-        if self.tokenizer.tokenizer:
-            return self.tokenizer.tokenizer
-        return "hf" if self.tokenizer.hf_tokenizer_name else "clip"
+        return infer_tokenizer(dataclasses.asdict(self.tokenizer))
 
 
-# -- type inference ---------------------------------------------------------------------------------
+# -- which part a section selects ------------------------------------------------------------------
 
-#: How a section without ``"type"`` gets one: ``(type, key, test)`` rules tried in order, then the
-#: default. ``"set"`` means the key holds a non-empty value, ``"list"`` a JSON list. The JSON Schema
-#: (``clipkit config schema``) states the same rules.
-VISION_TYPE_RULES = (("timm", "timm_model_name", "set"), ("resnet", "layers", "list"))
-TEXT_TYPE_RULES = (("hf", "hf_model_name", "set"),)
-DEFAULT_TYPES = {"vision_tower": "vit", "text_tower": "transformer"}
+def _selection(kind: Kind, section: Mapping[str, Any]) -> Tuple[Any, str]:
+    """``(name, note)``: the part of ``kind`` a config section selects, and how (for messages).
+
+    A section names its part by the kind's key (``"type"``, ``"tokenizer"``); otherwise the ``infer=``
+    rules registrations declared are tried (builtins first, first match wins), then the first-party
+    hints (which name a plugin that is not installed, so the error says what to install), then the
+    kind's default.
+    """
+    declared = spec(kind)
+    if section.get(declared.select_key) is not None:
+        return section[declared.select_key], ""
+    for entry in registry.inferring(kind):
+        rule = next((rule for rule in entry.infer if rule.matches(section)), None)
+        if rule is not None:
+            return entry.name, f" (inferred from {rule.describe()})"
+    for (hint_kind, name), rule in FIRST_PARTY_INFER.items():
+        # a hint stands in for a rule the part's plugin would declare: when it is not installed, or is a
+        # release from before plugins declared their rules
+        declares = any(entry.name == name for entry in registry.inferring(kind))
+        if hint_kind == kind and not declares and rule.matches(section):
+            return name, f" (inferred from {rule.describe()})"
+    return declared.default, " (the default)"
 
 
-def _infer(section: Mapping[str, Any], rules, default: str) -> str:
-    if "type" in section:
-        return section["type"]
-    for tower_type, key, test in rules:
-        value = section.get(key)
-        if (test == "list" and isinstance(value, (list, tuple))) or (test == "set" and value):
-            return tower_type
-    return default
+def infer_part(kind: Kind, section: Mapping[str, Any]) -> Any:
+    """The name of the part of ``kind`` a model-config section selects: the one it names, else the one
+    the registered ``infer=`` rules pick, else the kind's default."""
+    return _selection(kind, section)[0]
 
 
 def infer_vision_type(vision_cfg: Mapping[str, Any]) -> str:
-    """``type`` if given, else ``timm_model_name`` -> timm, a list of ``layers`` -> resnet, else vit."""
-    return _infer(vision_cfg, VISION_TYPE_RULES, DEFAULT_TYPES["vision_tower"])
+    """``type`` if given, else the vision tower type whose ``infer=`` rule matches (``timm_model_name`` ->
+    timm, a list of ``layers`` -> resnet), else vit."""
+    return infer_part(VISION_TOWER, vision_cfg)
 
 
 def infer_text_type(text_cfg: Mapping[str, Any]) -> str:
-    """``type`` if given, else ``hf_model_name`` -> hf, else transformer."""
-    return _infer(text_cfg, TEXT_TYPE_RULES, DEFAULT_TYPES["text_tower"])
+    """``type`` if given, else the text tower type whose ``infer=`` rule matches (``hf_model_name`` -> hf),
+    else transformer."""
+    return infer_part(TEXT_TOWER, text_cfg)
 
 
-def _inferred_from(section: Mapping[str, Any], tower_type: str) -> str:
-    if "type" in section:
-        return ""
-    reason = {"timm": "timm_model_name", "resnet": "a list of layers", "hf": "hf_model_name"}.get(tower_type)
-    return f" (inferred from {reason})" if reason else " (the default)"
+def infer_tokenizer(text_cfg: Mapping[str, Any]) -> str:
+    """The tokenizer a ``text_cfg`` selects: ``tokenizer`` if given, else the tokenizer whose ``infer=`` rule
+    matches (``hf_tokenizer_name`` -> hf), else clip. The one place this is decided."""
+    return infer_part(TOKENIZER, text_cfg)
 
 
 # -- validation -------------------------------------------------------------------------------------
 
-def _tower(section_key: str, kind: str, data: Any, infer, extra_known: Tuple[str, ...],
-           problems: List[Problem]) -> Tuple[Optional[str], Any]:
+def _tower(kind: Kind, data: Any, extra_known: Tuple[str, ...], problems: List[Problem]) -> Tuple[Optional[str], Any]:
+    section_key = spec(kind).section
     if data is None:
         problems.append(Problem(section_key, "missing required section"))
         return None, None
     if not isinstance(data, dict):
         problems.append(Problem(section_key, f"expected an object, got {type(data).__name__}"))
         return None, None
-    tower_type = infer(data)
-    if not isinstance(tower_type, str) or not tower_type:
-        problems.append(Problem(f"{section_key}.type", f"expected a registered tower type name, got {tower_type!r}"))
+    key = spec(kind).select_key
+    if key in data and not (isinstance(data[key], str) and data[key]):
+        problems.append(Problem(f"{section_key}.{key}", f"expected a registered tower type name, got {data[key]!r}"))
         return None, None
+    tower_type, note = _selection(kind, data)
     if not registry.has(kind, tower_type):
-        problems.append(Problem(f"{section_key}.type",
-                                registry.unknown_message(kind, tower_type, note=_inferred_from(data, tower_type))))
+        problems.append(Problem(f"{section_key}.{key}", registry.unknown_message(kind, tower_type, note=note)))
         return tower_type, None
     try:
         entry = registry.get(kind, tower_type)
@@ -156,7 +170,7 @@ def _tower(section_key: str, kind: str, data: Any, infer, extra_known: Tuple[str
     if cls is None:  # a plugin without a config class gets the raw mapping and validates it itself
         return tower_type, {k: v for k, v in data.items() if k not in ("type",) + extra_known}
     try:
-        instance, found = validate(cls, data, section_key, f"{KIND_TITLES[kind]} {tower_type!r}",
+        instance, found = validate(cls, data, section_key, f"{spec(kind).title} {tower_type!r}",
                                    extra_known=("type",) + extra_known)
     except Exception as exc:  # the plugin's config class itself is broken: name it, do not crash
         problems.append(Problem(f"{section_key}.type", f"config class of {entry.where} failed: {exc!r}"))
@@ -167,16 +181,16 @@ def _tower(section_key: str, kind: str, data: Any, infer, extra_known: Tuple[str
 
 def _tokenizer_problems(tok: TokenizerCfg) -> List[Problem]:
     """The tokenizer named (or inferred) must exist, and take the keys given to it."""
-    name = tok.tokenizer or ("hf" if tok.hf_tokenizer_name else "clip")
-    where = "text_cfg.tokenizer" if tok.tokenizer else "text_cfg"
-    if not registry.has("tokenizer", name):
-        return [Problem(where, registry.unknown_message("tokenizer", name,
-                                                        note="" if tok.tokenizer else " (inferred)"))]
+    name = infer_tokenizer(dataclasses.asdict(tok))
+    where = "text_cfg.tokenizer" if tok.tokenizer is not None else "text_cfg"
+    if not registry.has(TOKENIZER, name):
+        return [Problem(where, registry.unknown_message(TOKENIZER, name,
+                                                        note="" if tok.tokenizer is not None else " (inferred)"))]
     if name != "hf" and tok.hf_tokenizer_name:
         return [Problem("text_cfg.hf_tokenizer_name", f"is used only by the 'hf' tokenizer, not {name!r}")]
     if name != "hf" and tok.tokenizer_mode:
         return [Problem("text_cfg.tokenizer_mode", f"is used only by the 'hf' tokenizer, not {name!r}")]
-    options = registry.get("tokenizer", name).meta.get("options")
+    options = registry.get(TOKENIZER, name).meta.get("options")
     problems = []
     for key in sorted(tok.tokenizer_kwargs or {}):
         if options is not None and key not in options:
@@ -207,8 +221,8 @@ def validate_model_config(cfg: Any, source: Optional[str] = None, name: Optional
     top, found = validate(ModelCfg, {k: v for k, v in cfg.items() if k not in ("vision_cfg", "text_cfg")},
                           "", "a model config", extra_known=("vision_cfg", "text_cfg"))
     problems.extend(found)
-    vision_type, vision = _tower("vision_cfg", "vision_tower", cfg.get("vision_cfg"), infer_vision_type, (), problems)
-    text_type, text = _tower("text_cfg", "text_tower", cfg.get("text_cfg"), infer_text_type, TOKENIZER_KEYS, problems)
+    vision_type, vision = _tower(VISION_TOWER, cfg.get("vision_cfg"), (), problems)
+    text_type, text = _tower(TEXT_TOWER, cfg.get("text_cfg"), TOKENIZER_KEYS, problems)
     tokenizer = TokenizerCfg()
     if isinstance(cfg.get("text_cfg"), dict):
         tok_data = {k: v for k, v in cfg["text_cfg"].items() if k in TOKENIZER_KEYS}
@@ -253,7 +267,7 @@ class _Store:
 
     @property
     def configs(self) -> Dict[str, Tuple[Dict[str, Any], str]]:
-        entries = registry.entries("model_config")  # loads plugins first: generation is then current
+        entries = registry.entries(MODEL_CONFIG)  # loads plugins first: generation is then current
         if self._configs is None or self._generation != registry.generation:
             found: Dict[str, Tuple[Dict[str, Any], str]] = {}
             self._scan(BUILTIN_CONFIG_DIR, found, "builtin")

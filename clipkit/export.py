@@ -9,7 +9,8 @@ from typing import Any, Dict, Optional, Union
 from torch import nn
 
 from ._provenance import PROVENANCE_KEY, parts_provenance
-from .config import HF_CONFIG_NAME, infer_text_type, infer_vision_type
+from .config import HF_CONFIG_NAME, infer_text_type, infer_tokenizer, infer_vision_type
+from .kinds import TOKENIZER
 from .errors import ClipkitError
 from .pretrained import HF_SAFE_WEIGHTS_NAME
 
@@ -28,8 +29,7 @@ def _portable_config(raw: Dict[str, Any]) -> Dict[str, Any]:
             if infer(section) != explicit:
                 section["type"] = explicit  # a plugin tower: keep it, only clipkit can build this one
     text = cfg.get("text_cfg", {})
-    inferred_tok = "hf" if text.get("hf_tokenizer_name") else "clip"
-    if text.get("tokenizer") == inferred_tok:
+    if "tokenizer" in text and text["tokenizer"] == infer_tokenizer({**text, "tokenizer": None}):
         text.pop("tokenizer")
     return cfg
 
@@ -63,7 +63,7 @@ def save_pretrained(model: nn.Module, folder: Union[str, Path], tokenizer: Optio
         from .registry import registry
 
         text_cfg = config.raw.get("text_cfg", {})
-        tokenizer = registry.get("tokenizer", "hf").load()(text_cfg, text_cfg.get("context_length", 77))
+        tokenizer = registry.get(TOKENIZER, "hf").load()(text_cfg, text_cfg.get("context_length", 77))
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(folder))
     return folder

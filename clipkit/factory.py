@@ -20,6 +20,7 @@ from ._trust import caller_trust, warn_ignored_requests
 from .config import ModelConfig, parse_model_name, validate_model_config
 from .errors import ClipkitError, TowerContractError
 from .hookspecs import TowerContext
+from .kinds import FREEZER, TEXT_TOWER, VISION_TOWER, spec
 from .model import ClipModel
 from .pretrained import get_pretrained_cfg, preprocess_of
 from .registry import PLUGIN_FAILURES, Entry, registry
@@ -55,8 +56,7 @@ def _check_tower(tower: Any, entry: Entry, embed_dim: int) -> None:
     """The tower protocol of DESIGN, checked on every build so a broken plugin is named, not a traceback."""
     if not isinstance(tower, nn.Module):
         raise TowerContractError(f"{entry.where}: factory returned {type(tower).__name__}, not a torch.nn.Module")
-    needed = ["output_dim", "layer_groups", "set_grad_checkpointing"]
-    needed += ["image_size"] if entry.kind == "vision_tower" else ["context_length", "vocab_size"]
+    needed = ["output_dim", "layer_groups", "set_grad_checkpointing", *spec(entry.kind).tower_attrs]
     missing = [name for name in needed if not hasattr(tower, name)]
     if missing:
         raise TowerContractError(f"{entry.where}: the tower lacks {', '.join(missing)} (see docs/plugins.md)")
@@ -73,9 +73,9 @@ def build_model(config: ModelConfig, *, precision: str = "fp32", output_dict: bo
     cast = precision if precision in ("fp16", "bf16") else None
     towers = {}
     for key, kind, tower_type, cfg, pretrained in (
-            ("visual", "vision_tower", config.vision_type, config.vision, pretrained_image),
-            ("text", "text_tower", config.text_type, config.text, pretrained_text)):
-        entry = registry.get(kind, tower_type, where=f"{'vision_cfg' if key == 'visual' else 'text_cfg'}.type")
+            ("visual", VISION_TOWER, config.vision_type, config.vision, pretrained_image),
+            ("text", TEXT_TOWER, config.text_type, config.text, pretrained_text)):
+        entry = registry.get(kind, tower_type, where=f"{spec(kind).section}.{spec(kind).select_key}")
         ctx = TowerContext(embed_dim=top.embed_dim, quick_gelu=top.quick_gelu, cast_dtype=cast,
                            pretrained=pretrained, cache_dir=cache_dir)
         factory = entry.load()
@@ -89,8 +89,8 @@ def build_model(config: ModelConfig, *, precision: str = "fp32", output_dict: bo
         towers[key] = (tower, entry)
     freezers = {}
     for key, tower_type in (("visual", config.vision_type), ("text", config.text_type)):
-        if registry.has("freezer", tower_type):
-            freezers[key] = registry.get("freezer", tower_type).load()
+        if registry.has(FREEZER, tower_type):
+            freezers[key] = registry.get(FREEZER, tower_type).load()
     text_entry = towers["text"][1]
     model = ClipModel(towers["visual"][0], towers["text"][0], embed_dim=top.embed_dim,
                       init_logit_scale=top.init_logit_scale, init_logit_bias=top.init_logit_bias,

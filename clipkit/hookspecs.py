@@ -1,6 +1,8 @@
-"""The plugin contract: one hook per kind of part, and the types of what gets registered.
+"""The plugin contract: the types of what gets registered, and the marker of hook implementations.
 
-A plugin is a module with functions marked ``@clipkit.hookimpl`` named after the hooks below, listed
+A plugin is a module with functions marked ``@clipkit.hookimpl`` named after the hooks of
+:mod:`clipkit.kinds` (one per kind of part: ``register_vision_towers``, ``register_text_towers``,
+``register_poolers``, ``register_tokenizers``, ``register_freezers``, ``register_model_configs``), listed
 under ``[project.entry-points.clipkit]`` in its distribution. Each hook receives a ``register``
 callback; calling it adds one named part to clipkit's registry::
 
@@ -11,11 +13,13 @@ callback; calling it adds one named part to clipkit's registry::
 
 ``factory`` and ``config`` may be objects or ``"package.module:attr"`` strings, imported the first
 time the part is used, so a plugin module imports without torch. This module itself imports no torch.
+Plugin authors import all of this, and the rest of what they need, from :mod:`clipkit.plugin`.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Literal, Mapping, Optional, Protocol, Tuple, Union
 
 import pluggy
 
@@ -105,51 +109,53 @@ class Freezer(Protocol):
 ModelConfigSource = Union[Mapping[str, Any], str]
 
 
-@hookspec
-def register_vision_towers(register: Register) -> None:
-    """Register image towers: ``register(type_name, factory: TowerFactory, config=ConfigClass)``.
+@dataclass(frozen=True)
+class Infer:
+    """A rule that selects a registered part for a config section that does not name one.
 
-    ``example={...}`` gives a small section (without ``type``) that builds quickly; the contract
-    tests build every tower that has one."""
+    ``register("timm", ..., infer=Infer("timm_model_name"))``: a ``vision_cfg`` without ``"type"`` whose
+    ``timm_model_name`` holds a value is a ``timm`` tower. ``test="list"`` asks for a JSON list instead
+    (``Infer("layers", "list")``: a list of ``layers`` is a ResNet). ``infer="key"`` is short for
+    ``Infer("key")``, and a tuple of rules matches when any of them does. Rules are data, not code, so
+    ``clipkit config schema`` states them too.
+    """
 
+    key: str
+    test: Literal["set", "list"] = "set"
 
-@hookspec
-def register_text_towers(register: Register) -> None:
-    """Register text towers: ``register(type_name, factory: TowerFactory, config=ConfigClass)``.
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not self.key or self.test not in ("set", "list"):
+            raise ValueError(f"Infer({self.key!r}, {self.test!r}): key must be a key name and test 'set' or 'list'")
 
-    ``flat_state_dict=True`` declares that, in a model whose config does not set ``custom_text``, the
-    tower's state dict keys sit at the top level of the model (OpenCLIP's ``CLIP`` layout).
-    ``example={...}`` as for vision towers."""
+    def matches(self, section: Mapping[str, Any]) -> bool:
+        """Whether ``section`` selects the part by this rule."""
+        value = section.get(self.key)
+        return isinstance(value, (list, tuple)) if self.test == "list" else bool(value)
 
+    def describe(self) -> str:
+        """The rule in words, as messages say it (``"a list of layers"``)."""
+        return f"a list of {self.key}" if self.test == "list" else self.key
 
-@hookspec
-def register_poolers(register: Register) -> None:
-    """Register poolers for towers that pool token features: ``register(name, factory: PoolerFactory)``."""
-
-
-@hookspec
-def register_tokenizers(register: Register) -> None:
-    """Register tokenizers, selected by ``text_cfg.tokenizer``: ``register(name, factory: TokenizerFactory)``.
-
-    ``options=(...)`` lists the ``tokenizer_kwargs`` it takes, so configs are checked against them."""
-
-
-@hookspec
-def register_freezers(register: Register) -> None:
-    """Register how to lock a tower type: ``register(tower_type, freezer: Freezer)``."""
-
-
-@hookspec
-def register_model_configs(register: Register) -> None:
-    """Ship named model configs: ``register(model_name, source: ModelConfigSource)``."""
+    def json_schema(self) -> Dict[str, Any]:
+        """The JSON Schema of a section this rule matches."""
+        value = {"type": "array"} if self.test == "list" else {"not": {"enum": [None, "", 0, False, [], {}]}}
+        return {"required": [self.key], "properties": {self.key: value}}
 
 
-HOOK_KINDS = {
-    "register_vision_towers": "vision_tower",
-    "register_text_towers": "text_tower",
-    "register_poolers": "pooler",
-    "register_tokenizers": "tokenizer",
-    "register_freezers": "freezer",
-    "register_model_configs": "model_config",
-}
-"""Hook name -> the registry kind it fills."""
+def infer_rules(value: Any) -> Tuple[Infer, ...]:
+    """The rules an ``infer=`` keyword gives: a key name, an :class:`Infer`, or a tuple/list of either."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    rules = tuple(Infer(item) if isinstance(item, str) else item for item in items)
+    if not rules or not all(isinstance(rule, Infer) for rule in rules):
+        raise TypeError(f"infer={value!r}: expected a key name, an Infer(key, test) or a tuple of them")
+    return rules
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HOOK_KINDS":  # moved to the kinds table
+        warnings.warn("clipkit.hookspecs.HOOK_KINDS is deprecated; use clipkit.kinds.by_hook()", DeprecationWarning,
+                      stacklevel=2)
+        from .kinds import by_hook
+
+        return by_hook()
+    raise AttributeError(f"module 'clipkit.hookspecs' has no attribute {name!r}")

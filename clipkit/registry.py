@@ -4,6 +4,9 @@ Builtin plugins (``clipkit.builtin.*``) and installed ones (entry-point group ``
 the same hooks. Loading happens once, on first use, never at ``import clipkit``; it imports plugin
 modules but no torch. Every registered name remembers the plugin and distribution that provided it.
 
+Which kinds of part there are, their hooks and the keywords their ``register()`` takes come from
+:mod:`clipkit.kinds`; why each hook implementation is called on its own is written there too.
+
 Environment:
     ``CLIPKIT_DISABLE_PLUGINS=name,...`` skips installed plugins by entry-point or distribution name
     (``all`` skips every installed plugin; builtins always load).
@@ -22,8 +25,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pluggy
 
-from . import hookspecs
+from . import hookspecs, kinds
 from .errors import PluginError, PluginWarning, UnknownPartError  # noqa: F401 (re-exported)
+from .hookspecs import Infer
+from .kinds import MODEL_CONFIG, VISION_TOWER, Kind
 
 ENTRY_POINT_GROUP = "clipkit"
 BUILTIN_DIST = "clipkit-torch"
@@ -36,18 +41,15 @@ def _builtin_plugins() -> Tuple[str, ...]:
     return tuple(f"clipkit.builtin.{m.name}" for m in sorted(pkgutil.iter_modules(builtin.__path__), key=lambda m: m.name)
                  if m.ispkg and not m.name.startswith("_"))
 
-KIND_TITLES = {
-    "vision_tower": "vision tower type",
-    "text_tower": "text tower type",
-    "pooler": "pooler",
-    "tokenizer": "tokenizer",
-    "freezer": "freezer",
-    "model_config": "model config",
-}
 
 #: Parts that first-party plugin distributions provide, for the "pip install" hint.
 FIRST_PARTY: Dict[Tuple[str, str], str] = {
-    ("vision_tower", "resnet"): "clipkit-plugin-resnet",
+    (VISION_TOWER, "resnet"): "clipkit-plugin-resnet",
+}
+#: How a section would select a first-party part that is not installed. A hint only: it names the part
+#: in the "not installed" error when no installed registration's ``infer=`` rule claims the section.
+FIRST_PARTY_INFER: Dict[Tuple[str, str], Infer] = {
+    (VISION_TOWER, "resnet"): Infer("layers", "list"),
 }
 #: Model names (regular expressions) whose configs first-party plugins ship.
 FIRST_PARTY_MODELS: Dict[str, str] = {
@@ -111,7 +113,7 @@ class PluginInfo:
 class Entry:
     """A registered part: its factory (or data) and config class, both possibly lazy strings."""
 
-    kind: str
+    kind: Kind
     name: str
     target: Any
     config: Any
@@ -120,11 +122,11 @@ class Entry:
 
     @property
     def where(self) -> str:
-        return f"{KIND_TITLES[self.kind]} {self.name!r} from {self.plugin.label}"
+        return f"{kinds.title(self.kind)} {self.name!r} from {self.plugin.label}"
 
     def load(self) -> Any:
         """The factory (or data), importing it on first use."""
-        if isinstance(self.target, str) and self.kind != "model_config":
+        if isinstance(self.target, str) and not kinds.spec(self.kind).data:
             self.target = import_target(self.target, what=self.where)
         return self.target
 
@@ -133,6 +135,11 @@ class Entry:
         if isinstance(self.config, str):
             self.config = import_target(self.config, what=f"config class of {self.where}")
         return self.config
+
+    @property
+    def infer(self) -> Tuple[Infer, ...]:
+        """The rules by which a config section that names no part selects this one (none: only by name)."""
+        return self.meta.get("infer", ())
 
 
 def _env_flag(name: str) -> bool:
@@ -147,10 +154,6 @@ def strict_plugins() -> bool:
 def _disabled_names() -> set:
     raw = os.environ.get("CLIPKIT_DISABLE_PLUGINS", "")
     return {part.strip() for part in raw.split(",") if part.strip()}
-
-
-# metadata each kind's register() accepts besides ``config``; anything else is a plugin bug
-ALLOWED_META = {"vision_tower": {"example"}, "text_tower": {"flat_state_dict", "example"}, "tokenizer": {"options", "example"}}
 
 
 @dataclass
@@ -176,7 +179,7 @@ class _Loader:
         from . import __version__
 
         pm = pluggy.PluginManager(hookspecs.PROJECT)
-        pm.add_hookspecs(hookspecs)
+        pm.add_hookspecs(kinds.hookspec_namespace())
         for module_name in _builtin_plugins():
             info = PluginInfo(module_name.rsplit(".", 1)[-1], BUILTIN_DIST, __version__, module_name, builtin=True)
             self._add_plugin(pm, info, lambda m=module_name: importlib.import_module(m))
@@ -219,7 +222,7 @@ class _Loader:
             pm.unregister(plugin)
             hints = []
             for name in unknown:
-                close = difflib.get_close_matches(name, list(hookspecs.HOOK_KINDS), n=1)
+                close = difflib.get_close_matches(name, list(kinds.by_hook()), n=1)
                 hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             self._fail(info, "unknown hook " + ", ".join(hints))
 
@@ -236,7 +239,8 @@ class _Loader:
 
     def _collect(self, pm: pluggy.PluginManager) -> None:
         staged: Dict[str, List[Entry]] = {}
-        for hook_name, kind in hookspecs.HOOK_KINDS.items():
+        # each implementation is called on its own, not through pm.hook: see clipkit.kinds for why
+        for hook_name, kind in kinds.by_hook().items():
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
                 info = self.snap.plugins[impl.plugin_name]
                 if info.status != "active":
@@ -258,14 +262,21 @@ class _Loader:
                 info.registered.append(key)
 
     @staticmethod
-    def _register_callback(kind: str, info: PluginInfo, bucket: List[Entry]):
+    def _register_callback(kind: Kind, info: PluginInfo, bucket: List[Entry]):
+        spec = kinds.spec(kind)
+
         def register(name: str, factory: Any, *, config: Any = None, **meta: Any) -> None:
-            title = KIND_TITLES[kind]
+            title = spec.title
             if not isinstance(name, str) or not name:
                 raise PluginError(f"registered a {title} with name {name!r}")
-            unknown = sorted(set(meta) - ALLOWED_META.get(kind, set()))
+            unknown = sorted(set(meta) - spec.keywords)
             if unknown:
                 raise PluginError(f"register() of {title} {name!r} got unknown keyword(s) {', '.join(unknown)}")
+            if "infer" in meta:
+                try:
+                    meta["infer"] = hookspecs.infer_rules(meta["infer"])
+                except (TypeError, ValueError) as exc:
+                    raise PluginError(f"register() of {title} {name!r}: {exc}") from None
             if any(e.kind == kind and e.name == name for e in bucket):
                 raise PluginError(f"registered {title} {name!r} twice")
             bucket.append(Entry(kind, name, factory, config, info, meta))
@@ -323,13 +334,21 @@ class Registry:
             self.reload()
 
     # -- queries ---------------------------------------------------------------------------------
-    def names(self, kind: str) -> List[str]:
+    def names(self, kind: Kind) -> List[str]:
         """Registered names of one kind, sorted."""
         return sorted(name for k, name in self._snapshot().entries if k == kind)
 
-    def entries(self, kind: str) -> List[Entry]:
+    def entries(self, kind: Kind) -> List[Entry]:
+        """Registered parts of one kind, sorted by name."""
         snap = self._snapshot()
         return [snap.entries[key] for key in sorted(k for k in snap.entries if k[0] == kind)]
+
+    def inferring(self, kind: Kind) -> List[Entry]:
+        """The parts of one kind that declared ``infer=`` rules, in the order rules are tried: builtin
+        plugins' first, then installed ones' in load order (the first rule that matches wins)."""
+        snap = self._snapshot()
+        return [entry for key, entry in snap.entries.items()
+                if key[0] == kind and entry.infer and key not in snap.conflicts]
 
     def plugins(self) -> List[PluginInfo]:
         """Every plugin seen, builtin ones first."""
@@ -347,13 +366,13 @@ class Registry:
     def _conflict_message(snap: _Snapshot, key: Tuple[str, str]) -> str:
         kind, name = key
         who = " and ".join(p.label for p in snap.conflicts[key])
-        return (f"{KIND_TITLES[kind]} {name!r} is registered by both {who}; uninstall one or set "
+        return (f"{kinds.title(kind)} {name!r} is registered by both {who}; uninstall one or set "
                 f"CLIPKIT_DISABLE_PLUGINS to one of their names")
 
-    def has(self, kind: str, name: str) -> bool:
+    def has(self, kind: Kind, name: str) -> bool:
         return (kind, name) in self._snapshot().entries
 
-    def get(self, kind: str, name: str, *, where: str = "") -> Entry:
+    def get(self, kind: Kind, name: str, *, where: str = "") -> Entry:
         """The entry for ``name``; an :class:`UnknownPartError` that teaches when there is none.
 
         ``where`` (e.g. ``"vision_cfg.type"``) prefixes the message.
@@ -366,14 +385,14 @@ class Registry:
             return snap.entries[key]
         raise UnknownPartError(self.unknown_message(kind, name, where=where))
 
-    def unknown_message(self, kind: str, name: str, *, where: str = "", note: str = "") -> str:
+    def unknown_message(self, kind: Kind, name: str, *, where: str = "", note: str = "") -> str:
         """One line: what is unknown, what is installed, did-you-mean, failed plugins, pip hint.
 
         ``note`` follows the name (e.g. how the name was inferred).
         """
         snap = self._snapshot()
         known = self.names(kind)
-        parts = [f"unknown {KIND_TITLES[kind]} {name!r}{note}"]
+        parts = [f"unknown {kinds.title(kind)} {name!r}{note}"]
         close = difflib.get_close_matches(str(name), known, n=1)
         if close:
             parts[0] += f" (did you mean {close[0]!r}?)"
@@ -394,3 +413,14 @@ class Registry:
 
 registry = Registry()
 """The process-wide registry. Loads plugins on first query."""
+
+_MOVED = {"KIND_TITLES": ("clipkit.kinds.titles()", kinds.titles),
+          "ALLOWED_META": ("clipkit.kinds.spec(kind).keywords", lambda: {k: set(s.keywords) for k, s in kinds.KINDS.items()})}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:  # these tables are views of clipkit.kinds now
+        new, view = _MOVED[name]
+        warnings.warn(f"clipkit.registry.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
+        return view()
+    raise AttributeError(f"module 'clipkit.registry' has no attribute {name!r}")

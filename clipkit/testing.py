@@ -25,34 +25,41 @@ from __future__ import annotations
 import dataclasses
 import sys
 import types
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set
+
+from . import kinds as _kinds
 
 try:
     import pytest
 except ImportError:  # check_plugin() from a script works without pytest; only the fixture needs it
     pytest = None
 
-__all__ = ["Case", "contract_cases", "check_part", "check_plugin", "PluginSandbox", "TOWER_CONTRACTS",
-           "TOKENIZER_CONTRACTS", "POOLER_CONTRACTS"]
+__all__ = ["Case", "contract_cases", "check_part", "check_plugin", "PluginSandbox", "PLUGIN", "PLUGIN_CONTRACTS"]
 
-#: What every vision and text tower must do, in the order the cases run.
-TOWER_CONTRACTS = ("builds", "output-shape", "output-tokens", "layer-groups", "backward", "grad-checkpointing",
-                   "autocast", "save-load", "freezer")
-TOKENIZER_CONTRACTS = ("token-ids", "special-ids")
-POOLER_CONTRACTS = ("pooled-shape", "attention-mask")
-MODEL_CONFIG_CONTRACTS = ("validates",)
-FREEZER_CONTRACTS = ("freezer",)
+#: The case kind of checks of a whole plugin rather than of one part it registers.
+PLUGIN = "plugin"
+#: What every installed plugin must do. Each kind of part has its own contracts: ``clipkit.kinds.spec(kind).contracts``.
 PLUGIN_CONTRACTS = ("loads", "imports-without-torch")
 
-_CONTRACTS = {"vision_tower": TOWER_CONTRACTS, "text_tower": TOWER_CONTRACTS, "tokenizer": TOKENIZER_CONTRACTS,
-              "pooler": POOLER_CONTRACTS, "model_config": MODEL_CONFIG_CONTRACTS, "freezer": FREEZER_CONTRACTS,
-              "plugin": PLUGIN_CONTRACTS}
+# the names these tuples had before the kinds table held them
+_MOVED = {"TOWER_CONTRACTS": _kinds.VISION_TOWER, "TOKENIZER_CONTRACTS": _kinds.TOKENIZER,
+          "POOLER_CONTRACTS": _kinds.POOLER, "MODEL_CONFIG_CONTRACTS": _kinds.MODEL_CONFIG,
+          "FREEZER_CONTRACTS": _kinds.FREEZER}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        warnings.warn(f"clipkit.testing.{name} is deprecated; use clipkit.kinds.spec({_MOVED[name]!r}).contracts",
+                      DeprecationWarning, stacklevel=2)
+        return _kinds.spec(_MOVED[name]).contracts
+    raise AttributeError(f"module 'clipkit.testing' has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One contract of one registered part (``kind`` is a registry kind, or ``"plugin"``).
+    """One contract of one registered part (``kind`` is a registry kind, or :data:`PLUGIN`).
 
     Cases hold names, not registry entries, so they can be collected before the test runs and still
     see the registry as it is when it does. ``str(case)`` is a stable test id:
@@ -89,10 +96,10 @@ def contract_cases(plugin: Optional[str] = None, kinds: Optional[List[str]] = No
     """The contract cases of one plugin's parts (by entry-point or distribution name), or of every part.
 
     A plugin that is not installed, failed to load or is disabled yields one ``loads`` case, which fails
-    saying so. Towers get every contract of :data:`TOWER_CONTRACTS` (``output-tokens`` when their config
-    class has an ``output_tokens`` key); tokenizers, poolers and model configs theirs; a freezer is
-    checked with its tower, or on its own when its tower type comes from another plugin. ``kinds``
-    restricts the kinds listed.
+    saying so. Every part gets the contracts its kind declares in :mod:`clipkit.kinds` (a tower's
+    ``output-tokens`` only when its config class has an ``output_tokens`` key); a part keyed by another
+    (a freezer, by its tower type) is checked with that part when the same plugin registers it, on its
+    own otherwise. ``kinds`` restricts the kinds listed.
     """
     from .registry import registry
 
@@ -100,28 +107,33 @@ def contract_cases(plugin: Optional[str] = None, kinds: Optional[List[str]] = No
     if plugin is not None:
         info = registry.find_plugin(plugin)
         if info is None or info.status != "active":
-            return [Case("plugin", plugin, "loads")]
+            return [Case(PLUGIN, plugin, "loads")]
         # a subprocess sees installed plugins only, not ones registered in this process
-        cases += [Case("plugin", info.name, contract) for contract in PLUGIN_CONTRACTS
+        cases += [Case(PLUGIN, info.name, contract) for contract in PLUGIN_CONTRACTS
                   if contract == "loads" or info.version != "in-process"]
-    elif kinds is None or "plugin" in kinds:  # installed plugins import without torch too
-        cases += [Case("plugin", p.name, "imports-without-torch") for p in registry.plugins()
+    elif kinds is None or PLUGIN in kinds:  # installed plugins import without torch too
+        cases += [Case(PLUGIN, p.name, "imports-without-torch") for p in registry.plugins()
                   if p.status == "active" and not p.builtin and p.version != "in-process"]
-    wanted = kinds or list(_CONTRACTS)
-    towers = set()
-    for kind in ("vision_tower", "text_tower", "tokenizer", "pooler", "model_config", "freezer"):
-        for entry in registry.entries(kind):
-            if plugin is not None and entry.plugin.name != info.name:
-                continue
-            if kind in ("vision_tower", "text_tower"):
-                towers.add(entry.name)
-            if kind not in wanted or (kind == "freezer" and entry.name in towers):
-                continue  # a freezer of a listed tower is checked by that tower's "freezer" case
-            for contract in _CONTRACTS[kind]:
+    declared = _kinds.KINDS
+    mine = {kind: [e for e in registry.entries(kind) if plugin is None or e.plugin.name == info.name]
+            for kind in declared}
+    listed: Dict[str, Set[str]] = {kind: {e.name for e in entries} for kind, entries in mine.items()}
+    for kind, spec in _in_case_order(declared):
+        if kinds is not None and kind not in kinds:
+            continue
+        for entry in mine[kind]:
+            if any(entry.name in listed[key] for key in spec.keyed_by):
+                continue  # checked by the part it is keyed by (a tower's "freezer" case)
+            for contract in spec.contracts:
                 if contract == "output-tokens" and not _has_output_tokens(entry):
                     continue
                 cases.append(Case(kind, entry.name, contract))
     return cases
+
+
+def _in_case_order(declared: Mapping[str, _kinds.KindSpec]) -> List[tuple]:
+    """Kinds with contracts, parts keyed by another kind after that kind's (towers before freezers)."""
+    return sorted(((k, s) for k, s in declared.items() if s.contracts), key=lambda item: bool(item[1].keyed_by))
 
 
 def check_part(kind: str, name: str, section: Optional[Mapping[str, Any]] = None,
@@ -130,8 +142,8 @@ def check_part(kind: str, name: str, section: Optional[Mapping[str, Any]] = None
     from .registry import registry
 
     if contracts is None:
-        tokens = kind in ("vision_tower", "text_tower") and _has_output_tokens(registry.get(kind, name))
-        contracts = [c for c in _CONTRACTS[kind] if c != "output-tokens" or tokens]
+        tokens = _kinds.spec(kind).is_tower and _has_output_tokens(registry.get(kind, name))
+        contracts = [c for c in _kinds.spec(kind).contracts if c != "output-tokens" or tokens]
     for contract in contracts:
         Case(kind, name, contract).run(section)
 

@@ -8,6 +8,7 @@ from ._sources import resolve_model
 from ._trust import caller_trust, warn_ignored_requests
 from .config import ModelConfig, validate_model_config
 from .errors import ClipkitError, UnknownModelError
+from .kinds import TOKENIZER
 from .registry import PLUGIN_FAILURES, registry
 
 
@@ -34,7 +35,7 @@ def get_tokenizer(model_name: str = "", context_length: Optional[int] = None, ca
     tokenizer_kwargs.update(kwargs)
     if cache_dir is not None:
         tokenizer_kwargs["cache_dir"] = cache_dir
-    entry = registry.get("tokenizer", config.tokenizer_name, where=f"{model_name}: text_cfg.tokenizer")
+    entry = registry.get(TOKENIZER, config.tokenizer_name, where=f"{model_name}: text_cfg.tokenizer")
     factory = entry.load()
     try:
         with caller_trust(trust_remote_code):
@@ -67,7 +68,7 @@ def _check_special_ids(model_name: str, config: ModelConfig, tokenizer: Any) -> 
 
 @lru_cache(maxsize=1)
 def _clip_bpe(generation: int) -> Any:
-    return registry.get("tokenizer", "clip").load()({}, 77)
+    return registry.get(TOKENIZER, "clip").load()({}, 77)
 
 
 def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77):

@@ -297,7 +297,7 @@ def test_a_negative_unlock_count_raises_the_documented_error():
 
 
 def test_the_json_formats_are_documented_key_for_key(tmp_path, tiny_cfg, capsys, clipkit_plugins):
-    from clipkit.registry import KIND_TITLES
+    from clipkit.kinds import titles
 
     @clipkit.hookimpl
     def register_vision_towers(register):
@@ -331,7 +331,7 @@ def test_the_json_formats_are_documented_key_for_key(tmp_path, tiny_cfg, capsys,
     assert all(set(p) == set(doc["plugins"][0]) - {"error"} for p in emitted["plugins"] if p["status"] != "failed")
     said = README[README.index("`registers` maps") + len("`registers` maps"):README.index("to the names registered")]
     kinds = set(re.findall(r"`(\w+)`", said))
-    assert kinds == set(KIND_TITLES) >= set().union(*(p["registers"] for p in emitted["plugins"]))
+    assert kinds == set(titles()) >= set().union(*(p["registers"] for p in emitted["plugins"]))
     listed = re.search(r"`clipkit plugins --json` prints the same information as JSON: (.*?)\.\n\n", PLUGINS_MD, re.S)
     assert set(re.findall(r"`(\w+)`", listed.group(1))) == set(doc["plugins"][0])
 

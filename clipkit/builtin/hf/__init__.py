@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from ..._typed import option
-from ...hookspecs import hookimpl
+from ...hookspecs import Infer, hookimpl
+from ...kinds import POOLER
 
 
 @dataclass
@@ -36,13 +37,13 @@ class HFTextCfg:
     def check(self):
         from ...registry import registry
 
-        if not registry.has("pooler", self.hf_pooler_type):
-            yield "hf_pooler_type", registry.unknown_message("pooler", self.hf_pooler_type)
+        if not registry.has(POOLER, self.hf_pooler_type):
+            yield "hf_pooler_type", registry.unknown_message(POOLER, self.hf_pooler_type)
 
 
 @hookimpl
 def register_text_towers(register):
-    register("hf", "clipkit.builtin.hf.model:build_hf_text", config=HFTextCfg)
+    register("hf", "clipkit.builtin.hf.model:build_hf_text", config=HFTextCfg, infer=Infer("hf_model_name"))
 
 
 @hookimpl

@@ -15,6 +15,7 @@ from ..._trust import custom_code_error, is_custom_code_error, remote_code_allow
 from ...errors import ClipkitError
 from ...freeze import lock_layer_groups
 from ...hookspecs import TowerContext
+from ...kinds import POOLER
 from ...registry import registry
 from . import HFTextCfg
 
@@ -95,7 +96,7 @@ class HFTextTower(nn.Module):
                                f"{cfg.hf_model_name}")
         self.output_dim = output_dim
         self.output_tokens = cfg.output_tokens
-        self.pooler = registry.get("pooler", cfg.hf_pooler_type, where="text_cfg.hf_pooler_type").load()(cfg)
+        self.pooler = registry.get(POOLER, cfg.hf_pooler_type, where="text_cfg.hf_pooler_type").load()(cfg)
         width = self.transformer.get_input_embeddings().embedding_dim
         if cfg.hf_proj_type in (None, "none"):
             if width != output_dim:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Literal, Optional, Tuple, Union
 
-from ...hookspecs import hookimpl
+from ...hookspecs import Infer, hookimpl
 from ..._typed import option
 
 Size = Union[int, Tuple[int, int]]
@@ -77,7 +77,7 @@ class TimmCfg:
 @hookimpl
 def register_vision_towers(register):
     # timm's test_vit: a tiny ViT in timm's registry, built in milliseconds without downloads
-    register("timm", "clipkit.builtin.timm.model:build_timm", config=TimmCfg,
+    register("timm", "clipkit.builtin.timm.model:build_timm", config=TimmCfg, infer=Infer("timm_model_name"),
              example={"timm_model_name": "test_vit", "timm_pool": "avg", "timm_proj": "linear", "image_size": 32})
 
 

@@ -3,7 +3,7 @@ HuggingFace tokenizer). Selected by ``text_cfg.tokenizer`` or inferred (``hf_tok
 
 This module is the plugin and imports no torch; the tokenizers live beside it.
 """
-from ...hookspecs import hookimpl
+from ...hookspecs import Infer, hookimpl
 
 
 @hookimpl
@@ -11,4 +11,4 @@ def register_tokenizers(register):
     register("clip", "clipkit.builtin.tokenizers.clip_bpe:build_clip_tokenizer",
              options=("clean", "reduction_mask", "additional_special_tokens", "vocab_path"), example={})
     # any further keyword goes to transformers.AutoTokenizer.from_pretrained, so no closed list
-    register("hf", "clipkit.builtin.tokenizers.hf:build_hf_tokenizer")
+    register("hf", "clipkit.builtin.tokenizers.hf:build_hf_tokenizer", infer=Infer("hf_tokenizer_name"))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Tuple
 
 import clipkit
-from clipkit._typed import option
+from clipkit.plugin import Infer, option
 
 #: OpenAI's ResNet CLIP models; each ships with its ``-quickgelu`` twin (OpenCLIP's config files).
 MODELS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64")
@@ -52,7 +52,8 @@ class ResNetCfg:
 
 @clipkit.hookimpl
 def register_vision_towers(register):
-    register("resnet", "clipkit_plugin_resnet.model:build_resnet", config=ResNetCfg,
+    # OpenCLIP's RN configs name no type: a list of layers (one count per stage) is what makes them ResNets
+    register("resnet", "clipkit_plugin_resnet.model:build_resnet", config=ResNetCfg, infer=Infer("layers", "list"),
              example={"layers": [1, 1, 1, 1], "width": 8, "head_width": 32, "image_size": 64})
 
 
