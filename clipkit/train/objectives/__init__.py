@@ -1,8 +1,8 @@
 """Objectives: what a training step computes from a batch (features in, named loss terms out).
 
 An objective is built once per process by a factory, ``factory(options, ctx) -> Objective``:
-``options`` is an instance of the objective's options dataclass (fields declared with
-:func:`clipkit._typed.option`, validated before the call) and ``ctx`` an :class:`ObjectiveContext`
+``options`` is an instance of the objective's options dataclass (fields declared with ``option()``,
+as in model configs; validated before the call) and ``ctx`` an :class:`ObjectiveContext`
 (rank, world size, and how to build a model through clipkit's factory, e.g. a distillation teacher).
 
 Each step, the trainer hands the objective one mapping of tensors, ``outputs``: the model's outputs
