@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import kinds
-from .config import TOKENIZER_KEYS, get_model_config, validate_model_config
+from .config import TOKENIZER_KEYS, get_model_config, infer_tokenizer, validate_model_config
 from .errors import ClipkitError, ContractError
 from .kinds import FREEZER, MODEL_CONFIG, TEXT_TOWER, TOKENIZER, VISION_TOWER, spec
 from .registry import Entry, import_target, registry
@@ -369,8 +369,8 @@ def _special_ids(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
     checks: List[Tuple[str, Dict[str, Any], Any]] = [("a builtin text transformer", default, tokenizer)]
     for model in registry.entries(MODEL_CONFIG):  # the plugin's own configs that use this tokenizer
         data = get_model_config(model.name) if model.plugin is entry.plugin else None
-        text = (data or {}).get("text_cfg") or {}
-        if text.get("tokenizer") == entry.name:
+        text = data.get("text_cfg") if isinstance(data, dict) else None
+        if isinstance(text, dict) and infer_tokenizer(text) == entry.name:
             try:
                 checks.append((f"model config {model.name!r}", data, get_tokenizer(model.name)))
             except ClipkitError as exc:

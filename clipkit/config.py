@@ -10,7 +10,6 @@ Validation binds each section to the config class its tower type registered, col
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 import json
 import logging
@@ -89,8 +88,8 @@ class ModelConfig:
 
     @property
     def tokenizer_name(self) -> str:
-        """The tokenizer to build: explicit ``text_cfg.tokenizer`` or the inferred one."""
-        return infer_tokenizer(dataclasses.asdict(self.tokenizer))
+        """The tokenizer to build: explicit ``text_cfg.tokenizer`` or the one inferred from ``text_cfg``."""
+        return infer_tokenizer(self.raw.get("text_cfg") or {})
 
 
 # -- which part a section selects ------------------------------------------------------------------
@@ -179,9 +178,9 @@ def _tower(kind: Kind, data: Any, extra_known: Tuple[str, ...], problems: List[P
     return tower_type, instance
 
 
-def _tokenizer_problems(tok: TokenizerCfg) -> List[Problem]:
+def _tokenizer_problems(tok: TokenizerCfg, text_cfg: Mapping[str, Any]) -> List[Problem]:
     """The tokenizer named (or inferred) must exist, and take the keys given to it."""
-    name = infer_tokenizer(dataclasses.asdict(tok))
+    name = infer_tokenizer(text_cfg)
     where = "text_cfg.tokenizer" if tok.tokenizer is not None else "text_cfg"
     if not registry.has(TOKENIZER, name):
         return [Problem(where, registry.unknown_message(TOKENIZER, name,
@@ -229,7 +228,7 @@ def validate_model_config(cfg: Any, source: Optional[str] = None, name: Optional
         tokenizer, found = validate(TokenizerCfg, tok_data, "text_cfg", "a tokenizer")
         problems.extend(found)
         if tokenizer is not None:
-            problems.extend(_tokenizer_problems(tokenizer))
+            problems.extend(_tokenizer_problems(tokenizer, cfg["text_cfg"]))
     if problems:
         raise fail(problems)
     problems = size_problems(top.embed_dim, [("vision_cfg", vision), ("text_cfg", text)])

@@ -10,7 +10,7 @@ from torch import nn
 
 from ._provenance import PROVENANCE_KEY, parts_provenance
 from .config import HF_CONFIG_NAME, infer_text_type, infer_tokenizer, infer_vision_type
-from .kinds import TOKENIZER
+from .kinds import TOKENIZER, spec
 from .errors import ClipkitError
 from .pretrained import HF_SAFE_WEIGHTS_NAME
 
@@ -29,8 +29,9 @@ def _portable_config(raw: Dict[str, Any]) -> Dict[str, Any]:
             if infer(section) != explicit:
                 section["type"] = explicit  # a plugin tower: keep it, only clipkit can build this one
     text = cfg.get("text_cfg", {})
-    if "tokenizer" in text and text["tokenizer"] == infer_tokenizer({**text, "tokenizer": None}):
-        text.pop("tokenizer")
+    key = spec(TOKENIZER).select_key
+    if key in text and text[key] == infer_tokenizer({**text, key: None}):
+        text.pop(key)  # it names the tokenizer that would be inferred anyway
     return cfg
 
 
