@@ -49,6 +49,12 @@ def _fields(name: str, kind: KindSpec) -> Dict[str, str]:
     fields["summary"] = string.Template(kind.scaffold.summary).substitute(fields)
     usage = (_templates(kind) / "usage.md.tmpl").read_text(encoding="utf-8").rstrip("\n")
     fields["usage"] = string.Template(usage).substitute(fields)
+    # what only a plugin that ships a model config (parts used in model configs) can show
+    ships_config = (_templates(kind) / "config.json.tmpl").is_file()
+    fields["models"] = f"\n$ clipkit models | grep {name}\n{name}-example" if ships_config else ""
+    fields["config_check"] = ("\n`clipkit config check my_model.json` validates a config that uses it (offline, without "
+                              "torch), and\n`clipkit config schema` includes its keys, with their types, defaults and "
+                              "meanings.\n") if ships_config else ""
     return fields
 
 

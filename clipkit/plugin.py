@@ -26,8 +26,7 @@ from .errors import (ClipkitError, ConfigError, ContractError, PluginError, Plug
                      TowerContractError, UnknownPartError)
 from .hookspecs import (Freezer, Infer, ModelConfigSource, PoolerFactory, Register, Target, TokenizerFactory,
                         TowerContext, TowerFactory, hookimpl)
-from .kinds import (FREEZER, KINDS, MODEL_CONFIG, POOLER, TEXT_TOWER, TOKENIZER, VISION_TOWER, Kind, KindSpec,
-                    declare)
+from .kinds import FREEZER, KINDS, MODEL_CONFIG, POOLER, TEXT_TOWER, TOKENIZER, VISION_TOWER, Kind, KindSpec
 from .registry import registry
 
 __all__ = [
@@ -36,7 +35,7 @@ __all__ = [
     # what factories receive and return
     "TowerContext", "TowerFactory", "PoolerFactory", "TokenizerFactory", "Freezer", "ModelConfigSource",
     # kinds of part
-    "Kind", "KindSpec", "KINDS", "declare", "VISION_TOWER", "TEXT_TOWER", "POOLER", "TOKENIZER", "FREEZER",
+    "Kind", "KindSpec", "KINDS", "VISION_TOWER", "TEXT_TOWER", "POOLER", "TOKENIZER", "FREEZER",
     "MODEL_CONFIG",
     # errors
     "ClipkitError", "ConfigError", "Problem", "PluginError", "PluginWarning", "UnknownPartError", "ContractError",
