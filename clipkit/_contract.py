@@ -17,7 +17,7 @@ from torch import nn
 from . import kinds
 from .config import TOKENIZER_KEYS, get_model_config, infer_tokenizer, validate_model_config
 from .errors import ClipkitError, ContractError
-from .kinds import FREEZER, MODEL_CONFIG, TEXT_TOWER, TOKENIZER, VISION_TOWER, spec
+from .kinds import FREEZER, MODEL_CONFIG, TEXT_TOWER, VISION_TOWER, spec
 from .registry import Entry, import_target, registry
 
 EMBED_DIM = 24

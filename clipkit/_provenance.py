@@ -13,7 +13,7 @@ import inspect
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Union
 
 from . import kinds
 from .config import HF_CONFIG_NAME, ModelConfig, infer_part

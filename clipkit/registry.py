@@ -28,7 +28,7 @@ import pluggy
 from . import hookspecs, kinds
 from .errors import PluginError, PluginWarning, UnknownPartError  # noqa: F401 (re-exported)
 from .hookspecs import Infer
-from .kinds import MODEL_CONFIG, VISION_TOWER, Kind
+from .kinds import VISION_TOWER, Kind
 
 ENTRY_POINT_GROUP = "clipkit"
 BUILTIN_DIST = "clipkit-torch"
