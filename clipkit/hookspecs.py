@@ -1,9 +1,8 @@
 """The plugin contract: the types of what gets registered, and the marker of hook implementations.
 
-A plugin is a module with functions marked ``@clipkit.hookimpl`` named after the hooks of
-:mod:`clipkit.kinds` (one per kind of part: ``register_vision_towers``, ``register_text_towers``,
-``register_poolers``, ``register_tokenizers``, ``register_freezers``, ``register_model_configs``), listed
-under ``[project.entry-points.clipkit]`` in its distribution. Each hook receives a ``register``
+A plugin is a module with functions marked ``@clipkit.hookimpl`` named after the hooks that
+:mod:`clipkit.kinds` declares (one per kind of part, e.g. ``register_vision_towers``), listed under
+``[project.entry-points.clipkit]`` in its distribution. Each hook receives a ``register``
 callback; calling it adds one named part to clipkit's registry::
 
     @clipkit.hookimpl
