@@ -28,10 +28,11 @@ _MISSING = dataclasses.MISSING
 
 def option(default: Any = _MISSING, doc: str = "", *, gt: Optional[float] = None, ge: Optional[float] = None,
            lt: Optional[float] = None, le: Optional[float] = None, choices: Optional[Iterable[Any]] = None,
-           default_factory: Any = _MISSING) -> Any:
-    """A dataclass field with its documentation and bounds (checked by :func:`validate`)."""
+           default_factory: Any = _MISSING, extra: Optional[Mapping[str, Any]] = None) -> Any:
+    """A dataclass field with its documentation and bounds (checked by :func:`validate`); ``extra`` adds
+    metadata of the caller's own (clipkit-train's flag names and docs table columns)."""
     meta = {"doc": doc, "gt": gt, "ge": ge, "lt": lt, "le": le,
-            "choices": tuple(choices) if choices is not None else None}
+            "choices": tuple(choices) if choices is not None else None, **(extra or {})}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -72,3 +72,15 @@ class UnknownPartError(ClipkitError, LookupError):
 
 class PreprocessError(ClipkitError, ValueError):
     """A preprocessing or augmentation setting that clipkit cannot honour."""
+
+
+class ArgsError(ClipkitError):
+    """A ``clipkit-train`` flag (or settings-file key), or a combination of them, that cannot work."""
+
+
+class DataError(ClipkitError):
+    """Data that cannot be read as asked: a bad path, wrong CSV columns, mostly broken shards."""
+
+
+class TrainingError(ClipkitError):
+    """The run cannot go on (a non-finite loss, a run folder in the way)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import clipkit
-from clipkit.train.loop import seed_everything
+from clipkit.train.build import seed_everything
 
 from _train_support import (base_args, read_scalars, run_inprocess, synthetic_samples, weights, write_dataset,
                             write_model)
@@ -56,7 +56,7 @@ def test_loss_decreases_on_learnable_data(main_run):
 def test_run_folder_layout(main_run):
     ckpts = main_run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_1.pt", "epoch_2.pt", "epoch_latest.pt", "results.jsonl"]
-    assert (main_run / "code" / "clipkit" / "train" / "loop.py").is_file()  # --copy-codebase
+    assert (main_run / "code" / "clipkit" / "train" / "trainer.py").is_file()  # --copy-codebase
     params = (main_run / "params.txt").read_text().splitlines()
     assert "batch_size: 8" in params and params == sorted(params)
     log = (main_run / "out.log").read_text()

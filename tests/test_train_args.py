@@ -8,7 +8,7 @@ import torch
 
 from clipkit.train import main
 from clipkit.train.args import ArgsError, build_parser, parse_args
-from clipkit.train.loop import precision_setup
+from clipkit.train.build import precision_setup
 
 BASE = ["--model", "ViT-B-32", "--train-data", "shards/{000..009}.tar"]
 
@@ -47,13 +47,14 @@ def test_every_openclip_flag_is_accepted_with_its_default():
 
 
 def test_computed_defaults_follow_openclip():
-    vit = parse_args(BASE)
+    vit = parse_args(BASE).optimization
     assert (vit.lr, vit.beta1, vit.beta2, vit.eps) == (5e-4, 0.9, 0.98, 1e-6)
     rn = parse_args(["--model", "RN50", "--train-data", "x.tar"])
-    assert (rn.beta2, rn.eps) == (0.999, 1e-8)
-    assert rn.dataset_type == "webdataset" and parse_args(["--model", "m", "--train-data", "a.csv"]).dataset_type == "csv"
-    assert vit.name.endswith("-model_ViT-B-32-lr_0.0005-b_64-j_4-p_amp")
-    assert parse_args(BASE + ["--aug-cfg", "scale=(0.9,1.0)", "color_jitter=0.4"]).aug_cfg == {
+    assert (rn.optimization.beta2, rn.optimization.eps) == (0.999, 1e-8)
+    assert rn.data.dataset_type == "webdataset"
+    assert parse_args(["--model", "m", "--train-data", "a.csv"]).data.dataset_type == "csv"
+    assert parse_args(BASE).logging.name.endswith("-model_ViT-B-32-lr_0.0005-b_64-j_4-p_amp")
+    assert parse_args(BASE + ["--aug-cfg", "scale=(0.9,1.0)", "color_jitter=0.4"]).model.aug_cfg == {
         "scale": (0.9, 1.0), "color_jitter": 0.4}
 
 
@@ -140,4 +141,4 @@ def test_no_flag_is_taken_by_torchrun():
     clashes = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"
                and any(t.startswith(o) for t in theirs)}
     assert clashes == {"--logs"}  # OpenCLIP's name, kept; --logs-dir is its torchrun-safe spelling
-    assert parse_args(BASE + ["--logs-dir", "/tmp/x"]).logs == "/tmp/x"
+    assert parse_args(BASE + ["--logs-dir", "/tmp/x"]).logging.logs == "/tmp/x"

@@ -2,7 +2,6 @@
 import io
 import json
 import tarfile
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 from PIL import Image
 
 from clipkit.train import shards as wds
+from clipkit.train.settings import DataSettings
 from clipkit.train.shards import write_shards
 from clipkit.train.data import (CsvSource, DataError, EpochStream, Loader, Progress, ShardSource, SyntheticSource,
                                 read_list, train_loader)
@@ -184,10 +184,9 @@ def test_lists_read_json_or_lines(tmp_path):
 
 def test_too_few_samples_for_a_batch_is_a_clear_error(tmp_path):
     pattern = write_dataset(tmp_path, shards=1, per_shard=3)
-    args = Namespace(dataset_type="webdataset", train_data=pattern, train_num_samples=None, batch_size=8, seed=0,
-                     workers=0, dataset_resampled=False, train_data_upsampling_factors=None)
+    data = DataSettings(dataset_type="webdataset", train_data=pattern, batch_size=8, workers=0)
     with pytest.raises(DataError, match="3 samples are fewer than one global batch"):
-        train_loader(args, _pixels, _tokens, 0, 1, 32)
+        train_loader(data, 0, _pixels, _tokens, 0, 1, 32)
 
 
 def test_oversized_member_is_counted_once(tmp_path, monkeypatch):

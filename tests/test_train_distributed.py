@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from clipkit.train import checkpoints as ckpt
+from clipkit.train import checkpointer as ckpt
 
 from _train_support import (base_args, read_scalars, run_inprocess, start_train, subprocess_env, weights,
                             write_dataset, write_model)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import clipkit
-from clipkit.train import checkpoints as ckpt
+from clipkit.train import checkpointer as ckpt
 from clipkit.train.consolidate import main as consolidate_main
 
 from _train_support import base_args, run_inprocess, subprocess_env, weights, write_dataset, write_model

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipkit.train import checkpoints as ckpt
+from clipkit.train import checkpointer as ckpt
 
 from _train_support import base_args, start_train, weights, write_dataset, write_model
 

@@ -32,9 +32,9 @@ def _argv(command: str) -> list:
 
 @pytest.mark.parametrize("command", SEED, ids=["hf-text", "lock-text", "full"])
 def test_seed_command_parses_as_written(command):
-    args = parse_args(_argv(command))
-    assert args.model == "roberta-ViT-B-32" and args.hf_tokenizer_name == "roberta-base"
-    assert args.dataset_type == "webdataset" and args.batch_size == 256
+    settings = parse_args(_argv(command))
+    assert settings.model.model == "roberta-ViT-B-32" and settings.model.hf_tokenizer_name == "roberta-base"
+    assert settings.data.dataset_type == "webdataset" and settings.data.batch_size == 256
 
 
 def _byte_level_alphabet():

@@ -17,7 +17,7 @@ import torch
 import clipkit
 from clipkit.errors import CheckpointError
 from clipkit.train import _dcp
-from clipkit.train import checkpoints as ckpt
+from clipkit.train import checkpointer as ckpt
 from clipkit.train._runlock import LOCK_FILE
 from clipkit.train.consolidate import main as consolidate_main
 
@@ -271,7 +271,8 @@ def test_remote_sync_never_opens_the_lock_file(trained, tmp_path):
     assert run_inprocess(_args(model, tmp_path / "logs", "synced", 1, "--remote-sync", f"file://{remote}",
                                "--remote-sync-protocol", "fsspec")) == 0
     assert (tmp_path / "logs" / "synced" / LOCK_FILE).is_file()
-    assert sorted(p.name for p in (remote / "synced").iterdir()) == ["checkpoints", "out.log", "params.txt"]
+    assert sorted(p.name for p in (remote / "synced").iterdir()) == ["checkpoints", "out.log", "params.txt",
+                                                                     "settings.json"]
 
 
 # -- 11. weights that would load silently and wrongly -----------------------------------------------

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipkit.train import checkpoints as ckpt
+from clipkit.train import checkpointer as ckpt
 from clipkit.train import distributed
-from clipkit.train import loop
+from clipkit.train import session as run_session
+from clipkit.train import trainer
+from clipkit.train.evaluate import Evaluator
 from clipkit.train.args import ArgsError, parse_args
 from clipkit.train.data import SyntheticSource
 from clipkit.train.shards import write_shards
@@ -167,16 +169,16 @@ def test_sigterm_mid_epoch_saves_stops_with_one_line_and_resumes_bit_identically
     logs = tmp_path / "logs"
     assert run_inprocess(base_args(env["model"], env["data"], logs, "straight", "--epochs", "1")) == 0
 
-    real = loop.learning_rate
+    real = trainer.learning_rate
 
     def terminate_at_step_5(args, step, *rest):
         if step == 5:
             os.kill(os.getpid(), signal.SIGTERM)  # as docker stop, Kubernetes or SLURM would
         return real(args, step, *rest)
 
-    monkeypatch.setattr(loop, "learning_rate", terminate_at_step_5)
+    monkeypatch.setattr(trainer, "learning_rate", terminate_at_step_5)
     args = base_args(env["model"], env["data"], logs, "stopped", "--epochs", "1")
-    assert run_inprocess(args) == loop.STOPPED_EXIT_CODE == 75
+    assert run_inprocess(args) == run_session.STOPPED_EXIT_CODE == 75
     log = (logs / "stopped" / "out.log").read_text()
     latest = logs / "stopped" / "checkpoints" / ckpt.LATEST
     expected = (f"stopped by SIGTERM at epoch 1 step 6 (global step 6); checkpoint saved to {latest}; continue "
@@ -187,7 +189,7 @@ def test_sigterm_mid_epoch_saves_stops_with_one_line_and_resumes_bit_identically
     assert ckpt.progress_of(ckpt.read(latest))[0] == 6
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back
 
-    monkeypatch.setattr(loop, "learning_rate", real)
+    monkeypatch.setattr(trainer, "learning_rate", real)
     assert run_inprocess(args + ["--resume", "latest"]) == 0
     ref_w, ref_opt, ref_step = _final_state(logs / "straight" / "checkpoints" / "epoch_1.pt")
     got_w, got_opt, got_step = _final_state(logs / "stopped" / "checkpoints" / "epoch_1.pt")
@@ -200,14 +202,14 @@ def test_sigterm_mid_epoch_saves_stops_with_one_line_and_resumes_bit_identically
 
 
 def test_a_signal_in_an_epochs_last_step_stops_after_its_checkpoint_before_evaluating(env, tmp_path, monkeypatch):
-    real = loop.learning_rate
+    real = trainer.learning_rate
 
     def terminate_in_last_step(args, step, *rest):
         if step == 1:  # the 2nd and last step of epoch 1
             os.kill(os.getpid(), signal.SIGUSR1)  # as SLURM's --signal=USR1@90
         return real(args, step, *rest)
 
-    monkeypatch.setattr(loop, "learning_rate", terminate_in_last_step)
+    monkeypatch.setattr(trainer, "learning_rate", terminate_in_last_step)
     run_dir = tmp_path / "logs" / "edge"
     args = base_args(env["model"], env["data"], tmp_path / "logs", "edge", "--val-data", env["zs"],
                      "--train-num-samples", "16")
@@ -219,13 +221,13 @@ def test_a_signal_in_an_epochs_last_step_stops_after_its_checkpoint_before_evalu
 
 
 def test_a_signal_while_evaluating_the_saved_epoch_stops_at_once(env, tmp_path, monkeypatch):
-    real = loop.evaluate
+    real = Evaluator.run
 
-    def interrupted(run, completed, final):
+    def interrupted(evaluator, context, completed, final):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
-        return real(run, completed, final)
+        return real(evaluator, context, completed, final)
 
-    monkeypatch.setattr(loop, "evaluate", interrupted)
+    monkeypatch.setattr(Evaluator, "run", interrupted)
     run_dir = tmp_path / "logs" / "ctrl-c"
     args = base_args(env["model"], env["data"], tmp_path / "logs", "ctrl-c", "--val-data", env["zs"],
                      "--train-num-samples", "16")

@@ -1,6 +1,6 @@
 """``clipkit-train`` and ``python -m clipkit.train``: train a CLIP-style model with OpenCLIP's flags.
 
-Parsing imports no torch; the run (``clipkit.train.loop``) does.
+Parsing imports no torch; the run (``clipkit.train.trainer``) does.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parse_args(argv)
-        from .loop import Run
+        settings = parse_args(argv)
+        from .trainer import run
 
-        Run(args).run(argv)
+        run(settings, argv)
     except ClipkitError as exc:
         if not getattr(exc, "logged", False):
             print(f"clipkit-train: error: {exc}", file=sys.stderr)

@@ -1,18 +1,23 @@
 """``clipkit-train`` flags: OpenCLIP 3.3.0's trainer flags with their meanings and defaults, plus clipkit's.
 
-Parsing imports nothing heavy, so ``--help`` and flag errors are instant. Every check that can fail
-without touching data or building a model runs in :func:`validate`, before any work starts.
+The flags are declared once, as typed settings (:mod:`clipkit.train.settings`); this module makes the
+parser from them, reads ``--config``, and checks combinations. Parsing imports nothing heavy, so
+``--help`` and flag errors are instant. Every check that can fail without touching data or building a
+model runs in :func:`validate`, before any work starts.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import os
+import sys
+import typing
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..errors import ClipkitError
+from ..errors import ArgsError
+from .settings import GROUPS, SETTINGS_FILE, Settings, flag_names, read_settings_file
 
-PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
 # flags of OpenCLIP's trainer for features clipkit does not have: accepted by the parser so that
 # the error is one line naming the feature instead of argparse's "unrecognized arguments"
 UNSUPPORTED = {
@@ -26,10 +31,6 @@ UNSUPPORTED = {
     "coca_contrastive_loss_weight": "CoCa models are not supported by clipkit, so --coca-contrastive-loss-weight has no meaning",
 }
 REPORT_TARGETS = ("tensorboard", "wandb")
-
-
-class ArgsError(ClipkitError):
-    """A flag, or a combination of flags, that cannot work."""
 
 
 class _KeyValues(argparse.Action):
@@ -48,24 +49,48 @@ class _KeyValues(argparse.Action):
         setattr(namespace, self.dest, out)
 
 
-def _positive(kind):
+def _bounded(kind: type, meta: Dict[str, Any]):
+    """argparse's ``type``: convert, then check the declared bounds (argparse reports the message)."""
+    from .._typed import _bounds_problem
+
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        bad = _bounds_problem(value, meta)
+        if bad:
+            raise argparse.ArgumentTypeError(bad)
         return value
-    parse.__name__ = kind.__name__
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
     return parse
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+def _add(group, f: dataclasses.Field, hint: Any) -> None:
+    """One declared setting as a flag."""
+    meta = f.metadata
+    kwargs: Dict[str, Any] = {"dest": f.name, "help": argparse.SUPPRESS if meta["hidden"] else meta["doc"]}
+    if meta["required"]:
+        kwargs["required"] = True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]: X
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        kwargs["action"] = "store_true"
+    elif origin is dict:
+        kwargs.update(nargs="*", action=_KeyValues, default={})
+    else:
+        if origin is list:
+            kwargs["nargs"] = "+"
+            hint = args[0]
+        if hint in (int, float):
+            kwargs["type"] = _bounded(hint, meta) if any(meta[k] is not None for k in ("gt", "ge", "le")) else hint
+        if meta["choices"] is not None:
+            kwargs["choices"] = meta["choices"]
+        kwargs["default"] = f.default
+    group.add_argument(*flag_names(f), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``clipkit-train`` parser, made from the declarations in :mod:`clipkit.train.settings`."""
     p = argparse.ArgumentParser(
         prog="clipkit-train",
         description="Train a CLIP-style model. The flags are OpenCLIP's (python -m open_clip_train.main), "
@@ -73,161 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  clipkit-train --model ViT-B-32 --train-data 'shards/{00000..00099}.tar' "
                "--dataset-type webdataset \\\n      --batch-size 256 --epochs 10 --lr 5e-4 --warmup 2000 "
                "--precision amp --workers 6 --name my-run --report-to tensorboard\n"
+               "  clipkit-train --config logs/my-run/settings.json --name my-run-again   (repeat a run)\n"
                "  torchrun --nproc-per-node 8 -m clipkit.train ...   (the same, distributed)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    pos_int, pos_float = _positive(int), _positive(float)
-
-    g = p.add_argument_group("data")
-    g.add_argument("--train-data", help="training data: WebDataset shards (brace patterns, 'pipe:' commands, "
-                                        "several sources joined by '::'), a .csv/.tsv file, or nothing for synthetic")
-    g.add_argument("--train-data-upsampling-factors",
-                   help="per-source sampling weights joined by '::' (e.g. '1::2'); needs --dataset-resampled")
-    g.add_argument("--val-data", help="validation data (same formats) for retrieval metrics and clip_val_loss")
-    g.add_argument("--train-num-samples", type=pos_int,
-                   help="samples per epoch; read from sizes.json/__len__ or counted from the shards when not given")
-    g.add_argument("--val-num-samples", type=pos_int, help="evaluate on about this many validation samples (whole batches)")
-    g.add_argument("--dataset-type", choices=("webdataset", "csv", "synthetic", "auto"), default="auto",
-                   help="'auto' picks csv for .csv/.tsv and webdataset for .tar and 'pipe:' (default: auto)")
-    g.add_argument("--dataset-resampled", action="store_true",
-                   help="draw shards with replacement, forever (epochs are --train-num-samples long)")
-    g.add_argument("--csv-separator", default="\t", help="CSV column separator (default: a tab)")
-    g.add_argument("--csv-img-key", default="filepath", help="CSV column holding image paths (default: filepath)")
-    g.add_argument("--csv-caption-key", default="title", help="CSV column holding captions (default: title)")
-    g.add_argument("--imagenet-val", help="ImageNet validation folder (one sub-folder per class) for zero-shot top-1/5")
-    g.add_argument("--imagenet-v2", help="ImageNet-V2 folder (one sub-folder per class) for zero-shot top-1/5")
-    g.add_argument("--zeroshot-data", help="zero-shot evaluation data: WebDataset shards with a 'cls' member, "
-                                           "or a folder with one sub-folder of images per class")
-    g.add_argument("--zeroshot-classnames", help="class names, in label order: a JSON list or one name per line")
-    g.add_argument("--zeroshot-templates", help="prompt templates with '{}' (or '{c}') for the class name: "
-                                                "a JSON list or one per line")
-    g.add_argument("--max-bad-sample-fraction", type=_fraction, default=0.5,
-                   help="abort when more than this fraction of an epoch's samples is unreadable (default: 0.5)")
-    g.add_argument("--max-image-pixels", type=pos_int,
-                   help="skip (count too_large) images with more pixels, read from the header before decoding "
-                        "(default: the larger of 32 million and (8 x the model's input side)^2)")
-    g.add_argument("--workers", type=int, default=4, help="data loader processes per GPU (default: 4)")
-    g.add_argument("--batch-size", type=pos_int, default=64, help="batch size per GPU (default: 64)")
-    g.add_argument("--cache-dir", help="where pretrained weights and tokenizers are cached")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True,
-                   help="model config: a name from `clipkit models`, 'hf-hub:org/repo', 'local-dir:PATH' or a .json file")
-    g.add_argument("--pretrained", default="", help="pretrained tag of the model or a checkpoint file/folder")
-    g.add_argument("--pretrained-image", action="store_true", help="load the image tower's own pretrained weights (timm)")
-    g.add_argument("--hf-tokenizer-name", help="HuggingFace tokenizer (name or folder) to use instead of the config's")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="let HuggingFace repositories named by the model run their own Python (a config cannot)")
-    g.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
-    g.add_argument("--lock-image-unlocked-groups", type=int, default=0,
-                   help="with --lock-image, leave the last N layer groups trainable")
-    g.add_argument("--lock-image-freeze-bn-stats", action="store_true",
-                   help="with --lock-image, keep locked BatchNorm statistics fixed")
-    g.add_argument("--lock-text", action="store_true", help="freeze the text tower")
-    g.add_argument("--lock-text-unlocked-layers", type=int, default=0,
-                   help="with --lock-text, leave the last N layer groups trainable")
-    g.add_argument("--lock-text-freeze-layer-norm", action="store_true",
-                   help="with --lock-text, freeze LayerNorm parameters in locked layers too")
-    g.add_argument("--image-mean", type=float, nargs="+", help="override the normalisation mean")
-    g.add_argument("--image-std", type=float, nargs="+", help="override the normalisation std")
-    g.add_argument("--image-interpolation", choices=("bicubic", "bilinear", "random"), help="resize interpolation")
-    g.add_argument("--image-resize-mode", choices=("shortest", "longest", "squash"), help="how images are resized")
-    g.add_argument("--aug-cfg", nargs="*", action=_KeyValues, default={},
-                   help="training augmentation as key=value pairs, e.g. scale='(0.9,1.0)' color_jitter=0.4")
-    g.add_argument("--force-context-length", type=pos_int, help="override text_cfg.context_length")
-    g.add_argument("--force-image-size", type=pos_int, nargs="+", help="override vision_cfg.image_size")
-    g.add_argument("--force-quick-gelu", action="store_true", help="use QuickGELU (OpenAI's weights need it)")
-    g.add_argument("--force-patch-dropout", type=float, help="override vision_cfg.patch_dropout")
-    g.add_argument("--force-custom-text", action="store_true", help="build the text tower under 'text.' (OpenCLIP's CustomTextCLIP key layout)")
-    g.add_argument("--siglip", action="store_true",
-                   help="SigLIP: sigmoid loss, logit scale initialised to ln 10 and a logit bias of -10")
-    g.add_argument("--distill-model", help=argparse.SUPPRESS)
-    g.add_argument("--distill-pretrained", help=argparse.SUPPRESS)
-    g.add_argument("--use-bnb-linear", help=argparse.SUPPRESS)
-    g.add_argument("--coca-caption-loss-weight", type=float, help=argparse.SUPPRESS)
-    g.add_argument("--coca-contrastive-loss-weight", type=float, help=argparse.SUPPRESS)
-
-    g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=pos_int, default=32, help="epochs to train (default: 32)")
-    g.add_argument("--epochs-cooldown", type=int,
-                   help="with --lr-scheduler const-cooldown: the last N epochs decay the learning rate")
-    g.add_argument("--lr", type=pos_float, help="learning rate (default: 5e-4)")
-    g.add_argument("--beta1", type=float, help="Adam beta1 (default: 0.9)")
-    g.add_argument("--beta2", type=float, help="Adam beta2 (default: 0.98 for ViT models, else 0.999)")
-    g.add_argument("--eps", type=float, help="Adam epsilon (default: 1e-6 for ViT models, else 1e-8)")
-    g.add_argument("--wd", type=float, default=0.2, help="weight decay (default: 0.2)")
-    g.add_argument("--momentum", type=float, help="momentum, for timm optimizers that take it")
-    g.add_argument("--warmup", type=int, default=10000, help="linear warmup steps (default: 10000)")
-    g.add_argument("--opt", default="adamw", help="'adamw' or 'timm/NAME' for a timm optimizer (default: adamw)")
-    g.add_argument("--use-bn-sync", action="store_true", help="synchronise BatchNorm statistics across processes")
-    g.add_argument("--skip-scheduler", action="store_true", help="keep the learning rate constant at --lr")
-    g.add_argument("--lr-scheduler", choices=("cosine", "const", "const-cooldown"), default="cosine",
-                   help="learning-rate schedule after warmup (default: cosine)")
-    g.add_argument("--lr-cooldown-end", type=float, default=0.0, help="learning rate at the end of the cooldown")
-    g.add_argument("--lr-cooldown-power", type=float, default=1.0, help="cooldown shape: 1 is linear")
-    g.add_argument("--accum-freq", type=pos_int, default=1,
-                   help="gradient accumulation: one optimizer step per N batches, with the contrastive loss "
-                        "over all N batches (default: 1)")
-    g.add_argument("--grad-clip-norm", type=pos_float, help="clip the gradient norm to this value")
-    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    g.add_argument("--local-loss", action="store_true",
-                   help="distributed: each process computes the loss of its own features against all")
-    g.add_argument("--gather-with-grad", action="store_true", help="distributed: gather features with gradients")
-    g.add_argument("--loss-dist-impl", choices=("bidir", "shift", "reduce", "gather"),
-                   help="distributed SigLIP loss exchange (default: bidir)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-
-    g = p.add_argument_group("precision and compilation")
-    g.add_argument("--precision", choices=PRECISIONS, default="amp",
-                   help="amp: fp16 autocast with loss scaling on GPU, bf16 autocast on CPU (default: amp)")
-    g.add_argument("--torchcompile", action="store_true", help="torch.compile the model")
-    g.add_argument("--torchcompile-backend", default="inductor",
-                   help="torch.compile backend (default: inductor; 'aot_eager' compiles fast)")
-    g.add_argument("--torchscript", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
-
-    g = p.add_argument_group("distributed (see docs/training.md)")
-    g.add_argument("--device", default="cuda", help="device; falls back to CPU with a warning (default: cuda)")
-    g.add_argument("--dist-url", help="process-group init URL (default: env://, as set by torchrun)")
-    g.add_argument("--dist-backend", help="process-group backend (default: nccl on CUDA, gloo on CPU)")
-    g.add_argument("--ddp-static-graph", action="store_true", help="DistributedDataParallel(static_graph=True)")
-    g.add_argument("--fsdp", action="store_true",
-                   help="shard weights, gradients and optimizer state across processes with FSDP2 (fully_shard per "
-                        "layer group of each tower) instead of DDP; checkpoints become Distributed Checkpoint folders "
-                        "(python -m clipkit.train.consolidate DIR OUT.pt makes one file of them)")
-    g.add_argument("--no-set-device-rank", action="store_true", help="do not pick the GPU by local rank")
-    g.add_argument("--horovod", action="store_true", help=argparse.SUPPRESS)
-
-    g = p.add_argument_group("logging")
-    # torchrun's parser takes '--logs' for an abbreviation of its own '--logs-specs' and refuses it, even
-    # after the script name: under torchrun write '--logs-dir'
-    g.add_argument("--logs", "--logs-dir", dest="logs", default="./logs/",
-                   help="where run folders go; 'none' saves nothing (default: ./logs/). Under torchrun use "
-                        "--logs-dir: torchrun mistakes --logs for its --logs-specs")
-    g.add_argument("--log-local", action="store_true", help="one log file per process (out-RANK.log)")
-    g.add_argument("--name", help="run name (default: date, model, lr, batch size, workers and precision)")
-    g.add_argument("--report-to", default="", help="'tensorboard', 'wandb', both comma-separated, or 'all'")
-    g.add_argument("--wandb-notes", default="", help="notes for the wandb run")
-    g.add_argument("--wandb-project-name", default="open-clip", help="wandb project (default: open-clip)")
-    g.add_argument("--debug", action="store_true", help="debug logging")
-    g.add_argument("--log-every-n-steps", type=pos_int, default=100, help="log every N steps (default: 100)")
-    g.add_argument("--copy-codebase", action="store_true", help="copy the installed clipkit package into the run folder")
-
-    g = p.add_argument_group("checkpoints and resume")
-    g.add_argument("--save-frequency", type=int, default=1, help="save epoch_N.pt every N epochs; 0 never (default: 1)")
-    g.add_argument("--save-most-recent", action="store_true",
-                   help="accepted for OpenCLIP compatibility: clipkit always keeps epoch_latest.pt")
-    g.add_argument("--save-every-n-steps", type=pos_int,
-                   help="also save epoch_latest.pt every N steps, mid-epoch (exact resume from there)")
-    g.add_argument("--resume", help="checkpoint file to resume from, or 'latest' for this run's newest complete one")
-    g.add_argument("--delete-previous-checkpoint", action="store_true",
-                   help="delete epoch_{N-1}.pt once epoch_N.pt is complete")
-    g.add_argument("--remote-sync", help="copy complete checkpoints to this fsspec URL (e.g. s3://bucket/runs)")
-    g.add_argument("--remote-sync-frequency", type=pos_int, default=300, help="seconds between remote syncs (default: 300)")
-    g.add_argument("--remote-sync-protocol", choices=("s3", "fsspec"), default="s3", help="remote sync protocol")
-
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--zeroshot-frequency", type=int, default=2, help="zero-shot evaluation every N epochs (default: 2)")
-    g.add_argument("--val-frequency", type=int, default=1, help="validation every N epochs (default: 1)")
+    p.add_argument("--config", metavar="FILE",
+                   help=f"read settings from a JSON file (every run writes its own as RUN/{SETTINGS_FILE}); "
+                        f"flags given here win")
+    for attr, cls, title in GROUPS:
+        group = p.add_argument_group(title)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            _add(group, f, hints[f.name])
     return p
 
 
@@ -259,10 +140,11 @@ def infer_dataset_type(spec: str, flag: str) -> str:
                     f"pass --dataset-type webdataset or csv")
 
 
-def validate(args: argparse.Namespace) -> argparse.Namespace:
+def validate(args: argparse.Namespace) -> Settings:
     """Fill OpenCLIP's computed defaults and reject what cannot work, naming the flags involved."""
+    given = vars(args)
     for dest, message in UNSUPPORTED.items():
-        if getattr(args, dest) not in (None, False):
+        if given[dest] not in (None, False):
             raise ArgsError(message)
     problems = []
 
@@ -319,7 +201,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         need(args.zeroshot_classnames is not None or os.path.isdir(args.zeroshot_data),
              "--zeroshot-data with WebDataset shards needs --zeroshot-classnames")
     for flag in ("zeroshot_classnames", "zeroshot_templates"):
-        if getattr(args, flag) and not args.zeroshot_data:
+        if given[flag] and not args.zeroshot_data:
             problems.append(f"--{flag.replace('_', '-')} needs --zeroshot-data")
 
     need(args.lock_image or (args.lock_image_unlocked_groups == 0 and not args.lock_image_freeze_bn_stats),
@@ -353,7 +235,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
 
         need(importlib.util.find_spec("wandb") is not None, "--report-to wandb needs the wandb package: pip install wandb")
     args.report_to = ",".join(t for t in targets if t in REPORT_TARGETS)
-    if args.logs.lower() == "none":
+    if args.logs is not None and args.logs.lower() == "none":
         args.logs = None
         need("tensorboard" not in targets, "--report-to tensorboard needs a run folder; --logs is 'none'")
         need(args.resume != "latest", "--resume latest needs a run folder; --logs is 'none'")
@@ -370,9 +252,24 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
                         "invalid flags:\n  " + "\n  ".join(problems))
     if args.name is None:
         args.name = default_name(args)
-    return args
+    return Settings.from_flat(given)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse and validate; a bad flag is reported by argparse (exit 2), a bad combination by :class:`ArgsError`."""
-    return validate(build_parser().parse_args(argv))
+def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
+    """The run's settings from the command line and its ``--config`` file (flags given on the command line
+    win); a bad flag is reported by argparse (exit 2), a bad combination or file by :class:`ArgsError`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config")
+    path = config.parse_known_args(argv)[0].config
+    if path:
+        from_file = read_settings_file(path)
+        parser.set_defaults(**from_file)
+        if from_file.get("model"):
+            for action in parser._actions:
+                if action.dest == "model":
+                    action.required = False
+    args = parser.parse_args(argv)
+    del args.config
+    return validate(args)

@@ -19,7 +19,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(USAGE, file=sys.stderr if len(argv) != 2 else sys.stdout)
         return 0 if any(a in ("-h", "--help") for a in argv) else 2
     from ..errors import ClipkitError
-    from .checkpoints import consolidate
+    from .checkpointer import consolidate
 
     src, out = Path(argv[0]), Path(argv[1])
     try:

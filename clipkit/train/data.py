@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..builtin.tokenizers.clip_bpe import text_cap
-from ..errors import ClipkitError
+from ..errors import ArgsError, DataError
 from . import shards as wds
 
 logger = logging.getLogger("clipkit.train")
@@ -62,12 +62,8 @@ def max_image_pixels(image_size: Optional[int]) -> int:
     return max(IMAGE_PIXELS_FLOOR, side * side)
 
 
-class DataError(ClipkitError):
-    """Data that cannot be read as asked: a bad path, wrong CSV columns, mostly broken shards."""
-
-
 # -- sources: what the units are and how a unit becomes raw samples ---------------------------------
-class Source(ABC):
+class DataSource(ABC):
     """A dataset as units; ``read(units, counts)`` yields raw samples ``{"__key__", "image", "text", "label"}``."""
 
     shuffle_buffer = 0  # samples: shards need a sample-level shuffle, row lists are permuted whole
@@ -81,7 +77,7 @@ class Source(ABC):
         """Raw samples of ``units``, in order; unreadable ones counted in ``counts`` by kind."""
 
 
-class ShardSource(Source):
+class ShardSource(DataSource):
     shuffle_buffer = SHUFFLE_BUFFER
 
     def __init__(self, spec: str, weights: Optional[Sequence[float]] = None, label: bool = False):
@@ -110,7 +106,7 @@ class ShardSource(Source):
                        "text": raw.get(wds.TEXT_EXT), "label": raw.get(wds.LABEL_EXT)}
 
 
-class CsvSource(Source):
+class CsvSource(DataSource):
     def __init__(self, path: str, img_key: str, caption_key: str, separator: str):
         self.path = Path(path)
         try:
@@ -151,7 +147,7 @@ def _read_file(path: str) -> Any:
         return None
 
 
-class FolderSource(Source):
+class FolderSource(DataSource):
     """An image folder with one sub-folder per class (ImageNet's validation layout)."""
 
     def __init__(self, root: str):
@@ -174,7 +170,7 @@ class FolderSource(Source):
             yield {"__key__": path, "image": _read_file(path), "text": None, "label": label}
 
 
-class SyntheticSource(Source):
+class SyntheticSource(DataSource):
     """Learnable random pairs: a coloured shape on noise, captioned with its colour and shape.
 
     Unlike OpenCLIP's synthetic data (one black image, one caption), the contrastive loss can fall,
@@ -309,14 +305,14 @@ def _shuffled(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[A
 
 # seeds are hashes of int tuples: stable across processes, unlike hashes of strings
 class EpochStream(IterableDataset):
-    """One epoch of batches from a :class:`Source`, split over ranks and loader workers.
+    """One epoch of batches from a :class:`DataSource`, split over ranks and loader workers.
 
     Items are dicts: batches ``{"worker", "index", "images", "keys", "texts"|"labels", "stats"}``, and one last
     ``{"worker", "index", "final": True, "stats", "dropped"}`` per worker with its closing counts.
     Set :attr:`epoch`, :attr:`skip` and :attr:`rotate` before iterating (workers are forked per epoch).
     """
 
-    def __init__(self, source: Source, *, batch_size: int, transform: Callable, tokenizer: Optional[Callable],
+    def __init__(self, source: DataSource, *, batch_size: int, transform: Callable, tokenizer: Optional[Callable],
                  train: bool, seed: int = 0, rank: int = 0, world: int = 1, resampled: bool = False,
                  image_size: Optional[int] = None, max_pixels: Optional[int] = None):
         self.source, self.batch_size, self.transform, self.tokenizer = source, batch_size, transform, tokenizer
@@ -484,68 +480,71 @@ class Loader:
                 return
 
 
-# -- building loaders from flags -------------------------------------------------------------------
-def _weights(args) -> Optional[List[float]]:
-    factors = getattr(args, "train_data_upsampling_factors", None)
+# -- building loaders from the data settings --------------------------------------------------------
+def _weights(data: Any) -> Optional[List[float]]:
+    factors = data.train_data_upsampling_factors
     return [float(f) for f in factors.split("::")] if factors else None
 
 
-def _source(spec: str, dataset_type: str, args, *, label: bool = False) -> Source:
+def data_source(spec: str, dataset_type: str, data: Any, *, label: bool = False) -> DataSource:
+    """The :class:`DataSource` reading ``spec``; ``data`` is the data settings (CSV columns, the types that
+    ``auto`` falls back to, the per-source weights of training shards)."""
     if dataset_type == "auto":  # each path by its own extension, as OpenCLIP
-        from .args import ArgsError, infer_dataset_type
+        from .args import infer_dataset_type
 
         try:
             dataset_type = infer_dataset_type(spec, "data")
         except ArgsError:
-            dataset_type = args.dataset_type if args.dataset_type in ("csv", "webdataset") else "webdataset"
+            dataset_type = data.dataset_type if data.dataset_type in ("csv", "webdataset") else "webdataset"
     if dataset_type == "csv":
-        return CsvSource(spec, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+        return CsvSource(spec, data.csv_img_key, data.csv_caption_key, data.csv_separator)
     if dataset_type == "folder":
         return FolderSource(spec)
-    return ShardSource(spec, _weights(args) if not label else None, label=label)
+    return ShardSource(spec, _weights(data) if not label else None, label=label)
 
 
-def train_loader(args, transform, tokenizer, rank: int, world: int, image_size: int) -> Loader:
-    """The training loader; the sample count comes from the flags, ``sizes.json``/``__len__``, or counting."""
-    if args.dataset_type == "synthetic":
-        source: Source = SyntheticSource(args.train_num_samples, args.seed, size=max(32, image_size))
-        num_samples = args.train_num_samples
+def train_loader(data: Any, seed: int, transform, tokenizer, rank: int, world: int, image_size: int) -> Loader:
+    """The training loader from the data settings; the sample count comes from them, ``sizes.json``/
+    ``__len__``, or counting."""
+    if data.dataset_type == "synthetic":
+        source: DataSource = SyntheticSource(data.train_num_samples, seed, size=max(32, image_size))
+        num_samples = data.train_num_samples
     else:
-        source = _source(args.train_data, args.dataset_type, args)
-        num_samples = args.train_num_samples
+        source = data_source(data.train_data, data.dataset_type, data)
+        num_samples = data.train_num_samples
         if num_samples is None:
             if isinstance(source, ShardSource):
-                if args.dataset_resampled:
+                if data.dataset_resampled:
                     raise DataError("--dataset-resampled needs --train-num-samples (an epoch's length); "
                                     "the shards are drawn forever")
-                num_samples, how = wds.count_samples(args.train_data)
+                num_samples, how = wds.count_samples(data.train_data)
                 logger.info("train data: %d samples (%s); pass --train-num-samples to set it", num_samples, how)
             else:
                 num_samples = len(source.units())
-    global_batch = args.batch_size * world
+    global_batch = data.batch_size * world
     num_batches = num_samples // global_batch
     if num_batches == 0:
         raise DataError(f"--train-data: {num_samples} samples are fewer than one global batch "
-                        f"({args.batch_size} x {world} processes); lower --batch-size")
-    if isinstance(source, ShardSource) and not args.dataset_resampled:
-        slots = world * max(1, args.workers)
+                        f"({data.batch_size} x {world} processes); lower --batch-size")
+    if isinstance(source, ShardSource) and not data.dataset_resampled:
+        slots = world * max(1, data.workers)
         if len(source.urls) < slots:
             logger.warning("%d shards for %d data workers: %d workers will have no data (no hang, but slower); "
                            "write more shards or lower --workers", len(source.urls), slots, slots - len(source.urls))
-    stream = EpochStream(source, batch_size=args.batch_size, transform=transform, tokenizer=tokenizer, train=True,
-                         seed=args.seed, rank=rank, world=world, resampled=args.dataset_resampled,
-                         image_size=image_size, max_pixels=getattr(args, "max_image_pixels", None))
-    return Loader(stream, args.workers, num_samples, num_batches)
+    stream = EpochStream(source, batch_size=data.batch_size, transform=transform, tokenizer=tokenizer, train=True,
+                         seed=seed, rank=rank, world=world, resampled=data.dataset_resampled,
+                         image_size=image_size, max_pixels=data.max_image_pixels)
+    return Loader(stream, data.workers, num_samples, num_batches)
 
 
-def eval_loader(spec: str, dataset_type: str, args, transform, tokenizer, *, label: bool = False,
+def eval_loader(spec: str, data: Any, seed: int, transform, tokenizer, *, label: bool = False,
                 num_samples: Optional[int] = None, image_size: Optional[int] = None) -> Loader:
     """An evaluation loader on one process: natural order, partial last batches, no augmentation."""
-    source = _source(spec, dataset_type, args, label=label)
-    stream = EpochStream(source, batch_size=args.batch_size, transform=transform, tokenizer=tokenizer, train=False,
-                         seed=args.seed, image_size=image_size, max_pixels=getattr(args, "max_image_pixels", None))
-    limit = None if num_samples is None else math.ceil(num_samples / args.batch_size)
-    return Loader(stream, args.workers, num_samples or 0, limit)
+    source = data_source(spec, "auto", data, label=label)
+    stream = EpochStream(source, batch_size=data.batch_size, transform=transform, tokenizer=tokenizer, train=False,
+                         seed=seed, image_size=image_size, max_pixels=data.max_image_pixels)
+    limit = None if num_samples is None else math.ceil(num_samples / data.batch_size)
+    return Loader(stream, data.workers, num_samples or 0, limit)
 
 
 def read_list(path: str, what: str) -> List[str]:

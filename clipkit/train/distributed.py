@@ -44,28 +44,29 @@ def _from_environment() -> tuple:
     return 0, 0, 1
 
 
-def init(args: Any) -> Env:
-    """Pick the device and, under torchrun or SLURM, join the process group."""
+def init(settings: Any) -> Env:
+    """Pick the device and, under torchrun or SLURM, join the process group (``settings``: the distributed
+    group of the run's settings)."""
     rank, local_rank, world = _from_environment()
-    wanted = str(args.device)
+    wanted = str(settings.device)
     if wanted.startswith("cuda") and not torch.cuda.is_available():
         if rank == 0:
             logger.warning("--device %s: CUDA is not available, training on the CPU", wanted)
         wanted = "cpu"
     device = torch.device(wanted)
-    if device.type == "cuda" and world > 1 and not args.no_set_device_rank:
+    if device.type == "cuda" and world > 1 and not settings.no_set_device_rank:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         if device.index is None:  # set_device needs an index: 'cuda' means the current one
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        backend = args.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend, init_method=args.dist_url or "env://", world_size=world, rank=rank,
+        backend = settings.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend, init_method=settings.dist_url or "env://", world_size=world, rank=rank,
                                 timeout=timedelta(seconds=int(os.environ.get("CLIPKIT_DIST_TIMEOUT", "600"))))
-    elif world == 1 and getattr(args, "fsdp", False) and not dist.is_initialized():
+    elif world == 1 and settings.fsdp and not dist.is_initialized():
         # FSDP2 shards over a device mesh, which needs a process group: a group of one, in memory
-        backend = args.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
+        backend = settings.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return Env(rank=rank, local_rank=local_rank, world=world, device=device, group=dist.is_initialized())
 

@@ -1,38 +1,58 @@
 """Evaluation during training: retrieval on ``--val-data``, zero-shot classification on class-labelled data.
 
 Keys are OpenCLIP's (``image_to_text_R@1``, ``clip_val_loss``, ``imagenet-zeroshot-val-top1``, ...);
-clipkit's own ``--zeroshot-data`` reports ``zeroshot-top1``/``zeroshot-top5``.
+clipkit's own ``--zeroshot-data`` reports ``zeroshot-top1``/``zeroshot-top5``. An :class:`Evaluator` gets
+the settings it reads and, for each evaluation, an :class:`EvalContext`: the model and what feeds it.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .data import DataError, FolderSource, _source, eval_loader, read_list
+from ..errors import DataError
+from .data import FolderSource, data_source, eval_loader, read_list
 from .loss import clip_metrics
 
 logger = logging.getLogger("clipkit.train")
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What evaluation runs on: the bare model (never its DDP or compiled wrapper), the validation
+    preprocess and tokenizer, the device, and the run's number formats."""
+
+    model: nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    device: torch.device
+    autocast: Callable[[], ContextManager]
+    input_dtype: Optional[torch.dtype]
+    seed: int
+
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.to(self.device, dtype=self.input_dtype or torch.float32)
 
 
 def _due(frequency: int, completed: int, final: bool) -> bool:
     return bool(frequency) and (completed % frequency == 0 or final)
 
 
-def retrieval(run, spec: str) -> Dict[str, Any]:
-    """OpenCLIP's ``get_clip_metrics`` plus the sample-weighted ``clip_val_loss``."""
-    args, model = run.args, run.module
-    loader = eval_loader(spec, "auto", args, run.preprocess_val, run.tokenizer, num_samples=args.val_num_samples)
+def retrieval(ctx: EvalContext, data: Any, spec: str) -> Dict[str, Any]:
+    """OpenCLIP's ``get_clip_metrics`` plus the sample-weighted ``clip_val_loss``; ``data``: the data settings."""
+    model = ctx.model
+    loader = eval_loader(spec, data, ctx.seed, ctx.preprocess, ctx.tokenizer, num_samples=data.val_num_samples)
     images: List[torch.Tensor] = []
     texts: List[torch.Tensor] = []
     total_loss, count = 0.0, 0
     with torch.no_grad():
         for item in loader.epoch(0):
-            with run.autocast():
-                out = model(item["images"].to(run.env.device, dtype=run.input_dtype or torch.float32),
-                            item["texts"].to(run.env.device))
+            with ctx.autocast():
+                out = model(ctx.images(item["images"]), item["texts"].to(ctx.device))
             image, text = out["image_features"].float(), out["text_features"].float()
             scale = out["logit_scale"].float().mean()
             logits = scale * image @ text.T
@@ -44,7 +64,7 @@ def retrieval(run, spec: str) -> Dict[str, Any]:
             count += len(image)
             images.append(image.cpu())
             texts.append(text.cpu())
-            if args.val_num_samples and count >= args.val_num_samples:
+            if data.val_num_samples and count >= data.val_num_samples:
                 break
     if not count:
         logger.warning("--val-data %s: no usable samples", spec)
@@ -57,29 +77,28 @@ def retrieval(run, spec: str) -> Dict[str, Any]:
     return metrics
 
 
-def zero_shot(run, spec: str, classnames: Sequence[str], templates: Sequence[str], prefix: str,
-              flag: str) -> Dict[str, Any]:
+def zero_shot(ctx: EvalContext, data: Any, spec: str, classnames: Sequence[str], templates: Sequence[str],
+              prefix: str, flag: str) -> Dict[str, Any]:
     """Top-1/top-5 accuracy of the text-derived classifier over labelled images (from ``flag``)."""
     from ..zero_shot import build_zero_shot_classifier
 
-    args, model = run.args, run.module
+    model = ctx.model
     templates = [t.replace("{c}", "{}") if isinstance(t, str) else t for t in templates]
-    with torch.no_grad(), run.autocast():
-        classifier = build_zero_shot_classifier(model, run.tokenizer, list(classnames), templates,
-                                                num_classes_per_batch=10, device=run.env.device).float()
-    loader = eval_loader(spec, "auto", args, run.preprocess_val, None, label=True)
+    with torch.no_grad(), ctx.autocast():
+        classifier = build_zero_shot_classifier(model, ctx.tokenizer, list(classnames), templates,
+                                                num_classes_per_batch=10, device=ctx.device).float()
+    loader = eval_loader(spec, data, ctx.seed, ctx.preprocess, None, label=True)
     top1 = top5 = n = 0
     with torch.no_grad():
         for item in loader.epoch(0):
-            labels = item["labels"].to(run.env.device)
+            labels = item["labels"].to(ctx.device)
             outside = (labels < 0) | (labels >= len(classnames))
             if outside.any():
                 i = int(outside.nonzero()[0])
                 raise DataError(f"{flag} {spec}: sample {item['keys'][i]} has label {labels[i].item()}, but there "
                                 f"are {len(classnames)} classes (labels 0 to {len(classnames) - 1})")
-            with run.autocast():
-                image = model.encode_image(item["images"].to(run.env.device, dtype=run.input_dtype or torch.float32),
-                                           normalize=True)
+            with ctx.autocast():
+                image = model.encode_image(ctx.images(item["images"]), normalize=True)
             logits = 100.0 * image.float() @ classifier
             k = min(5, len(classnames))
             best = logits.topk(k, dim=1).indices
@@ -93,73 +112,81 @@ def zero_shot(run, spec: str, classnames: Sequence[str], templates: Sequence[str
     return {f"{prefix}top1": top1 / n, f"{prefix}top5": top5 / n}
 
 
-def _class_names(args) -> List[str]:
-    if args.zeroshot_classnames:
-        return read_list(args.zeroshot_classnames, "class names")
-    return [c.replace("_", " ") for c in FolderSource(args.zeroshot_data).classes]
+class Evaluator:
+    """Every evaluation the settings ask for: ``evaluation`` says how often, ``data`` on what (the data
+    settings: ``--val-data``, ``--zeroshot-*``, ``--imagenet-*``, and how to load them)."""
 
+    def __init__(self, evaluation: Any, data: Any):
+        self.evaluation = evaluation
+        self.data = data
 
-def _templates(args) -> List[str]:
-    return read_list(args.zeroshot_templates, "templates") if args.zeroshot_templates else ["a photo of a {}."]
+    def _class_names(self) -> List[str]:
+        if self.data.zeroshot_classnames:
+            return read_list(self.data.zeroshot_classnames, "class names")
+        return [c.replace("_", " ") for c in FolderSource(self.data.zeroshot_data).classes]
 
+    def _templates(self) -> List[str]:
+        templates = self.data.zeroshot_templates
+        return read_list(templates, "templates") if templates else ["a photo of a {}."]
 
-def check_evaluation(args) -> None:
-    """Fail now, with the flag and the file, on what evaluation would only find after an epoch of
-    training: data that is not there, class names or templates that do not read, more class folders
-    than class names."""
-    from ..zero_shot_metadata import IMAGENET_CLASSNAMES
+    def check(self) -> None:
+        """Fail now, with the flag and the file, on what evaluation would only find after an epoch of
+        training: data that is not there, class names or templates that do not read, more class folders
+        than class names."""
+        from ..zero_shot_metadata import IMAGENET_CLASSNAMES
 
-    def source(flag: str, spec: str, label: bool):
+        data = self.data
+
+        def source(flag: str, spec: str, label: bool):
+            try:
+                return data_source(spec, "auto", data, label=label)
+            except DataError as exc:
+                raise DataError(f"{flag}: {exc}") from exc
+
+        def classes_fit(flag: str, found, names: Sequence[str], named_by: str) -> None:
+            if isinstance(found, FolderSource) and len(found.classes) > len(names):
+                raise DataError(f"{flag} {found.root}: {len(found.classes)} class folders, but {named_by} has "
+                                f"{len(names)} class names")
+
+        if data.val_data:
+            source("--val-data", data.val_data, False)
+        if data.zeroshot_data:
+            found = source("--zeroshot-data", data.zeroshot_data, True)
+            try:
+                names = self._class_names()
+            except DataError as exc:
+                raise DataError(f"--zeroshot-classnames: {exc}") from exc
+            try:
+                self._templates()
+            except DataError as exc:
+                raise DataError(f"--zeroshot-templates: {exc}") from exc
+            if data.zeroshot_classnames:
+                classes_fit("--zeroshot-data", found, names, f"--zeroshot-classnames {data.zeroshot_classnames}")
+        for flag, spec in (("--imagenet-val", data.imagenet_val), ("--imagenet-v2", data.imagenet_v2)):
+            if spec:
+                classes_fit(flag, source(flag, spec, True), IMAGENET_CLASSNAMES, "ImageNet")
+
+    def run(self, ctx: EvalContext, completed: int, final: bool) -> Dict[str, Any]:
+        """Every evaluation that is due after ``completed`` epochs (``final``: the run's last)."""
+        data, every = self.data, self.evaluation
+        was_training = ctx.model.training
+        ctx.model.eval()
+        metrics: Dict[str, Any] = {}
         try:
-            return _source(spec, "auto", args, label=label)
-        except DataError as exc:
-            raise DataError(f"{flag}: {exc}") from exc
+            if data.val_data and _due(every.val_frequency, completed, final):
+                metrics.update(retrieval(ctx, data, data.val_data))
+            if _due(every.zeroshot_frequency, completed, final):
+                if data.zeroshot_data:
+                    metrics.update(zero_shot(ctx, data, data.zeroshot_data, self._class_names(), self._templates(),
+                                             "zeroshot-", "--zeroshot-data"))
+                if data.imagenet_val or data.imagenet_v2:
+                    from ..zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
-    def classes_fit(flag: str, found, names: Sequence[str], named_by: str) -> None:
-        if isinstance(found, FolderSource) and len(found.classes) > len(names):
-            raise DataError(f"{flag} {found.root}: {len(found.classes)} class folders, but {named_by} has "
-                            f"{len(names)} class names")
-
-    if args.val_data:
-        source("--val-data", args.val_data, False)
-    if args.zeroshot_data:
-        found = source("--zeroshot-data", args.zeroshot_data, True)
-        try:
-            names = _class_names(args)
-        except DataError as exc:
-            raise DataError(f"--zeroshot-classnames: {exc}") from exc
-        try:
-            _templates(args)
-        except DataError as exc:
-            raise DataError(f"--zeroshot-templates: {exc}") from exc
-        if args.zeroshot_classnames:
-            classes_fit("--zeroshot-data", found, names, f"--zeroshot-classnames {args.zeroshot_classnames}")
-    for flag, spec in (("--imagenet-val", args.imagenet_val), ("--imagenet-v2", args.imagenet_v2)):
-        if spec:
-            classes_fit(flag, source(flag, spec, True), IMAGENET_CLASSNAMES, "ImageNet")
-
-
-def evaluate(run, completed: int, final: bool) -> Dict[str, Any]:
-    """Every evaluation the flags ask for that is due after ``completed`` epochs."""
-    args = run.args
-    was_training = run.module.training
-    run.module.eval()
-    metrics: Dict[str, Any] = {}
-    try:
-        if args.val_data and _due(args.val_frequency, completed, final):
-            metrics.update(retrieval(run, args.val_data))
-        if _due(args.zeroshot_frequency, completed, final):
-            if args.zeroshot_data:
-                metrics.update(zero_shot(run, args.zeroshot_data, _class_names(args), _templates(args), "zeroshot-",
-                                         "--zeroshot-data"))
-            if args.imagenet_val or args.imagenet_v2:
-                from ..zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
-
-                for spec, prefix, flag in ((args.imagenet_val, "imagenet-zeroshot-val-", "--imagenet-val"),
-                                           (args.imagenet_v2, "imagenetv2-zeroshot-val-", "--imagenet-v2")):
-                    if spec:
-                        metrics.update(zero_shot(run, spec, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, prefix,
-                                                 flag))
-    finally:
-        run.module.train(was_training)
-    return metrics
+                    for spec, prefix, flag in ((data.imagenet_val, "imagenet-zeroshot-val-", "--imagenet-val"),
+                                               (data.imagenet_v2, "imagenetv2-zeroshot-val-", "--imagenet-v2")):
+                        if spec:
+                            metrics.update(zero_shot(ctx, data, spec, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES,
+                                                     prefix, flag))
+        finally:
+            ctx.model.train(was_training)
+        return metrics

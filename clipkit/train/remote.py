@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 from ._runlock import LOCK_FILE
-from .checkpoints import TMP_PREFIX
+from .checkpointer import TMP_PREFIX
 
 logger = logging.getLogger("clipkit.train")
 

@@ -5,7 +5,9 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
+
+from ..errors import ClipkitError
 
 logger = logging.getLogger("clipkit.train")
 _FORMAT = "%(asctime)s | %(levelname)s | %(message)s"
@@ -40,51 +42,99 @@ def setup_logging(log_file: Optional[Path], debug: bool, rank: int, all_ranks: b
     return restore
 
 
-class Reporter:
-    """Scalars to TensorBoard and wandb (rank 0 only); eval results to ``results.jsonl`` too."""
+class TensorBoardReporter:
+    """Scalars as TensorBoard events in ``folder``."""
 
-    def __init__(self, args: Any, run_dir: Optional[Path], enabled: bool):
-        self.tb = None
-        self.wandb = None
-        self.results = run_dir / "checkpoints" / "results.jsonl" if run_dir is not None and enabled else None
-        if not enabled:
-            return
-        targets = args.report_to.split(",") if args.report_to else []
-        if "tensorboard" in targets:
-            from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        if "wandb" in targets:
-            try:
-                import wandb
-            except ImportError as exc:
-                raise RuntimeError("--report-to wandb needs the wandb package: pip install wandb") from exc
-            try:
-                self.wandb = wandb.init(project=args.wandb_project_name, name=args.name, id=args.name,
-                                        resume="allow", notes=args.wandb_notes, config=vars(args),
-                                        dir=str(run_dir) if run_dir is not None else None)
-            except Exception as exc:  # no API key, no network, ...: say so in one line
-                from ..errors import ClipkitError
-
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ClipkitError(f"--report-to wandb: wandb.init failed: {first} (WANDB_MODE=offline logs "
-                                   f"locally; `wandb login` sets the API key)") from exc
+        self.writer = SummaryWriter(log_dir=str(folder))
 
     def scalars(self, values: Dict[str, float], step: int) -> None:
-        if self.tb is not None:
-            for key, value in values.items():
-                self.tb.add_scalar(key, value, step)
-        if self.wandb is not None:
-            self.wandb.log({**values, "step": step}, step=step)
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
 
     def result(self, metrics: Dict[str, Any]) -> None:
-        if self.results is not None:
-            self.results.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.results, "a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
+        """Evaluation results reach TensorBoard as ``val/`` scalars."""
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        self.writer.close()
+
+
+class WandbReporter:
+    """Scalars to a wandb run named (and identified, so that a resume continues it) by the run's name."""
+
+    def __init__(self, project: str, name: str, notes: str, config: Dict[str, Any], folder: Optional[Path]):
+        try:
+            import wandb
+        except ImportError as exc:
+            raise ClipkitError("--report-to wandb needs the wandb package: pip install wandb") from exc
+        try:
+            self.run = wandb.init(project=project, name=name, id=name, resume="allow", notes=notes, config=config,
+                                  dir=str(folder) if folder is not None else None)
+        except Exception as exc:  # no API key, no network, ...: say so in one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ClipkitError(f"--report-to wandb: wandb.init failed: {first} (WANDB_MODE=offline logs "
+                               f"locally; `wandb login` sets the API key)") from exc
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        self.run.log({**values, "step": step}, step=step)
+
+    def result(self, metrics: Dict[str, Any]) -> None:
+        """Evaluation results reach wandb as ``val/`` scalars."""
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class ResultsFile:
+    """``checkpoints/results.jsonl``: one JSON object per evaluation, as OpenCLIP writes it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        """Only evaluation results are written here."""
+
+    def result(self, metrics: Dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    def close(self) -> None:
+        """Every result is closed when written."""
+
+
+class Reporters:
+    """Every reporter of the run, called alike: ``scalars`` (training and ``val/`` values by step),
+    ``result`` (one evaluation's metrics) and ``close``. Empty on processes other than 0."""
+
+    def __init__(self, reporters: List[Any]):
+        self.reporters = reporters
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        for reporter in self.reporters:
+            reporter.scalars(values, step)
+
+    def result(self, metrics: Dict[str, Any]) -> None:
+        for reporter in self.reporters:
+            reporter.result(metrics)
+
+    def close(self) -> None:
+        for reporter in self.reporters:
+            reporter.close()
+
+
+def build_reporters(settings: Any, folder: Any, flat_settings: Dict[str, Any], enabled: bool) -> Reporters:
+    """The reporters ``--report-to`` names (``settings``: the logging group), plus ``results.jsonl`` when the
+    run has a folder; none where not ``enabled`` (processes other than 0)."""
+    if not enabled:
+        return Reporters([])
+    targets = settings.report_to.split(",") if settings.report_to else []
+    reporters: List[Any] = [ResultsFile(folder.results)] if folder.path is not None else []
+    if "tensorboard" in targets:
+        reporters.append(TensorBoardReporter(folder.tensorboard))
+    if "wandb" in targets:
+        reporters.append(WandbReporter(settings.wandb_project_name, settings.name, settings.wandb_notes,
+                                       flat_settings, folder.path))
+    return Reporters(reporters)

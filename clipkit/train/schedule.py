@@ -2,22 +2,23 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 
-def learning_rate(args, step: int, total_steps: int, steps_per_epoch: int) -> float:
+def learning_rate(optimization: Any, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """OpenCLIP's schedules: linear warmup over ``--warmup`` steps, then cosine, constant, or constant
     with a final ``--epochs-cooldown`` decay to ``--lr-cooldown-end`` shaped by ``--lr-cooldown-power``."""
-    base, warmup = args.lr, args.warmup
+    base, warmup = optimization.lr, optimization.warmup
     if step < warmup:
         return base * (step + 1) / warmup
-    if args.lr_scheduler == "cosine":
+    if optimization.lr_scheduler == "cosine":
         span = max(1, total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / span)) * base
-    if args.lr_scheduler == "const":
+    if optimization.lr_scheduler == "const":
         return base
-    cooldown_start = total_steps - steps_per_epoch * args.epochs_cooldown
+    cooldown_start = total_steps - steps_per_epoch * optimization.epochs_cooldown
     if step < cooldown_start:
         return base
     span = max(1, total_steps - cooldown_start)
-    decay = (1 - (step - cooldown_start) / span) ** args.lr_cooldown_power
-    return decay * (base - args.lr_cooldown_end) + args.lr_cooldown_end
+    decay = (1 - (step - cooldown_start) / span) ** optimization.lr_cooldown_power
+    return decay * (base - optimization.lr_cooldown_end) + optimization.lr_cooldown_end

@@ -1,0 +1,401 @@
+"""The trainer: a shell whose constructor builds every part of a run from its slice of the settings, in
+one place, and whose :meth:`Trainer.fit` runs the optimisation loop over them.
+
+The parts: the run folder (:mod:`.run_folder`), the model and its tokenizer, number formats, optimizer
+and objective (:mod:`.build`), the parallelism strategy (:mod:`.parallel`), the training data
+(:mod:`.data`), the checkpointer (:mod:`.checkpointer`), evaluation (:mod:`.evaluate`) and the reporters
+(:mod:`.report`). Around it, the :class:`~.session.Session` owns the processes, the log and the stop signals.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import DataError, TrainingError
+from . import distributed
+from .build import Precision, build_model, build_objective, build_optimizer
+from .checkpointer import Checkpointer, fetch_resume, find_resume
+from .data import Progress, train_loader
+from .evaluate import EvalContext, Evaluator
+from .parallel import parallelism_for
+from .report import build_reporters
+from .run_folder import RunFolder
+from .schedule import learning_rate
+from .session import Session
+from .settings import Settings
+
+logger = logging.getLogger("clipkit.train")
+
+# the metrics the closing log line repeats
+_HEADLINE = ("zeroshot-top1", "zeroshot-top5", "imagenet-zeroshot-val-top1", "image_to_text_R@1", "text_to_image_R@1",
+             "clip_val_loss")
+
+
+class Trainer:
+    """One run, built from its settings. ``fit()`` returns the final evaluation metrics (empty without
+    evaluation data)."""
+
+    def __init__(self, settings: Settings, session: Session):
+        s, env = settings, session.env
+        self.settings = settings
+        self.session = session
+        self.env = env
+        self.position = session.position
+
+        # the run folder: process 0 locks it and decides where the run starts from; then the log
+        self.folder = RunFolder(s.logging.logs, s.logging.name)
+        with session.writing("setting up the run folder"):
+            found = session.on_main(lambda: find_resume(s.checkpoints.resume, self.folder.path, s.distributed.fsdp,
+                                                        owner=settings))
+            session.start_logging(self.folder.log_file(env.rank, env.world, s.logging.log_local), s.logging.debug,
+                                  s.logging.log_local)
+        if self.folder.path is not None and env.main:
+            with session.writing("writing params.txt"):
+                self.folder.write_settings(settings)
+            if s.logging.copy_codebase:
+                with session.writing("--copy-codebase"):
+                    self.folder.copy_codebase()
+
+        # a typo in an evaluation flag fails now, not after an epoch of training
+        self.evaluator = Evaluator(s.evaluation, s.data)
+        session.agree(lambda: self.evaluator.check() if env.main or s.distributed.fsdp else None, None,
+                      "checking the evaluation flags")
+        resume = session.on_main(lambda: fetch_resume(s.checkpoints.resume, s.checkpoints.remote_sync,
+                                                      self.folder.path, s.distributed.fsdp, found))
+        if s.checkpoints.resume == "latest" and resume is None:
+            logger.info("--resume latest: no checkpoint in %s yet, starting fresh", self.folder.checkpoints)
+        self.remote = None
+        if s.checkpoints.remote_sync and env.main:
+            from .remote import RemoteSync
+
+            self.remote = RemoteSync(self.folder.checkpoints, s.checkpoints.remote_sync,
+                                     s.checkpoints.remote_sync_protocol, s.checkpoints.remote_sync_frequency)
+        self.reporters = build_reporters(s.logging, self.folder, settings.flat(), enabled=env.main)
+        session.on_close(self.reporters.close)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data workers are forked
+
+        # the model, how its numbers are computed, and how it is spread over the processes
+        from .._provenance import naming_missing_parts
+
+        with naming_missing_parts(resume):  # a plugin missing for the checkpoint: its pip install line
+            built = build_model(s.model, s.data.cache_dir, s.precision.precision, s.optimization.seed, env.device,
+                                env.distributed, s.optimization.use_bn_sync, s.optimization.grad_checkpointing)
+        self.model = built.model  # bare: what is saved, evaluated and clamped
+        self.precision = Precision.of(s.precision.precision, env.device)
+        self.parallel = parallelism_for(s.distributed.fsdp, s.distributed.ddp_static_graph, env)
+
+        # the data, the optimizer (over the sharded parameters under FSDP), the objective
+        self.train_data = None
+        self.steps_per_epoch = self.total_steps = 0
+        if s.data.train_data or s.data.dataset_type == "synthetic":
+            size = self.model.visual.image_size
+            self.train_data = train_loader(s.data, s.optimization.seed, built.preprocess_train, built.tokenizer,
+                                           env.rank, env.world, size if isinstance(size, int) else max(size))
+            accum = s.optimization.accum_freq
+            self.steps_per_epoch = self.train_data.num_batches // accum
+            if self.steps_per_epoch == 0:
+                raise DataError(f"--accum-freq {accum} needs at least that many batches per epoch, "
+                                f"but an epoch has {self.train_data.num_batches}")
+            self.total_steps = self.steps_per_epoch * s.optimization.epochs
+        self.parallel.shard(self.model)
+        self.optimizer, param_names = (build_optimizer(s.optimization, self.model) if self.train_data is not None
+                                       else (None, {}))
+        self.objective = build_objective(s.model.siglip, s.optimization, env)
+
+        # training checkpoints, and where this run starts
+        self.checkpointer = Checkpointer(
+            s.checkpoints, self.folder.checkpoints, env=env, parallel=self.parallel, model=self.model,
+            optimizer=self.optimizer, param_names=param_names, scaler=self.precision.scaler,
+            run_name=s.logging.name, model_name=s.model.model, epochs=s.optimization.epochs, remote=self.remote)
+        self.start_epoch = 0
+        self.resumed_data: Optional[Progress] = None
+        if resume is not None:
+            if self.train_data is None:
+                raise TrainingError("--resume needs training data")
+            resumed = self.checkpointer.restore(resume, self.steps_per_epoch)
+            self.start_epoch, self.position.step = resumed.epoch, resumed.step
+            self.resumed_data = Progress.from_state(resumed.data) if resumed.data else None
+
+        # what the training step calls: DDP around the model, and torch.compile around that
+        self.train_model = self.parallel.wrap(self.model)
+        if s.precision.torchcompile:
+            if s.optimization.grad_checkpointing and env.distributed:
+                from torch import _dynamo
+
+                _dynamo.config.optimize_ddp = False  # DDP graph splitting breaks checkpointed blocks
+            self.train_model = torch.compile(self.train_model, backend=s.precision.torchcompile_backend)
+        self.eval_context = EvalContext(model=self.model, preprocess=built.preprocess_val, tokenizer=built.tokenizer,
+                                        device=env.device, autocast=self.precision.autocast,
+                                        input_dtype=self.precision.input_dtype, seed=s.optimization.seed)
+
+    # the run ------------------------------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        """Train (or, without training data, evaluate) as the settings say; the last evaluation's metrics."""
+        s, env, session = self.settings, self.env, self.session
+        if self.train_data is None:
+            session.stage = "evaluating"
+            return self._evaluate(0, final=True)
+        opt = s.optimization
+        logger.info("training %d epochs of %d steps (%d samples, batch %d x %d processes x %d accumulation)",
+                    opt.epochs, self.steps_per_epoch, self.train_data.num_samples, s.data.batch_size, env.world,
+                    opt.accum_freq)
+        metrics: Dict[str, Any] = {}
+        started = time.perf_counter()
+        progress = self.resumed_data
+        for epoch in range(self.start_epoch, opt.epochs):
+            self.position.epoch = epoch
+            session.signals.defer = True  # a step and a save are finished before a signal is acted on
+            done = self.train_epoch(epoch, progress)
+            progress = None
+            self._epoch_summary(epoch, done)
+            # writing and evaluation happen on process 0: the others learn of its failure instead of
+            # waiting for it in the next collective. The checkpoint comes first, so that a failed
+            # evaluation never costs the epoch
+            session.agree(lambda: self._save(epoch + 1, None, epoch_end=True), epoch, "saving a checkpoint")
+            stop = session.stop_requested()
+            if stop and epoch + 1 < opt.epochs:  # after the last epoch the run finishes: nothing is left
+                raise session.stopped(stop, epoch, done.batches // opt.accum_freq)
+            # the epoch is saved: a signal while evaluating it stops at once
+            session.signals.defer, session.stage = False, f"evaluating epoch {epoch + 1}"
+            metrics = session.agree(lambda: self._evaluate(epoch + 1, final=epoch + 1 == opt.epochs), epoch,
+                                    "evaluating")
+        session.stage = "copying the run to --remote-sync"
+        if self.remote is not None:
+            self.remote.sync(final=True)
+        if env.main:
+            headline = "  ".join(f"{k} {metrics[k]:.4f}" for k in _HEADLINE if k in metrics)
+            where = f"; checkpoints in {self.folder.checkpoints}" if self.folder.path is not None else ""
+            if "tensorboard" in s.logging.report_to.split(","):
+                where += f"; TensorBoard: tensorboard --logdir {self.folder.tensorboard}"
+            logger.info("done: %d epochs in %.1f min%s%s", opt.epochs - self.start_epoch,
+                        (time.perf_counter() - started) / 60, f"; {headline}" if headline else "", where)
+        return metrics
+
+    def _save(self, completed_epochs: int, progress: Optional[Progress], epoch_end: bool) -> None:
+        with self.session.writing("saving a checkpoint"):
+            self.checkpointer.save(completed_epochs, self.position.step,
+                                   progress.as_state() if progress is not None else None, epoch_end)
+
+    def _evaluate(self, completed: int, final: bool) -> Dict[str, Any]:
+        if not self.env.main and not self.parallel.sharded:
+            return {}
+        # a sharded model: every process runs the same forward passes (each gathers the shards); process 0 reports
+        metrics = self.evaluator.run(self.eval_context, completed, final)
+        if not self.env.main:
+            return {}
+        if metrics:
+            logger.info("eval epoch %d: %s", completed,
+                        "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            self.reporters.scalars({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                                   self.position.step)
+            with self.session.writing("writing results.jsonl"):
+                self.reporters.result({**metrics, "epoch": completed, "step": self.position.step})
+        return metrics
+
+    # one epoch ----------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int, progress: Optional[Progress]) -> Progress:
+        opt, env, session = self.settings.optimization, self.env, self.session
+        self.train_model.train()
+        loader = self.train_data
+        accum = opt.accum_freq
+        steps = self.steps_per_epoch
+        every_n = self.settings.logging.log_every_n_steps
+        save_every = self.settings.checkpoints.save_every_n_steps
+        step_in_epoch = (progress.batches // accum) if progress is not None else 0
+        micro: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        bar = _progress_bar(env.main, steps, step_in_epoch, epoch)
+        losses: List[float] = []
+        tick = time.perf_counter()
+        data_time = 0.0
+        for item in self._agreed(loader.epoch(epoch, progress)):
+            images = item["images"].to(env.device, non_blocking=True)
+            texts = item["texts"].to(env.device, non_blocking=True)
+            if self.precision.input_dtype is not None:
+                images = images.to(self.precision.input_dtype)
+            micro.append((images, texts))
+            if len(micro) < accum:
+                continue
+            data_time += time.perf_counter() - tick
+            if not opt.skip_scheduler:
+                lr = learning_rate(opt, self.position.step, self.total_steps, steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+            loss = self._step(micro, epoch)
+            micro = []
+            self.position.step += 1
+            step_in_epoch += 1
+            losses.append(loss.item())
+            batch_time = time.perf_counter() - tick
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if step_in_epoch % every_n == 0 or step_in_epoch == steps:
+                scale = self.parallel.logit_scale(self.model)  # every process: a sharded one is gathered
+                if env.main:
+                    self._log_step(epoch, step_in_epoch, steps, losses, batch_time, data_time, images.shape[0] * accum,
+                                   scale.exp().item())
+            if step_in_epoch < steps:  # at an epoch's end the epoch's own checkpoint follows
+                stop = session.stop_requested()
+                if stop or save_every and self.position.step % save_every == 0:
+                    session.agree(lambda: self._save(epoch, loader.progress, epoch_end=False), epoch,
+                                  "saving a checkpoint")
+                if stop:
+                    raise session.stopped(stop, epoch, step_in_epoch)
+            data_time = 0.0
+            tick = time.perf_counter()
+        if bar is not None:
+            bar.close()
+        return loader.progress
+
+    def _agreed(self, batches):
+        """The batches, ended on every process as soon as one runs out (no process waits in a collective)."""
+        if not self.env.distributed:
+            yield from batches
+            return
+        iterator = iter(batches)
+        while True:
+            item = next(iterator, None)
+            if distributed.all_agree(item is None, self.env):
+                if item is not None:
+                    logger.info("another process ran out of data: this epoch ends here on every process")
+                return
+            yield item
+
+    # one step -----------------------------------------------------------------------------------------
+    def _loss(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.objective.loss(image, text, scale, bias)
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int) -> None:
+        bad = not bool(torch.isfinite(loss).item())
+        if distributed.all_agree(bad, self.env):
+            latest = self.session.latest()
+            raise TrainingError(
+                f"epoch {epoch + 1}, step {self.position.step + 1}: the loss is "
+                f"{loss.item() if bad else 'non-finite on another process'}; "
+                f"stopping without saving. Last complete checkpoint: {latest or 'none'}. Try a lower --lr, "
+                f"--grad-clip-norm or --precision amp_bf16, then --resume latest")
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        scaler = self.precision.scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    def _optimizer_step(self) -> None:
+        clip, scaler = self.settings.optimization.grad_clip_norm, self.precision.scaler
+        self.parallel.before_step(self.model)
+        if scaler is not None:
+            if clip is not None:
+                scaler.unscale_(self.optimizer)
+                self.parallel.clip_grad_norm(self.model, clip)
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            if clip is not None:
+                self.parallel.clip_grad_norm(self.model, clip)
+            self.optimizer.step()
+        with torch.no_grad():  # OpenCLIP's clamp: a temperature below 1/100 destabilises training
+            self.model.logit_scale.clamp_(0, math.log(100))
+
+    def _step(self, micro: Sequence[Tuple[torch.Tensor, torch.Tensor]], epoch: int) -> torch.Tensor:
+        """One optimizer step over ``accum_freq`` batches (GradCache: the loss sees all of them)."""
+        model, autocast = self.train_model, self.precision.autocast
+        self.optimizer.zero_grad(set_to_none=True)
+        if len(micro) == 1:
+            with autocast():
+                out = model(*micro[0])
+                loss = self._loss(out["image_features"], out["text_features"], out["logit_scale"],
+                                  out.get("logit_bias"))
+            self._check_finite(loss, epoch)
+            self._backward(loss)
+        else:
+            with torch.no_grad(), autocast():
+                cached = [model(images, texts) for images, texts in micro]
+            last = len(micro) - 1
+            for j, (images, texts) in enumerate(micro):
+                # under DDP, gradients are all-reduced once, after the last micro-batch
+                sync = contextlib.nullcontext() if j == last or not hasattr(model, "no_sync") else model.no_sync()
+                with sync:
+                    with autocast():
+                        out = model(images, texts)
+                        image = torch.cat([out["image_features"] if i == j else c["image_features"]
+                                           for i, c in enumerate(cached)])
+                        text = torch.cat([out["text_features"] if i == j else c["text_features"]
+                                          for i, c in enumerate(cached)])
+                        # every pass computes the whole loss, so the temperature (and bias) would collect
+                        # its gradient accum_freq times (OpenCLIP does): only the last pass lets it through
+                        scale, bias = out["logit_scale"], out.get("logit_bias")
+                        if j != last:
+                            scale, bias = scale.detach(), bias.detach() if bias is not None else None
+                        loss = self._loss(image, text, scale, bias)
+                    self._check_finite(loss, epoch)
+                    self._backward(loss)
+        self._optimizer_step()
+        loss = loss.detach()
+        if self.env.distributed and self.objective.per_process:
+            # each process's loss covers its own rows: their mean is the global loss that is logged
+            torch.distributed.all_reduce(loss)
+            loss = loss / self.env.world
+        return loss
+
+    # reporting ----------------------------------------------------------------------------------------
+    def _log_step(self, epoch, step, steps, losses, batch_time, data_time, batch, scale) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        recent = losses[-self.settings.logging.log_every_n_steps:]
+        sps = batch * self.env.world / max(batch_time, 1e-9)
+        logger.info("epoch %d [%d/%d (%.0f%%)] loss %.4f (avg %.4f) lr %.3g logit scale %.2f | %.1f samples/s, "
+                    "data %.3f s, batch %.3f s", epoch + 1, step, steps, 100 * step / max(1, steps), losses[-1],
+                    sum(recent) / len(recent), lr, scale, sps, data_time, batch_time)
+        self.reporters.scalars({"train/loss": losses[-1], "train/contrastive_loss": losses[-1], "train/lr": lr,
+                                "train/scale": scale, "train/samples_per_second": sps,
+                                "train/samples_per_second_per_gpu": sps / self.env.world,
+                                "train/data_time": data_time, "train/batch_time": batch_time}, self.position.step)
+
+    def _epoch_summary(self, epoch: int, progress: Progress) -> None:
+        limit = self.settings.data.max_bad_sample_fraction
+        skipped = progress.skipped()
+        bad = sum(v for k, v in skipped.items() if k != "bad_shard")
+        dropped = sum(progress.dropped.values())
+        seen = progress.samples + bad
+        kinds = ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"
+        too_bad = bool(seen) and bad / seen > limit
+        if distributed.all_agree(too_bad, self.env) and not too_bad:
+            raise DataError(f"epoch {epoch + 1}: another process found more than --max-bad-sample-fraction "
+                            f"{limit} of its samples unreadable; see its log")
+        if not self.env.main and not too_bad:
+            return
+        logger.info("epoch %d data: %d samples in %d batches; skipped: %s; %d left over in partial batches",
+                    epoch + 1, progress.samples, progress.batches, kinds, dropped)
+        self.reporters.scalars({f"data/skipped_{k}": float(v) for k, v in skipped.items()} |
+                               {"data/skipped": float(bad), "data/samples": float(progress.samples)},
+                               self.position.step)
+        if too_bad:
+            raise DataError(f"epoch {epoch + 1}: {bad} of {seen} samples were unreadable ({kinds}), more than "
+                            f"--max-bad-sample-fraction {limit}; check --train-data")
+        if self.train_data.num_batches and progress.batches < self.train_data.num_batches:
+            logger.info("epoch %d ended after %d of %d batches: the data ran out (%d samples in partial per-worker "
+                        "batches and skips)", epoch + 1, progress.batches, self.train_data.num_batches, dropped + bad)
+
+
+def _progress_bar(main: bool, total: int, initial: int, epoch: int):
+    import sys
+
+    if not main or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}", unit="step", leave=False)
+
+
+def run(settings: Settings, argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Train (or evaluate) as ``settings`` say. ``argv``, the command line, makes the resume hint of a
+    stopped run the exact command to continue it."""
+    resumable = bool(settings.data.train_data) or settings.data.dataset_type == "synthetic"
+    checkpoints = RunFolder(settings.logging.logs, settings.logging.name).checkpoints
+    with Session(settings.distributed, checkpoints, resumable, argv) as session:
+        return Trainer(settings, session).fit()
