@@ -11,7 +11,7 @@ from torch import nn
 from clipkit import errors
 from clipkit.train import trainer
 from clipkit.train.distributed import Env
-from clipkit.train.parallel import FullySharded, Replicated, parallelism_for
+from clipkit.train.parallel import DataParallel, FullySharded, SingleProcess, parallelism_for
 
 
 def _assigned(function: ast.FunctionDef) -> set:
@@ -57,15 +57,16 @@ def test_weights_loading_and_training_checkpoints_are_named_apart():
 
 def test_the_strategy_comes_from_the_settings_and_clips_as_torch_does():
     env = Env()
-    assert type(parallelism_for(False, False, env)) is Replicated
-    assert type(parallelism_for(True, False, env)) is FullySharded
+    assert type(parallelism_for(False, False, env)) is SingleProcess
+    assert type(parallelism_for(True, False, env)) is FullySharded  # FSDP in one process too
+    assert type(parallelism_for(False, True, Env(world=2))) is DataParallel
     torch.manual_seed(0)
     ours, ref = nn.Linear(4, 3), nn.Linear(4, 3)
     ref.load_state_dict(ours.state_dict())
     batch = torch.randn(5, 4) * 10
     for model in (ours, ref):
         model(batch).sum().backward()
-    strategy = Replicated(env)
+    strategy = SingleProcess(env)
     assert strategy.wrap(ours) is ours  # one process: nothing around it
     strategy.clip_grad_norm(ours, 0.5)
     torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)

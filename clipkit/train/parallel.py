@@ -27,29 +27,20 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-class Replicated:
-    """Every process holds the whole model: one process, or DDP when there are several.
-
-    ``sharded`` is False: checkpoints are single ``.pt`` files written by process 0.
-    """
+class SingleProcess:
+    """The whole model in one process. ``sharded`` is False: checkpoints are ``.pt`` files."""
 
     sharded = False
 
-    def __init__(self, env: Env, static_graph: bool = False):
+    def __init__(self, env: Env):
         self.env = env
-        self.static_graph = static_graph
 
     def shard(self, model: nn.Module) -> None:
         """Before the optimizer is built: nothing to do unless the weights are sharded."""
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The module the training step calls (DDP around ``model`` with several processes)."""
-        if not self.env.distributed:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, static_graph=self.static_graph)
+        """The module the training step calls."""
+        return model
 
     def nonfinite(self, model: nn.Module) -> List[str]:
         """Names of parameters with NaN or inf; every process has the same weights, so they agree."""
@@ -82,7 +73,21 @@ class Replicated:
         load_optimizer(optimizer, saved, saved_names, names)
 
 
-class FullySharded(Replicated):
+class DataParallel(SingleProcess):
+    """A whole copy of the model on every process, gradients averaged by DDP; process 0 writes checkpoints."""
+
+    def __init__(self, env: Env, static_graph: bool = False):
+        super().__init__(env)
+        self.static_graph = static_graph
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, static_graph=self.static_graph)
+
+
+class FullySharded(SingleProcess):
     """FSDP2: one ``fully_shard`` unit per entry of each tower's ``layer_groups()``, then the root.
 
     FSDP2 cannot shard 0-d parameters (the temperature and the SigLIP bias): they stay whole on every
@@ -93,7 +98,7 @@ class FullySharded(Replicated):
 
     def __init__(self, env: Env):
         super().__init__(env)
-        self.replicated: List[nn.Parameter] = []
+        self.replicated: List[nn.Parameter] = []  # the 0-d parameters, whole on every process
 
     def shard(self, model: nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -184,6 +189,9 @@ class FullySharded(Replicated):
                                  options=StateDictOptions(full_state_dict=True))
 
 
-def parallelism_for(fsdp: bool, static_graph: bool, env: Env) -> Replicated:
-    """The strategy the settings ask for: FSDP2 with ``--fsdp``, else whole copies (DDP when distributed)."""
-    return FullySharded(env) if fsdp else Replicated(env, static_graph)
+def parallelism_for(fsdp: bool, static_graph: bool, env: Env) -> SingleProcess:
+    """The strategy for the settings and the processes: FSDP2 with ``--fsdp`` (also in one process), else
+    DDP when there are several processes, else the plain model."""
+    if fsdp:
+        return FullySharded(env)
+    return DataParallel(env, static_graph) if env.distributed else SingleProcess(env)
