@@ -25,10 +25,14 @@ from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterator, List, Literal, Optional, Tuple
 
 from . import hookspecs
+# the trainer's kinds' protocols live beside the trainer code that calls them (both modules are torch-free)
+from .train import objectives as _objectives
+from .train import report as _report
 
 #: The name of a kind of part. Every :class:`KindSpec` of :data:`KINDS` has one of these names
 #: (``tests/test_kinds.py`` holds the two together).
-Kind = Literal["vision_tower", "text_tower", "pooler", "tokenizer", "freezer", "model_config"]
+Kind = Literal["vision_tower", "text_tower", "pooler", "tokenizer", "freezer", "model_config", "objective",
+               "reporter"]
 
 VISION_TOWER: Kind = "vision_tower"
 TEXT_TOWER: Kind = "text_tower"
@@ -36,6 +40,8 @@ POOLER: Kind = "pooler"
 TOKENIZER: Kind = "tokenizer"
 FREEZER: Kind = "freezer"
 MODEL_CONFIG: Kind = "model_config"
+OBJECTIVE: Kind = "objective"
+REPORTER: Kind = "reporter"
 
 
 @dataclass(frozen=True)
@@ -238,4 +244,28 @@ declare(KindSpec(
     MODEL_CONFIG, "model_config", "register_model_configs", "model config",
     "Ship named model configs: ``register(model_name, source: ModelConfigSource)``.",
     contracts=("validates",), checks="clipkit._contract:MODEL_CONFIG_CHECKS", data=True))
-
+declare(KindSpec(
+    OBJECTIVE, "objective", "register_objectives", "objective",
+    "Register training objectives, selected by ``clipkit-train --objective NAME``: "
+    "``register(name, factory: ObjectiveFactory, config=OptionsClass, example={...})``.\n\n"
+    "``factory(options, ctx)`` gets an instance of ``config`` (fields declared with ``option()``; set with "
+    "``--objective-opt key=value``) and an ``ObjectiveContext``; the objective maps the step's outputs to "
+    "named 0-d loss terms. ``example`` is the options its contract cases build it with (default: the "
+    "class's defaults).",
+    protocol=_objectives.ObjectiveFactory, keywords=frozenset({"example"}),
+    contracts=("builds", "terms", "gradients", "accumulation", "state-dict"),
+    checks="clipkit.train.part_checks:OBJECTIVE_CHECKS",
+    scaffold=Scaffold("a training objective (CLIP loss plus a uniformity term)",
+                      "A training objective for clipkit-train (objective $name)", "objective")))
+declare(KindSpec(
+    REPORTER, "reporter", "register_reporters", "reporter",
+    "Register where training metrics go, selected by ``clipkit-train --report-to a,b``: "
+    "``register(name, factory: ReporterFactory, always=False, needs_folder=False, requires=None)``.\n\n"
+    "``factory(ctx: ReporterContext)`` returns an object with ``scalars(values, step)``, ``result(metrics)`` "
+    "and ``close()``. ``always=True``: used by every run that has a run folder, without being named; "
+    "``needs_folder=True``: naming it with ``--logs none`` is a flag error; ``requires='module'``: naming it "
+    "without that module installed is a flag error.",
+    protocol=_report.ReporterFactory, keywords=frozenset({"always", "needs_folder", "requires"}),
+    contracts=("builds", "reports", "closes"), checks="clipkit.train.part_checks:REPORTER_CHECKS",
+    scaffold=Scaffold("a reporter (training metrics as CSV rows)",
+                      "A reporter for clipkit-train: metrics as CSV rows (reporter $name)", "reporter")))

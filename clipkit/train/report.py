@@ -1,13 +1,22 @@
-"""Where a run reports: the log (terminal and ``out.log``), TensorBoard, wandb, and ``results.jsonl``."""
+"""Where a run reports: the log (terminal and ``out.log``), and the registered reporters (kind ``reporter``):
+TensorBoard, wandb, ``results.jsonl``, or any a plugin registers.
+
+A reporter is built once, on process 0, by a factory: ``factory(ctx: ReporterContext) -> Reporter``.
+``--report-to a,b`` names the ones a run uses (OpenCLIP's ``all`` is ``tensorboard,wandb``); a reporter
+registered with ``always=True`` is used by every run that has a run folder without being named: that is
+how ``results.jsonl`` is always written, as in OpenCLIP. This module imports no torch (``clipkit.kinds``
+reads its protocol); the builtin factories import what they need when called.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
-from ..errors import ClipkitError
+from ..errors import ArgsError, ClipkitError
 
 logger = logging.getLogger("clipkit.train")
 _FORMAT = "%(asctime)s | %(levelname)s | %(message)s"
@@ -42,6 +51,51 @@ def setup_logging(log_file: Optional[Path], debug: bool, rank: int, all_ranks: b
     return restore
 
 
+@dataclass(frozen=True)
+class ReporterContext:
+    """What a reporter's factory is told about the run.
+
+    Attributes:
+        run_folder: the run's folder (``{logs}/{name}``), or ``None`` under ``--logs none``.
+        name: the run's name (``--name``).
+        settings: every setting of the run under its flag's name (OpenCLIP's flat namespace).
+    """
+
+    run_folder: Optional[Path]
+    name: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def checkpoints(self) -> Optional[Path]:
+        """``RUN/checkpoints``, where OpenCLIP writes ``results.jsonl``."""
+        return self.run_folder / "checkpoints" if self.run_folder is not None else None
+
+    @property
+    def tensorboard(self) -> Optional[Path]:
+        """``RUN/tensorboard``."""
+        return self.run_folder / "tensorboard" if self.run_folder is not None else None
+
+
+class Reporter(Protocol):
+    """Where metrics go. Every method may be called on process 0 only; ``close`` may be called twice."""
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        """Training values (``train/loss``, ``train/<term>``, ``train/lr``, ...) and evaluation values
+        (``val/...``), at an optimizer step."""
+
+    def result(self, metrics: Dict[str, Any]) -> None:
+        """One evaluation's metrics, with ``epoch`` and ``step``."""
+
+    def close(self) -> None:
+        """Flush and release; called once at the end of the run, and harmless a second time."""
+
+
+class ReporterFactory(Protocol):
+    """A registered reporter's factory: ``factory(ctx)``."""
+
+    def __call__(self, ctx: ReporterContext) -> Reporter: ...
+
+
 class TensorBoardReporter:
     """Scalars as TensorBoard events in ``folder``."""
 
@@ -58,7 +112,7 @@ class TensorBoardReporter:
         """Evaluation results reach TensorBoard as ``val/`` scalars."""
 
     def close(self) -> None:
-        self.writer.close()
+        self.writer.close()  # closing twice is a no-op for SummaryWriter
 
 
 class WandbReporter:
@@ -76,6 +130,7 @@ class WandbReporter:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ClipkitError(f"--report-to wandb: wandb.init failed: {first} (WANDB_MODE=offline logs "
                                f"locally; `wandb login` sets the API key)") from exc
+        self.closed = False
 
     def scalars(self, values: Dict[str, float], step: int) -> None:
         self.run.log({**values, "step": step}, step=step)
@@ -84,7 +139,9 @@ class WandbReporter:
         """Evaluation results reach wandb as ``val/`` scalars."""
 
     def close(self) -> None:
-        self.run.finish()
+        if not self.closed:
+            self.closed = True
+            self.run.finish()
 
 
 class ResultsFile:
@@ -103,6 +160,82 @@ class ResultsFile:
 
     def close(self) -> None:
         """Every result is closed when written."""
+
+
+# -- the builtins, registered by clipkit.builtin.reporters as a third party registers its own ---------
+def build_tensorboard(ctx: ReporterContext) -> Reporter:
+    """``tensorboard``: scalars as events in ``RUN/tensorboard``."""
+    if ctx.tensorboard is None:
+        raise ClipkitError("the tensorboard reporter needs a run folder; --logs is 'none'")
+    return TensorBoardReporter(ctx.tensorboard)
+
+
+def build_wandb(ctx: ReporterContext) -> Reporter:
+    """``wandb``: scalars to the wandb run named by the run (``--wandb-project-name``, ``--wandb-notes``)."""
+    return WandbReporter(str(ctx.settings.get("wandb_project_name", "open-clip")), ctx.name,
+                         str(ctx.settings.get("wandb_notes", "")), dict(ctx.settings), ctx.run_folder)
+
+
+def build_results_file(ctx: ReporterContext) -> Reporter:
+    """``results``: every evaluation as a line of ``RUN/checkpoints/results.jsonl``."""
+    if ctx.checkpoints is None:
+        raise ClipkitError("the results reporter needs a run folder; --logs is 'none'")
+    return ResultsFile(ctx.checkpoints / "results.jsonl")
+
+
+@dataclass(frozen=True)
+class ReporterSpec:
+    """One reporter as a plugin registers it: ``register(name, factory, **keywords)``."""
+
+    name: str
+    factory: str
+    keywords: Mapping[str, Any] = field(default_factory=dict)
+
+
+BUILTIN_REPORTERS: Tuple[ReporterSpec, ...] = (
+    ReporterSpec("tensorboard", f"{__name__}:build_tensorboard", {"needs_folder": True}),
+    ReporterSpec("wandb", f"{__name__}:build_wandb", {"requires": "wandb"}),
+    ReporterSpec("results", f"{__name__}:build_results_file", {"always": True, "needs_folder": True}),
+)
+#: What OpenCLIP's ``--report-to all`` means.
+ALL = ("tensorboard", "wandb")
+
+
+def register_builtin_reporters(register: Any) -> None:
+    """Register the builtins through a ``register`` callback, as a third party's hook does."""
+    for spec in BUILTIN_REPORTERS:
+        register(spec.name, spec.factory, **spec.keywords)
+
+
+def selected_reporters(report_to: str, has_folder: bool) -> str:
+    """The ``--report-to`` value checked against the registered reporters: the names joined by commas
+    (``all`` expanded), or an :class:`ArgsError` naming what is wrong (an unknown name with did-you-mean
+    and the installed ones, a missing package, a reporter that needs a run folder without one)."""
+    import importlib.util
+
+    from ..kinds import REPORTER
+    from ..registry import registry
+
+    names = [t.strip() for t in report_to.split(",") if t.strip()]
+    if names == ["all"]:
+        names = list(ALL)
+    problems: List[str] = []
+    for name in names:
+        if not registry.has(REPORTER, name):
+            problems.append(registry.unknown_message(REPORTER, name, where="--report-to"))
+            continue
+        entry = registry.get(REPORTER, name)
+        if entry.meta.get("always"):
+            problems.append(f"--report-to {name}: the {name} reporter is always on when the run has a folder; "
+                            f"drop it from --report-to")
+        required = entry.meta.get("requires")
+        if required and importlib.util.find_spec(required) is None:
+            problems.append(f"--report-to {name} needs the {required} package: pip install {required}")
+        if entry.meta.get("needs_folder") and not has_folder:
+            problems.append(f"--report-to {name} needs a run folder; --logs is 'none'")
+    if problems:
+        raise ArgsError(problems[0] if len(problems) == 1 else "; ".join(problems))
+    return ",".join(dict.fromkeys(names))
 
 
 class Reporters:
@@ -126,15 +259,28 @@ class Reporters:
 
 
 def build_reporters(settings: Any, folder: Any, flat_settings: Dict[str, Any], enabled: bool) -> Reporters:
-    """The reporters ``--report-to`` names (``settings``: the logging group), plus ``results.jsonl`` when the
-    run has a folder; none where not ``enabled`` (processes other than 0)."""
+    """The reporters ``--report-to`` names (``settings``: the logging group), after every reporter registered
+    with ``always=True`` when the run has a folder; none where not ``enabled`` (processes other than 0)."""
     if not enabled:
         return Reporters([])
-    targets = settings.report_to.split(",") if settings.report_to else []
-    reporters: List[Any] = [ResultsFile(folder.results)] if folder.path is not None else []
-    if "tensorboard" in targets:
-        reporters.append(TensorBoardReporter(folder.tensorboard))
-    if "wandb" in targets:
-        reporters.append(WandbReporter(settings.wandb_project_name, settings.name, settings.wandb_notes,
-                                       flat_settings, folder.path))
+    from ..kinds import REPORTER
+    from ..registry import registry
+
+    ctx = ReporterContext(folder.path, settings.name, dict(flat_settings))
+    chosen = [e for e in registry.entries(REPORTER) if e.meta.get("always") and folder.path is not None]
+    chosen += [registry.get(REPORTER, name, where="--report-to")
+               for name in (settings.report_to.split(",") if settings.report_to else [])]
+    reporters: List[Any] = []
+    try:
+        for entry in chosen:
+            reporter = entry.load()(ctx)
+            for method in ("scalars", "result", "close"):
+                if not callable(getattr(reporter, method, None)):
+                    raise ClipkitError(f"{entry.where}: its factory returned {type(reporter).__name__}, which has no "
+                                       f"{method}() method")
+            reporters.append(reporter)
+    except BaseException:
+        for reporter in reporters:  # what was opened before the failure is closed again
+            reporter.close()
+        raise
     return Reporters(reporters)

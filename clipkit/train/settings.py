@@ -194,10 +194,15 @@ class ModelSettings:
                 '`CustomTextCLIP` layout).')
     siglip: bool = flag(False, 'SigLIP: sigmoid loss, logit scale initialised to ln 10 and a logit bias of -10',
         details='SigLIP: the sigmoid loss, logit scale initialised to ln 10 and a logit bias of −10.')
-    distill_model: Optional[str] = flag(None, '',
-        hidden=True)
-    distill_pretrained: Optional[str] = flag(None, '',
-        hidden=True)
+    distill_model: Optional[str] = flag(None, 'distil from this teacher model (a model name, as for --model); '
+        'needs --distill-pretrained',
+        details="Train with the `distill` objective (OpenCLIP's `DistillClipLoss`): the contrastive loss plus a "
+                "distillation loss towards this frozen teacher's similarities. The teacher must take the "
+                "student's image size and tokenizer. Needs `--distill-pretrained`.")
+    distill_pretrained: Optional[str] = flag(None, "the teacher's weights: a pretrained tag or a file; needs "
+        '--distill-model',
+        details="The teacher's weights: a pretrained tag of `--distill-model`, a checkpoint file or a "
+                '`save_pretrained` folder.')
     use_bnb_linear: Optional[str] = flag(None, '',
         hidden=True)
     coca_caption_loss_weight: Optional[float] = flag(None, '',
@@ -278,6 +283,18 @@ class OptimizationSettings:
                 'but every value uses the same implementation: each process scores its images against every '
                 "process's texts, block by block, through one differentiable all-gather of the text features; no "
                 'process holds the global B×B logits.')
+    objective: Optional[str] = flag(None, "what a step minimises: a registered objective (clip, siglip, distill, "
+        "or a plugin's; default: siglip with --siglip, distill with --distill-model, else clip)",
+        shown='`clip`',
+        details='**Addition.** The training objective, by its registered name (`clipkit plugins` lists them): '
+                '`clip`, `siglip`, `distill`, or one a plugin registers. Without it: `siglip` with `--siglip`, '
+                '`distill` with `--distill-model`, else `clip`. See [Objectives](#objectives).')
+    objective_opt: Dict[str, Any] = flag(dict, "the objective's options as key=value pairs (values read as Python "
+        "literals), e.g. --objective-opt weight=0.5",
+        details="**Addition.** Options of the objective, as `key=value` pairs checked against its options class "
+                "(unknown keys, types and bounds are flag errors). The builtins take theirs from OpenCLIP's "
+                "flags (`--local-loss`, `--gather-with-grad`, `--loss-dist-impl`, `--distill-*`); a value given "
+                "here wins.")
     seed: int = flag(0, 'random seed (default: 0)',
         details='Seeds the initial weights (identical on every process), the data order and augmentations.')
 

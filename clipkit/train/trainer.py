@@ -23,10 +23,13 @@ from .build import Precision, build_model, build_objective, build_optimizer
 from .checkpointer import Checkpointer, fetch_resume, find_resume
 from .data import Progress, train_loader
 from .evaluate import EvalContext, Evaluator
+from .objectives import ObjectiveContext
+from .objectives.accumulate import gradcache_outputs
 from .parallel import parallelism_for
 from .report import build_reporters
 from .run_folder import RunFolder
 from .schedule import learning_rate
+from .selection import objective_choice
 from .session import Session
 from .settings import Settings
 
@@ -106,7 +109,11 @@ class Trainer:
         self.parallel.shard(self.model)
         self.optimizer, param_names = (build_optimizer(s.optimization, self.model) if self.train_data is not None
                                        else (None, {}))
-        self.objective = build_objective(s.model.siglip, s.optimization, env)
+        choice = objective_choice(s.model, s.optimization)
+        self.objective_name = choice.name
+        self.objective = build_objective(choice, ObjectiveContext(
+            rank=env.rank, world=env.world, device=str(env.device), precision=s.precision.precision,
+            cache_dir=s.data.cache_dir, trust_remote_code=s.model.trust_remote_code))
 
         # training checkpoints, and where this run starts
         self.checkpointer = Checkpointer(
@@ -226,7 +233,7 @@ class Trainer:
                 lr = learning_rate(opt, self.position.step, self.total_steps, steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-            loss = self._step(micro, epoch)
+            loss, terms = self._step(micro, epoch)
             micro = []
             self.position.step += 1
             step_in_epoch += 1
@@ -238,8 +245,8 @@ class Trainer:
             if step_in_epoch % every_n == 0 or step_in_epoch == steps:
                 scale = self.parallel.logit_scale(self.model)  # every process: a sharded one is gathered
                 if env.main:
-                    self._log_step(epoch, step_in_epoch, steps, losses, batch_time, data_time, images.shape[0] * accum,
-                                   scale.exp().item())
+                    self._log_step(epoch, step_in_epoch, steps, losses, terms, batch_time, data_time,
+                                   images.shape[0] * accum, scale.exp().item())
             if step_in_epoch < steps:  # at an epoch's end the epoch's own checkpoint follows
                 stop = session.stop_requested()
                 if stop or save_every and self.position.step % save_every == 0:
@@ -268,9 +275,25 @@ class Trainer:
             yield item
 
     # one step -----------------------------------------------------------------------------------------
-    def _loss(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
-              bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.objective.loss(image, text, scale, bias)
+    def _outputs(self, model: Any, images: torch.Tensor, texts: torch.Tensor,
+                 extras: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """What the objective sees: the model's outputs (those it has) merged with the objective's extras."""
+        out = model(images, texts)
+        return {**{k: v for k, v in out.items() if isinstance(v, torch.Tensor)}, **extras}
+
+    def _terms(self, outputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The objective's loss terms, and their sum (the loss back-propagated)."""
+        terms = self.objective(outputs)
+        bad = ([repr(k) for k, v in terms.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+                or v.dim() != 0] if isinstance(terms, dict) and terms else ["(none)"])
+        if bad:
+            raise TrainingError(f"objective {self.objective_name!r} returned {', '.join(bad)}: an objective "
+                                f"returns a non-empty dict of named 0-d tensors (its loss terms)")
+        values = iter(terms.values())
+        loss = next(values)
+        for term in values:
+            loss = loss + term
+        return loss, terms
 
     def _check_finite(self, loss: torch.Tensor, epoch: int) -> None:
         bad = not bool(torch.isfinite(loss).item())
@@ -302,57 +325,51 @@ class Trainer:
         with torch.no_grad():  # OpenCLIP's clamp: a temperature below 1/100 destabilises training
             self.model.logit_scale.clamp_(0, math.log(100))
 
-    def _step(self, micro: Sequence[Tuple[torch.Tensor, torch.Tensor]], epoch: int) -> torch.Tensor:
-        """One optimizer step over ``accum_freq`` batches (GradCache: the loss sees all of them)."""
+    def _step(self, micro: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+              epoch: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """One optimizer step over ``accum_freq`` batches (GradCache: the objective sees all of them); the
+        loss and its terms, as logged (averaged over processes for a per-process objective)."""
         model, autocast = self.train_model, self.precision.autocast
         self.optimizer.zero_grad(set_to_none=True)
+        # the objective's extras (a teacher's features): once per micro-batch, constants of the step
+        with torch.no_grad(), autocast():
+            extras = [self.objective.extra_forward({"images": images, "texts": texts}) for images, texts in micro]
         if len(micro) == 1:
             with autocast():
-                out = model(*micro[0])
-                loss = self._loss(out["image_features"], out["text_features"], out["logit_scale"],
-                                  out.get("logit_bias"))
+                loss, terms = self._terms(self._outputs(model, *micro[0], extras[0]))
             self._check_finite(loss, epoch)
             self._backward(loss)
         else:
             with torch.no_grad(), autocast():
-                cached = [model(images, texts) for images, texts in micro]
+                cached = [self._outputs(model, images, texts, extra) for (images, texts), extra in zip(micro, extras)]
             last = len(micro) - 1
             for j, (images, texts) in enumerate(micro):
                 # under DDP, gradients are all-reduced once, after the last micro-batch
                 sync = contextlib.nullcontext() if j == last or not hasattr(model, "no_sync") else model.no_sync()
                 with sync:
                     with autocast():
-                        out = model(images, texts)
-                        image = torch.cat([out["image_features"] if i == j else c["image_features"]
-                                           for i, c in enumerate(cached)])
-                        text = torch.cat([out["text_features"] if i == j else c["text_features"]
-                                          for i, c in enumerate(cached)])
-                        # every pass computes the whole loss, so the temperature (and bias) would collect
-                        # its gradient accum_freq times (OpenCLIP does): only the last pass lets it through
-                        scale, bias = out["logit_scale"], out.get("logit_bias")
-                        if j != last:
-                            scale, bias = scale.detach(), bias.detach() if bias is not None else None
-                        loss = self._loss(image, text, scale, bias)
+                        live = self._outputs(model, images, texts, extras[j])
+                        loss, terms = self._terms(gradcache_outputs(cached, live, j))
                     self._check_finite(loss, epoch)
                     self._backward(loss)
         self._optimizer_step()
-        loss = loss.detach()
+        logged = torch.stack([loss.detach().float(), *(term.detach().float() for term in terms.values())])
         if self.env.distributed and self.objective.per_process:
-            # each process's loss covers its own rows: their mean is the global loss that is logged
-            torch.distributed.all_reduce(loss)
-            loss = loss / self.env.world
-        return loss
+            # each process's terms cover its own rows: their mean is the global value that is logged
+            torch.distributed.all_reduce(logged)
+            logged = logged / self.env.world
+        return logged[0], dict(zip(terms, logged[1:]))
 
     # reporting ----------------------------------------------------------------------------------------
-    def _log_step(self, epoch, step, steps, losses, batch_time, data_time, batch, scale) -> None:
+    def _log_step(self, epoch, step, steps, losses, terms, batch_time, data_time, batch, scale) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
         recent = losses[-self.settings.logging.log_every_n_steps:]
         sps = batch * self.env.world / max(batch_time, 1e-9)
         logger.info("epoch %d [%d/%d (%.0f%%)] loss %.4f (avg %.4f) lr %.3g logit scale %.2f | %.1f samples/s, "
                     "data %.3f s, batch %.3f s", epoch + 1, step, steps, 100 * step / max(1, steps), losses[-1],
                     sum(recent) / len(recent), lr, scale, sps, data_time, batch_time)
-        self.reporters.scalars({"train/loss": losses[-1], "train/contrastive_loss": losses[-1], "train/lr": lr,
-                                "train/scale": scale, "train/samples_per_second": sps,
+        self.reporters.scalars({"train/loss": losses[-1], **{f"train/{k}": v.item() for k, v in terms.items()},
+                                "train/lr": lr, "train/scale": scale, "train/samples_per_second": sps,
                                 "train/samples_per_second_per_gpu": sps / self.env.world,
                                 "train/data_time": data_time, "train/batch_time": batch_time}, self.position.step)
 

@@ -1,0 +1,13 @@
+"""Builtin reporters (``clipkit-train --report-to``): ``tensorboard``, ``wandb``, and ``results``
+(``checkpoints/results.jsonl``, on in every run that has a run folder: registered with ``always=True``).
+
+Registered through the same hook as a third party's reporter; the reporters are in
+:mod:`clipkit.train.report`. No torch here.
+"""
+from ...hookspecs import hookimpl
+from ...train.report import register_builtin_reporters
+
+
+@hookimpl
+def register_reporters(register):
+    register_builtin_reporters(register)
