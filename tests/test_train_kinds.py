@@ -103,7 +103,30 @@ class Penalty(BaseObjective):
         return {"contrastive_loss": self.clip(image, text, scale), "scale_penalty": self.weight * scale / 100}
 
 
-RECORDED = []
+class Counting(BaseObjective):
+    """The CLIP loss, counting its calls: state that a training checkpoint keeps."""
+
+    name = "counting"
+    needs = FEATURES
+
+    def __init__(self, options, ctx):
+        self.calls = 0
+        self.clip = ClipLoss()
+
+    def __call__(self, outputs):
+        self.calls += 1
+        image, text, scale = self.inputs(outputs)
+        return {"contrastive_loss": self.clip(image, text, scale)}
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        RESTORED.append(dict(state))
+        self.calls = state["calls"]
+
+
+RECORDED, RESTORED = [], []
 
 
 class Recorder:
@@ -126,12 +149,14 @@ def third_party(clipkit_plugins):
     @clipkit.hookimpl
     def register_objectives(register):
         register("penalty", f"{__name__}:Penalty", config=f"{__name__}:PenaltyOptions")
+        register("counting", f"{__name__}:Counting")
 
     @clipkit.hookimpl
     def register_reporters(register):
         register("recorder", f"{__name__}:Recorder")
 
     RECORDED.clear()
+    RESTORED.clear()
     clipkit_plugins.module("kindsplug", register_objectives=register_objectives, register_reporters=register_reporters)
     yield
     RECORDED.clear()
@@ -170,6 +195,23 @@ def test_objective_options_come_from_a_config_file_and_flags_win(third_party, tm
     assert run_inprocess(_synthetic(tmp_path, "flag-wins", "--config", config, "--report-to", "recorder",
                                     "--objective-opt", "weight=1.0")) == 0
     assert RECORDED[-1].values[0][1]["train/scale_penalty"] == pytest.approx(1.0 / 0.07 / 100, rel=1e-5)
+
+
+def test_an_objectives_state_is_kept_in_training_checkpoints(third_party, tmp_path, capsys):
+    logs = tmp_path / "logs"
+    assert run_inprocess(_synthetic(tmp_path, "counted", "--objective", "counting", "--epochs", "2")) == 0
+    saved = [torch.load(logs / "counted" / "checkpoints" / f"epoch_{n}.pt", weights_only=True) for n in (1, 2)]
+    assert [c["objective"] for c in saved] == [{"calls": 2}, {"calls": 4}]  # 2 steps an epoch
+    assert run_inprocess(_synthetic(tmp_path, "again", "--objective", "counting", "--epochs", "2", "--resume",
+                                    logs / "counted" / "checkpoints" / "epoch_1.pt")) == 0
+    assert RESTORED == [{"calls": 2}]
+    again = torch.load(logs / "again" / "checkpoints" / "epoch_2.pt", weights_only=True)
+    assert again["objective"] == {"calls": 4}
+    # an objective without state does not silently drop another objective's
+    assert run_inprocess(_synthetic(tmp_path, "other", "--epochs", "2", "--resume",
+                                    logs / "counted" / "checkpoints" / "epoch_1.pt")) == 1
+    assert ("objective 'clip' keeps no state, but the checkpoint has objective state (calls)"
+            in capsys.readouterr().err.strip().splitlines()[-1])
 
 
 def test_a_third_party_objectives_options_are_checked_before_any_work(third_party, capsys):

@@ -454,7 +454,7 @@ class Checkpointer:
 
     def __init__(self, settings: Any, folder: Optional[Path], *, env: Any, parallel: Any, model: Any,
                  optimizer: Any, param_names: Dict[int, str], scaler: Any, run_name: str, model_name: str,
-                 epochs: int, remote: Any = None):
+                 epochs: int, remote: Any = None, objective: Any = None):
         self.settings = settings
         self.folder = folder
         self.env = env
@@ -467,6 +467,7 @@ class Checkpointer:
         self.model_name = model_name
         self.epochs = epochs
         self.remote = remote
+        self.objective = objective
 
     def latest(self) -> Optional[Path]:
         """The newest complete checkpoint of this run, for messages (``None``: none yet)."""
@@ -486,6 +487,9 @@ class Checkpointer:
             payload["optimizer"] = self.optimizer.state_dict()
         if self.scaler is not None:
             payload["scaler"] = self.scaler.state_dict()
+        objective_state = self.objective.state_dict() if self.objective is not None else {}
+        if objective_state:  # process 0's: an objective whose state differs between processes gathers it itself
+            payload["objective"] = objective_state
         config = getattr(self.model, "model_config", None)
         if config is not None:
             from .._provenance import PROVENANCE_KEY, parts_provenance
@@ -632,6 +636,8 @@ class Checkpointer:
         extra = data.get("clipkit", {})
         if self.scaler is not None and "scaler" in data:
             self.scaler.load_state_dict(data["scaler"])
+        if self.objective is not None:  # a stateless objective refuses another objective's state
+            self.objective.load_state_dict(data.get("objective", {}))
         epoch = int(data.get("epoch", 0))
         step = int(extra.get("step", epoch * steps_per_epoch))
         mine = extra

@@ -119,7 +119,8 @@ class Trainer:
         self.checkpointer = Checkpointer(
             s.checkpoints, self.folder.checkpoints, env=env, parallel=self.parallel, model=self.model,
             optimizer=self.optimizer, param_names=param_names, scaler=self.precision.scaler,
-            run_name=s.logging.name, model_name=s.model.model, epochs=s.optimization.epochs, remote=self.remote)
+            run_name=s.logging.name, model_name=s.model.model, epochs=s.optimization.epochs, remote=self.remote,
+            objective=self.objective)
         self.start_epoch = 0
         self.resumed_data: Optional[Progress] = None
         if resume is not None:
