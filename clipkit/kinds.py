@@ -25,14 +25,15 @@ from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterator, List, Literal, Optional, Tuple
 
 from . import hookspecs
-# the trainer's kinds' protocols live beside the trainer code that calls them (both modules are torch-free)
+# the trainer's kinds' protocols live beside the trainer code that calls them (these modules are torch-free)
+from .train import data_sources as _data_sources
 from .train import objectives as _objectives
 from .train import report as _report
 
 #: The name of a kind of part. Every :class:`KindSpec` of :data:`KINDS` has one of these names
 #: (``tests/test_kinds.py`` holds the two together).
 Kind = Literal["vision_tower", "text_tower", "pooler", "tokenizer", "freezer", "model_config", "objective",
-               "reporter"]
+               "reporter", "data_source"]
 
 VISION_TOWER: Kind = "vision_tower"
 TEXT_TOWER: Kind = "text_tower"
@@ -42,6 +43,7 @@ FREEZER: Kind = "freezer"
 MODEL_CONFIG: Kind = "model_config"
 OBJECTIVE: Kind = "objective"
 REPORTER: Kind = "reporter"
+DATA_SOURCE: Kind = "data_source"
 
 
 @dataclass(frozen=True)
@@ -269,3 +271,23 @@ declare(KindSpec(
     contracts=("builds", "reports", "closes"), checks="clipkit.train.part_checks:REPORTER_CHECKS",
     scaffold=Scaffold("a reporter (training metrics as CSV rows)",
                       "A reporter for clipkit-train: metrics as CSV rows (reporter $name)", "reporter")))
+declare(KindSpec(
+    DATA_SOURCE, "data_source", "register_data_sources", "data source",
+    "Register how training and evaluation samples are read, selected by ``clipkit-train --dataset-type NAME``: "
+    "``register(name, factory: DataSourceFactory, example=..., extensions=(...), prefixes=(...), folders=False, "
+    "yields=('text',), generated=False, exact_resume=True)``.\n\n"
+    "``factory(spec, ctx: DataSourceContext)`` returns a ``DataSource`` (units, and how units are read into "
+    "samples). With ``--dataset-type auto`` (the default) a path starting with one of ``prefixes``, else "
+    "ending in one of ``extensions``, else a folder (``folders=True``) selects it. ``yields``: ``'text'`` "
+    "(captions, for training and retrieval) and/or ``'label'`` (classes, for zero-shot evaluation). "
+    "``generated=True``: it makes its own samples (no spec; ``--train-num-samples`` of them). "
+    "``exact_resume=False`` declares that it cannot resume mid-epoch exactly (the trainer says so). "
+    "``example`` is what its contract cases read: a spec of a tiny dataset the plugin ships (relative to its "
+    "package), or a function ``make(folder) -> spec`` that writes one into an empty folder.",
+    protocol=_data_sources.DataSourceFactory,
+    keywords=frozenset({"example", "extensions", "prefixes", "folders", "yields", "generated", "exact_resume"}),
+    contracts=("builds", "units", "samples", "counted-skips", "workers", "resume"),
+    checks="clipkit.train.data_source_checks:DATA_SOURCE_CHECKS",
+    scaffold=Scaffold("a data source (image-caption pairs from a JSON Lines file)",
+                      "A data source for clipkit-train: image-caption pairs listed in JSON Lines files "
+                      "(--dataset-type $name)", "source")))

@@ -26,17 +26,20 @@ from .errors import (ClipkitError, ConfigError, ContractError, PluginError, Plug
                      TowerContractError, UnknownPartError)
 from .hookspecs import (Freezer, Infer, ModelConfigSource, PoolerFactory, Register, Target, TokenizerFactory,
                         TowerContext, TowerFactory, hookimpl)
-from .kinds import FREEZER, KINDS, MODEL_CONFIG, POOLER, TEXT_TOWER, TOKENIZER, VISION_TOWER, Kind, KindSpec
+from .kinds import (DATA_SOURCE, FREEZER, KINDS, MODEL_CONFIG, POOLER, TEXT_TOWER, TOKENIZER, VISION_TOWER, Kind,
+                    KindSpec)
 from .registry import registry
+from .train.data_sources import DataSource, DataSourceContext, DataSourceFactory
 
 __all__ = [
     # declaring parts
     "hookimpl", "Register", "Target", "Infer", "option",
     # what factories receive and return
     "TowerContext", "TowerFactory", "PoolerFactory", "TokenizerFactory", "Freezer", "ModelConfigSource",
+    "DataSourceFactory", "DataSourceContext", "DataSource",
     # kinds of part
     "Kind", "KindSpec", "KINDS", "VISION_TOWER", "TEXT_TOWER", "POOLER", "TOKENIZER", "FREEZER",
-    "MODEL_CONFIG",
+    "MODEL_CONFIG", "DATA_SOURCE",
     # errors
     "ClipkitError", "ConfigError", "Problem", "PluginError", "PluginWarning", "UnknownPartError", "ContractError",
     "TowerContractError",

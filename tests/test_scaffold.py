@@ -22,7 +22,7 @@ from clipkit.cli import main
 from clipkit.registry import registry
 
 NAMES = {"vision": "acmevision", "text": "acmetext", "pooler": "acmepool", "tokenizer": "acmetok",
-         "freezer": "acme-freeze", "objective": "acmeobj", "reporter": "acme-rep"}
+         "freezer": "acme-freeze", "objective": "acmeobj", "reporter": "acme-rep", "data_source": "acmejsonl"}
 #: the kinds whose parts go into model configs: their plugins ship an example config
 CONFIG_KINDS = ("vision", "text", "pooler", "tokenizer", "freezer")
 def _env(site=None):

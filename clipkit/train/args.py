@@ -16,6 +16,7 @@ import typing
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import ArgsError
+from . import data_sources
 from .report import selected_reporters
 from .selection import objective_choice, objective_name
 from .settings import GROUPS, SETTINGS_FILE, Settings, flag_names, read_settings_file
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             _add(group, f, hints[f.name])
+    for action in p._actions:
+        if action.dest == "dataset_type":  # its choices are the registered data sources (validate() checks)
+            action.metavar = "{" + ",".join(data_sources.choices()) + "}"
     return p
 
 
@@ -124,19 +128,9 @@ def _sources(spec: Optional[str]) -> List[str]:
 
 
 def infer_dataset_type(spec: str, flag: str) -> str:
-    """'csv' or 'webdataset' from a data spec's extension, as OpenCLIP's 'auto'."""
-    first = _sources(spec)[0]
-    if first.startswith("pipe:"):
-        return "webdataset"
-    ext = first.split("?")[0].rsplit(".", 1)[-1].lower().rstrip("}")
-    if ext in ("csv", "tsv"):
-        return "csv"
-    if ext == "tar" or "tar" in ext:
-        return "webdataset"
-    if os.path.isdir(first):
-        return "folder"
-    raise ArgsError(f"{flag} {spec!r}: cannot tell the dataset type from the extension; "
-                    f"pass --dataset-type webdataset or csv")
+    """The registered data source a data spec selects, as OpenCLIP's 'auto' (``.csv``/``.tsv`` -> csv,
+    ``.tar`` -> webdataset): by the prefixes, extensions and folders the registrations declare."""
+    return data_sources.resolve(spec, data_sources.AUTO, flag).name
 
 
 def validate(args: argparse.Namespace) -> Settings:
@@ -160,21 +154,30 @@ def validate(args: argparse.Namespace) -> Settings:
     need(args.warmup >= 0, f"--warmup must be >= 0, got {args.warmup}")
     need(args.wd >= 0, f"--wd must be >= 0, got {args.wd}")
 
-    if args.dataset_type == "synthetic":
-        need(not args.train_data, "--dataset-type synthetic makes its own data; drop --train-data")
-        need(args.train_num_samples is not None, "--dataset-type synthetic needs --train-num-samples")
+    source = None  # the registered data source of the training data
+    if args.dataset_type != data_sources.AUTO:
+        try:
+            source = data_sources.resolve(None, args.dataset_type, "--dataset-type")
+        except ArgsError as exc:
+            problems.append(str(exc))
+    if source is not None and data_sources.generated(source):
+        need(not args.train_data, f"--dataset-type {source.name} makes its own data; drop --train-data")
+        need(args.train_num_samples is not None, f"--dataset-type {source.name} needs --train-num-samples")
     elif args.train_data:
-        if args.dataset_type == "auto":
+        if args.dataset_type == data_sources.AUTO:
             try:
-                args.dataset_type = infer_dataset_type(args.train_data, "--train-data")
+                source = data_sources.resolve(args.train_data, data_sources.AUTO, "--train-data")
+                args.dataset_type = source.name
             except ArgsError as exc:
-                if args.train_data.lower() == "synthetic":  # a guess at the generated data's flag
-                    exc = ArgsError("--train-data synthetic: no such data; generated data is --dataset-type "
-                                    "synthetic --train-num-samples N, without --train-data")
+                entry = data_sources.lookup(args.train_data.lower())
+                if entry is not None and data_sources.generated(entry):  # a guess at the generated data's flag
+                    exc = ArgsError(f"--train-data {args.train_data}: no such data; generated data is --dataset-type "
+                                    f"{entry.name} --train-num-samples N, without --train-data")
                 problems.append(str(exc))
-            if args.dataset_type == "folder":
-                problems.append(f"--train-data {args.train_data!r} is a folder; training needs WebDataset shards "
-                                f"or a CSV file")
+        if source is not None and "text" not in data_sources.yields(source):
+            problems.append(f"--train-data {args.train_data!r} is read by data source {source.name!r}, whose samples "
+                            f"have class labels, not captions; training needs image-caption pairs (WebDataset "
+                            f"shards, a CSV file, or another registered data source)")
     elif not (args.val_data or args.zeroshot_data or args.imagenet_val or args.imagenet_v2):
         problems.append("nothing to do: give --train-data (or --dataset-type synthetic), or evaluation data "
                         "(--val-data, --zeroshot-data, --imagenet-val)")

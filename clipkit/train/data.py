@@ -26,22 +26,25 @@ import os
 import random
 import warnings
 import zlib
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..builtin.tokenizers.clip_bpe import text_cap
-from ..errors import ArgsError, DataError
+from ..errors import DataError
+from . import data_sources
 from . import shards as wds
+from .data_sources import DataSource, DataSourceContext
 
 logger = logging.getLogger("clipkit.train")
 
 SKIP_KINDS = ("bad_image", "empty_image", "missing_image", "missing_caption", "missing_label", "bad_caption",
               "too_large", "bad_shard")
+# evaluation data that no registration claims by its name, in a run whose --dataset-type does not say either
+EVAL_FALLBACK = "webdataset"
 SHUFFLE_BUFFER = 2000  # raw samples per worker between shard order and batching (OpenCLIP: 5000 decoded)
 # The decompression-bomb guard (see max_image_pixels). A decode costs up to ~7 bytes a pixel (RGBA plus the
 # RGB copy), so the floor lets a worker hold one 32 MP image (6,500 x 4,900: any camera or scan in common
@@ -62,23 +65,14 @@ def max_image_pixels(image_size: Optional[int]) -> int:
     return max(IMAGE_PIXELS_FLOOR, side * side)
 
 
-# -- data sources: what the units are and how a unit becomes raw samples ---------------------------------
-class DataSource(ABC):
-    """A dataset as units; ``read(units, counts)`` yields raw samples ``{"__key__", "image", "text", "label"}``."""
-
-    shuffle_buffer = 0  # samples: shards need a sample-level shuffle, row lists are permuted whole
-
-    @abstractmethod
-    def units(self) -> List[Any]:
-        """The epoch's units (shard URLs, row indices) in their natural order."""
-
-    @abstractmethod
-    def read(self, units: Sequence[Any], counts: Dict[str, int]) -> Iterator[Dict[str, Any]]:
-        """Raw samples of ``units``, in order; unreadable ones counted in ``counts`` by kind."""
-
-
+# -- the builtin data sources: what the units are and how a unit becomes raw samples -------------------
+# (registered by clipkit.builtin.data_sources through the same hook as a third party's; the protocol is
+# clipkit.train.data_sources)
 class ShardSource(DataSource):
+    """WebDataset shards: units are shard URLs, read as tar streams."""
+
     shuffle_buffer = SHUFFLE_BUFFER
+    unit = "shard"
 
     def __init__(self, spec: str, weights: Optional[Sequence[float]] = None, label: bool = False):
         self.spec = spec
@@ -94,8 +88,16 @@ class ShardSource(DataSource):
         # as OpenCLIP, every shard of a source carries that source's factor
         self.weights = [w for urls, w in zip(self.sources, weights or [1.0] * len(self.sources)) for _ in urls]
 
+    @classmethod
+    def build(cls, spec: str, ctx: DataSourceContext) -> "ShardSource":
+        """The ``webdataset`` factory."""
+        return cls(spec, ctx.weights, label=ctx.label)
+
     def units(self) -> List[Any]:
         return list(self.urls)
+
+    def count(self) -> Tuple[int, str]:
+        return wds.count_samples(self.spec)
 
     def read(self, units, counts):
         wanted = (wds.LABEL_EXT,) if self.label else (wds.TEXT_EXT,)
@@ -107,6 +109,10 @@ class ShardSource(DataSource):
 
 
 class CsvSource(DataSource):
+    """A CSV file of image paths and captions: units are rows."""
+
+    unit = "row"
+
     def __init__(self, path: str, img_key: str, caption_key: str, separator: str):
         self.path = Path(path)
         try:
@@ -128,6 +134,11 @@ class CsvSource(DataSource):
         base = self.path.parent
         self.rows = [(p if os.path.isabs(p) or os.path.exists(p) else str(base / p), c) for p, c in self.rows]
 
+    @classmethod
+    def build(cls, spec: str, ctx: DataSourceContext) -> "CsvSource":
+        """The ``csv`` factory: the columns and separator come from the CSV flags."""
+        return cls(spec, ctx.csv_img_key, ctx.csv_caption_key, ctx.csv_separator)
+
     def units(self):
         return list(range(len(self.rows)))
 
@@ -148,7 +159,9 @@ def _read_file(path: str) -> Any:
 
 
 class FolderSource(DataSource):
-    """An image folder with one sub-folder per class (ImageNet's validation layout)."""
+    """An image folder with one sub-folder per class (ImageNet's validation layout): units are images."""
+
+    unit = "image"
 
     def __init__(self, root: str):
         self.root = Path(root)
@@ -160,6 +173,11 @@ class FolderSource(DataSource):
         self.items = [(str(f), label) for label, name in enumerate(self.classes)
                       for f in sorted((self.root / name).iterdir())
                       if f.suffix.lower().lstrip(".") in wds.IMAGE_EXTS]
+
+    @classmethod
+    def build(cls, spec: str, ctx: DataSourceContext) -> "FolderSource":
+        """The ``folder`` factory."""
+        return cls(spec)
 
     def units(self):
         return list(range(len(self.items)))
@@ -181,8 +199,17 @@ class SyntheticSource(DataSource):
                "purple": (150, 60, 190), "white": (240, 240, 240)}
     SHAPES = ("square", "circle", "stripe")
 
+    unit = "sample"
+
     def __init__(self, num_samples: int, seed: int, size: int = 64):
         self.num_samples, self.seed, self.size = num_samples, seed, size
+
+    @classmethod
+    def build(cls, spec: str, ctx: DataSourceContext) -> "SyntheticSource":
+        """The ``synthetic`` factory: ``--train-num-samples`` pairs at the model's input size (at least 32)."""
+        if not ctx.num_samples:
+            raise DataError("synthetic data needs --train-num-samples")
+        return cls(ctx.num_samples, ctx.seed, size=max(32, ctx.image_size or 0))
 
     def units(self):
         return list(range(self.num_samples))
@@ -447,6 +474,8 @@ class Loader:
     num_samples: int
     num_batches: Optional[int]  # per epoch on this rank; None: until the data runs out
     pin_memory: bool = False
+    name: str = ""  # the registered data source's name, for messages
+    exact_resume: bool = True  # False: the source cannot skip to a mid-epoch position (it says so)
 
     def epoch(self, epoch: int, progress: Optional[Progress] = None) -> Iterator[Dict[str, Any]]:
         """The epoch's batches after what ``progress`` says was consumed; updates ``self.progress``."""
@@ -455,6 +484,11 @@ class Loader:
             logger.warning("the checkpoint was written with %d data workers and this run has %d: the rest of "
                            "epoch %d is read from its beginning, not from where the first run stopped",
                            len(progress.consumed), workers, epoch + 1)
+            progress = Progress(consumed=[0] * workers, batches=progress.batches, samples=progress.samples)
+        elif progress is not None and not self.exact_resume and any(progress.consumed):
+            logger.warning("data source %r cannot resume exactly: the rest of epoch %d is read from the beginning "
+                           "of its data, not from where the first run stopped (%d batches of it were trained on)",
+                           self.name, epoch + 1, progress.batches)
             progress = Progress(consumed=[0] * workers, batches=progress.batches, samples=progress.samples)
         self.progress = progress or Progress(consumed=[0] * workers)
         self.stream.epoch = epoch
@@ -481,70 +515,67 @@ class Loader:
 
 
 # -- building loaders from the data settings --------------------------------------------------------
-def _weights(data: Any) -> Optional[List[float]]:
-    factors = data.train_data_upsampling_factors
-    return [float(f) for f in factors.split("::")] if factors else None
-
-
-def data_source(spec: str, dataset_type: str, data: Any, *, label: bool = False) -> DataSource:
-    """The :class:`DataSource` reading ``spec``; ``data`` is the data settings (CSV columns, the types that
-    ``auto`` falls back to, the per-source weights of training shards)."""
-    if dataset_type == "auto":  # each path by its own extension, as OpenCLIP
-        from .args import infer_dataset_type
-
-        try:
-            dataset_type = infer_dataset_type(spec, "data")
-        except ArgsError:
-            dataset_type = data.dataset_type if data.dataset_type in ("csv", "webdataset") else "webdataset"
-    if dataset_type == "csv":
-        return CsvSource(spec, data.csv_img_key, data.csv_caption_key, data.csv_separator)
-    if dataset_type == "folder":
-        return FolderSource(spec)
-    return ShardSource(spec, _weights(data) if not label else None, label=label)
+def data_source(spec: Optional[str], dataset_type: str, data: Any, *, flag: str, label: bool = False,
+                train: bool = False, seed: int = 0, image_size: Optional[int] = None) -> DataSource:
+    """The :class:`DataSource` reading ``spec`` (given with ``flag``), built by the registered data source
+    ``dataset_type`` (``auto``: the one ``spec`` selects by what the registrations declare); ``data`` is the
+    data settings the source may read."""
+    entry = data_sources.resolve(spec, dataset_type, flag)
+    return data_sources.build(entry, spec or "", DataSourceContext.of(data, flag=flag, label=label, train=train,
+                                                                      seed=seed, image_size=image_size))
 
 
 def train_loader(data: Any, seed: int, transform, tokenizer, rank: int, world: int, image_size: int) -> Loader:
-    """The training loader from the data settings; the sample count comes from them, ``sizes.json``/
-    ``__len__``, or counting."""
-    if data.dataset_type == "synthetic":
-        source: DataSource = SyntheticSource(data.train_num_samples, seed, size=max(32, image_size))
-        num_samples = data.train_num_samples
-    else:
-        source = data_source(data.train_data, data.dataset_type, data)
-        num_samples = data.train_num_samples
-        if num_samples is None:
-            if isinstance(source, ShardSource):
-                if data.dataset_resampled:
-                    raise DataError("--dataset-resampled needs --train-num-samples (an epoch's length); "
-                                    "the shards are drawn forever")
-                num_samples, how = wds.count_samples(data.train_data)
-                logger.info("train data: %d samples (%s); pass --train-num-samples to set it", num_samples, how)
-            else:
-                num_samples = len(source.units())
+    """The training loader from the data settings; the sample count comes from them, or from the source
+    (``sizes.json``/``__len__`` or counting for shards, one per row for a CSV)."""
+    entry = data_sources.resolve(data.train_data, data.dataset_type, "--train-data")
+    source = data_source(data.train_data, entry.name, data, flag="--train-data", train=True, seed=seed,
+                         image_size=image_size)
+    exact = data_sources.exact_resume(entry)
+    if not exact:
+        logger.info("data source %r cannot resume exactly: a run resumed from a mid-epoch checkpoint reads that "
+                    "epoch's data again from its beginning", entry.name)
+    num_samples = data.train_num_samples
+    if num_samples is None:
+        if data.dataset_resampled:
+            raise DataError(f"--dataset-resampled needs --train-num-samples (an epoch's length); the "
+                            f"{source.unit}s are drawn forever")
+        num_samples, how = source.count()
+        logger.info("train data: %d samples (%s); pass --train-num-samples to set it", num_samples, how)
     global_batch = data.batch_size * world
     num_batches = num_samples // global_batch
     if num_batches == 0:
         raise DataError(f"--train-data: {num_samples} samples are fewer than one global batch "
                         f"({data.batch_size} x {world} processes); lower --batch-size")
-    if isinstance(source, ShardSource) and not data.dataset_resampled:
-        slots = world * max(1, data.workers)
-        if len(source.urls) < slots:
-            logger.warning("%d shards for %d data workers: %d workers will have no data (no hang, but slower); "
-                           "write more shards or lower --workers", len(source.urls), slots, slots - len(source.urls))
+    if not data.dataset_resampled:
+        slots, units = world * max(1, data.workers), len(source.units())
+        if units < slots:
+            logger.warning("%d %ss for %d data workers: %d workers will have no data (no hang, but slower); "
+                           "write more %ss or lower --workers", units, source.unit, slots, slots - units, source.unit)
     stream = EpochStream(source, batch_size=data.batch_size, transform=transform, tokenizer=tokenizer, train=True,
                          seed=seed, rank=rank, world=world, resampled=data.dataset_resampled,
                          image_size=image_size, max_pixels=data.max_image_pixels)
-    return Loader(stream, data.workers, num_samples, num_batches)
+    return Loader(stream, data.workers, num_samples, num_batches, name=entry.name, exact_resume=exact)
 
 
-def eval_loader(spec: str, data: Any, seed: int, transform, tokenizer, *, label: bool = False,
+def eval_loader(spec: str, data: Any, seed: int, transform, tokenizer, *, flag: str, label: bool = False,
                 num_samples: Optional[int] = None, image_size: Optional[int] = None) -> Loader:
-    """An evaluation loader on one process: natural order, partial last batches, no augmentation."""
-    source = data_source(spec, "auto", data, label=label)
+    """An evaluation loader on one process: natural order, partial last batches, no augmentation. The
+    source is inferred from ``spec`` as with ``--dataset-type auto``, falling back to ``--dataset-type``."""
+    source = data_source(spec, eval_type(spec, data), data, flag=flag, label=label, seed=seed)
     stream = EpochStream(source, batch_size=data.batch_size, transform=transform, tokenizer=tokenizer, train=False,
                          seed=seed, image_size=image_size, max_pixels=data.max_image_pixels)
     limit = None if num_samples is None else math.ceil(num_samples / data.batch_size)
     return Loader(stream, data.workers, num_samples or 0, limit)
+
+
+def eval_type(spec: str, data: Any) -> str:
+    """The data source that reads evaluation data ``spec``: each path by its own extension, as OpenCLIP;
+    one no registration claims is read as the training data is (``--dataset-type``), else as shards."""
+    if data_sources.infer(spec) is not None:
+        return data_sources.AUTO
+    entry = data_sources.lookup(data.dataset_type)
+    return entry.name if entry is not None and not data_sources.generated(entry) else EVAL_FALLBACK
 
 
 def read_list(path: str, what: str) -> List[str]:

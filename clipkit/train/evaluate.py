@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DataError
-from .data import FolderSource, data_source, eval_loader, read_list
+from ..errors import ArgsError, DataError
+from .data import data_source, eval_loader, eval_type, read_list
 from .loss import clip_metrics
 
 logger = logging.getLogger("clipkit.train")
@@ -45,7 +45,8 @@ def _due(frequency: int, completed: int, final: bool) -> bool:
 def retrieval(ctx: EvalContext, data: Any, spec: str) -> Dict[str, Any]:
     """OpenCLIP's ``get_clip_metrics`` plus the sample-weighted ``clip_val_loss``; ``data``: the data settings."""
     model = ctx.model
-    loader = eval_loader(spec, data, ctx.seed, ctx.preprocess, ctx.tokenizer, num_samples=data.val_num_samples)
+    loader = eval_loader(spec, data, ctx.seed, ctx.preprocess, ctx.tokenizer, flag="--val-data",
+                         num_samples=data.val_num_samples)
     images: List[torch.Tensor] = []
     texts: List[torch.Tensor] = []
     total_loss, count = 0.0, 0
@@ -87,7 +88,7 @@ def zero_shot(ctx: EvalContext, data: Any, spec: str, classnames: Sequence[str],
     with torch.no_grad(), ctx.autocast():
         classifier = build_zero_shot_classifier(model, ctx.tokenizer, list(classnames), templates,
                                                 num_classes_per_batch=10, device=ctx.device).float()
-    loader = eval_loader(spec, data, ctx.seed, ctx.preprocess, None, label=True)
+    loader = eval_loader(spec, data, ctx.seed, ctx.preprocess, None, flag=flag, label=True)
     top1 = top5 = n = 0
     with torch.no_grad():
         for item in loader.epoch(0):
@@ -123,7 +124,12 @@ class Evaluator:
     def _class_names(self) -> List[str]:
         if self.data.zeroshot_classnames:
             return read_list(self.data.zeroshot_classnames, "class names")
-        return [c.replace("_", " ") for c in FolderSource(self.data.zeroshot_data).classes]
+        spec = self.data.zeroshot_data
+        classes = data_source(spec, eval_type(spec, self.data), self.data, flag="--zeroshot-data", label=True).classes
+        if not classes:
+            raise DataError(f"--zeroshot-data {spec}: its data source does not name its classes; pass "
+                            f"--zeroshot-classnames")
+        return [c.replace("_", " ") for c in classes]
 
     def _templates(self) -> List[str]:
         templates = self.data.zeroshot_templates
@@ -139,13 +145,13 @@ class Evaluator:
 
         def source(flag: str, spec: str, label: bool):
             try:
-                return data_source(spec, "auto", data, label=label)
-            except DataError as exc:
-                raise DataError(f"{flag}: {exc}") from exc
+                return data_source(spec, eval_type(spec, data), data, flag=flag, label=label)
+            except ArgsError as exc:  # a --dataset-type that names no registered data source
+                raise DataError(f"{flag} {spec!r}: {exc}") from exc
 
-        def classes_fit(flag: str, found, names: Sequence[str], named_by: str) -> None:
-            if isinstance(found, FolderSource) and len(found.classes) > len(names):
-                raise DataError(f"{flag} {found.root}: {len(found.classes)} class folders, but {named_by} has "
+        def classes_fit(flag: str, spec: str, found, names: Sequence[str], named_by: str) -> None:
+            if found.classes and len(found.classes) > len(names):  # a source that names its classes: folders
+                raise DataError(f"{flag} {spec}: {len(found.classes)} class folders, but {named_by} has "
                                 f"{len(names)} class names")
 
         if data.val_data:
@@ -161,10 +167,11 @@ class Evaluator:
             except DataError as exc:
                 raise DataError(f"--zeroshot-templates: {exc}") from exc
             if data.zeroshot_classnames:
-                classes_fit("--zeroshot-data", found, names, f"--zeroshot-classnames {data.zeroshot_classnames}")
+                classes_fit("--zeroshot-data", data.zeroshot_data, found, names,
+                            f"--zeroshot-classnames {data.zeroshot_classnames}")
         for flag, spec in (("--imagenet-val", data.imagenet_val), ("--imagenet-v2", data.imagenet_v2)):
             if spec:
-                classes_fit(flag, source(flag, spec, True), IMAGENET_CLASSNAMES, "ImageNet")
+                classes_fit(flag, spec, source(flag, spec, True), IMAGENET_CLASSNAMES, "ImageNet")
 
     def run(self, ctx: EvalContext, completed: int, final: bool) -> Dict[str, Any]:
         """Every evaluation that is due after ``completed`` epochs (``final``: the run's last)."""

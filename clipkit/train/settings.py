@@ -62,11 +62,12 @@ class DataSettings:
     val_num_samples: Optional[int] = flag(None, 'evaluate on about this many validation samples (whole batches)',
         gt=0,
         details='Stop validation after `ceil(N / --batch-size)` batches.')
-    dataset_type: str = flag('auto', "'auto' picks csv for .csv/.tsv and webdataset for .tar and 'pipe:' (default: "
-        'auto)',
-        choices=('webdataset', 'csv', 'synthetic', 'auto'),
-        details='`webdataset`, `csv`, `synthetic` or `auto`: `.csv`/`.tsv` → csv, `.tar` and `pipe:` → webdataset; '
-                'anything else is an error asking for the type.')
+    dataset_type: str = flag('auto', "a registered data source (webdataset, csv, synthetic, or a plugin's), or "
+        "'auto': each path's own, by extension (.csv/.tsv: csv; .tar and 'pipe:': webdataset) (default: auto)",
+        details='A registered data source: `webdataset`, `csv`, `synthetic`, `folder`, or one a plugin registers '
+                '(`clipkit plugins` lists them); or `auto`: chosen by what the registrations declare, so `.csv`/`.tsv` '
+                '→ csv, `.tar` and `pipe:` → webdataset, a folder → folder; anything else is an error asking for '
+                'the type. See [Data sources](#data-sources).')
     dataset_resampled: bool = flag(False, 'draw shards with replacement, forever (epochs are --train-num-samples '
         'long)',
         details='Draw shards with replacement, endlessly; an epoch is `--train-num-samples` long, so that flag is '

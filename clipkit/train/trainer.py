@@ -22,6 +22,7 @@ from . import distributed
 from .build import Precision, build_model, build_objective, build_optimizer
 from .checkpointer import Checkpointer, fetch_resume, find_resume
 from .data import Progress, train_loader
+from .data_sources import has_training_data
 from .evaluate import EvalContext, Evaluator
 from .objectives import ObjectiveContext
 from .objectives.accumulate import gradcache_outputs
@@ -96,7 +97,7 @@ class Trainer:
         # the data, the optimizer (over the sharded parameters under FSDP), the objective
         self.train_data = None
         self.steps_per_epoch = self.total_steps = 0
-        if s.data.train_data or s.data.dataset_type == "synthetic":
+        if has_training_data(s.data):
             size = self.model.visual.image_size
             self.train_data = train_loader(s.data, s.optimization.seed, built.preprocess_train, built.tokenizer,
                                            env.rank, env.world, size if isinstance(size, int) else max(size))
@@ -413,7 +414,7 @@ def _progress_bar(main: bool, total: int, initial: int, epoch: int):
 def run(settings: Settings, argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train (or evaluate) as ``settings`` say. ``argv``, the command line, makes the resume hint of a
     stopped run the exact command to continue it."""
-    resumable = bool(settings.data.train_data) or settings.data.dataset_type == "synthetic"
+    resumable = has_training_data(settings.data)
     checkpoints = RunFolder(settings.logging.logs, settings.logging.name).checkpoints
     with Session(settings.distributed, checkpoints, resumable, argv) as session:
         return Trainer(settings, session).fit()
