@@ -1,3 +1,4 @@
+import ast
 import dataclasses
 import re
 from pathlib import Path
@@ -119,3 +120,191 @@ def test_the_worked_trainer_examples_pass_their_contracts_and_train_selected_as_
         values = record["values"]
         assert values["train/loss"] == pytest.approx(values["train/contrastive_loss"] + values["train/alignment"],
                                                      rel=1e-5)
+
+
+# -- docs/design.md: every rule it states is held against the code ----------------------------------
+ROOT = DOCS.parent
+PACKAGE = ROOT / "clipkit"
+
+
+def _design() -> str:
+    return (DOCS / "design.md").read_text()
+
+
+def _section(text: str, heading: str) -> str:
+    """From ``heading`` to the next heading of the same or a higher level."""
+    start = text.index(heading)
+    level = heading.split(" ")[0]
+    ends = [m.start() for m in re.finditer(rf"^#{{1,{len(level)}}} ", text[start + len(heading):], re.M)]
+    return text[start:start + len(heading) + ends[0]] if ends else text[start:]
+
+
+def _table(text: str, header: str):
+    """The rows (lists of cells, backticks kept) of the Markdown table whose header row starts with ``header``."""
+    lines = text[text.index(header):].splitlines()
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split(" | ")])
+    return rows
+
+
+def _ticked(cell: str):
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules():
+    """Module name -> (path, parsed tree) for every module of clipkit."""
+    return {_module_name(p): (p, ast.parse(p.read_text(encoding="utf-8"), str(p))) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _layer(module: str) -> str:
+    for layer in ("clipkit.train", "clipkit.builtin"):
+        if module == layer or module.startswith(layer + "."):
+            return layer
+    return "clipkit"
+
+
+def _imports(name: str, path: Path, tree: ast.AST, modules):
+    """``(imported module, when)`` for every clipkit import of one module; ``when`` is ``"at import"`` for
+    module level (``if TYPE_CHECKING:`` blocks left out: they never run) or ``"when called"``."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = []
+
+    def visit(node, in_function, typing_only):
+        for child in ast.iter_child_nodes(node):
+            function = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            typing = typing_only or (isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test))
+            when = "when called" if in_function else "at import"
+            if isinstance(child, ast.Import) and not typing_only:
+                found.extend((alias.name, when) for alias in child.names if alias.name.split(".")[0] == "clipkit")
+            elif isinstance(child, ast.ImportFrom) and not typing_only:
+                if child.level:
+                    base = package.split(".")[:len(package.split(".")) - child.level + 1]
+                    target = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    target = child.module or ""
+                if target.split(".")[0] == "clipkit":
+                    for alias in child.names:  # `from clipkit.train import objectives` imports the submodule
+                        sub = f"{target}.{alias.name}"
+                        found.append((sub if sub in modules else target, when))
+            visit(child, function, typing)
+
+    visit(tree, False, False)
+    return found
+
+
+def _crossing_imports():
+    """``{(from, to, when)}`` of imports against the layering: rule 1 and 2 of docs/design.md allow the
+    trainer and the builtin plugins to import the core; every other import between layers is listed."""
+    modules = _modules()
+    crossing = {}
+    for name, (path, tree) in modules.items():
+        for target, when in _imports(name, path, tree, modules):
+            source_layer, target_layer = _layer(name), _layer(target)
+            if source_layer == target_layer or target_layer == "clipkit":
+                continue
+            if crossing.get((name, target)) != "at import":  # an import at module level is the one that counts
+                crossing[(name, target)] = when
+    return {(a, b, when) for (a, b), when in crossing.items()}
+
+
+def test_the_dependency_rules_match_the_imports():
+    rows = _table(_section(_design(), "## Dependency rules"), "| From | Imports | When | Why |")
+    documented = set()
+    for row in rows:
+        (source,), targets, when, why = _ticked(row[0]), _ticked(row[1]), row[2], row[3]
+        assert targets and when in ("at import", "when called") and len(why) > 20, row
+        documented |= {(source, target, when) for target in targets}
+    actual = _crossing_imports()
+    assert not actual - documented, f"imports across layers that docs/design.md does not list: {sorted(actual - documented)}"
+    assert not documented - actual, f"docs/design.md lists imports the code no longer makes: {sorted(documented - actual)}"
+
+
+def test_the_dependency_check_sees_an_undocumented_import():
+    """The check above is not vacuous: a core module importing a builtin plugin by name is caught."""
+    tree = ast.parse("from .builtin import vit\n\ndef f():\n    from .train import trainer\n")
+    modules = _modules()
+    assert _imports("clipkit.factory", PACKAGE / "factory.py", tree, modules) == [
+        ("clipkit.builtin.vit", "at import"), ("clipkit.train.trainer", "when called")]
+
+
+def test_the_kinds_table_matches_clipkit_kinds():
+    from clipkit import kinds
+
+    rows = _table(_section(_design(), "## Where a new part goes"), "| Part | Kind | Hook |")
+    by_kind = {}
+    for row in rows:
+        (kind,), (hook,) = _ticked(row[1]), _ticked(row[2])
+        assert kind not in by_kind, f"two rows for kind {kind}"
+        by_kind[kind] = (hook, tuple(_ticked(row[5])), row)
+    assert set(by_kind) == set(kinds.KINDS), "docs/design.md needs one row per kind of clipkit.kinds"
+    for name, spec in kinds.KINDS.items():
+        hook, contracts, row = by_kind[name]
+        assert hook == spec.hook and contracts == spec.contracts, row
+        for folder in _ticked(row[3]):  # where clipkit's own parts are: paths that exist
+            assert (ROOT / folder.split("*")[0]).exists(), folder
+
+
+def test_design_md_names_only_tests_that_exist():
+    named = set(re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", _design()))
+    assert len(named) >= 20
+    for file, test in named:
+        tree = ast.parse((ROOT / file).read_text(encoding="utf-8"))
+        tests = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        assert test in tests, f"docs/design.md names {file}::{test}, which does not exist"
+
+
+def test_exceptions_derive_from_the_one_hierarchy():
+    import importlib
+
+    from clipkit.errors import ClipkitError
+
+    rows = _table(_section(_design(), "### One error hierarchy"), "| Class | Why")
+    allowed = {_ticked(row[0])[0] for row in rows}
+    found = set()
+    for name, (path, tree) in _modules().items():
+        if name == "clipkit.errors":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                cls = getattr(importlib.import_module(name), node.name, None)
+                if isinstance(cls, type) and issubclass(cls, BaseException):
+                    found.add(f"{name}:{node.name}")
+                    assert issubclass(cls, ClipkitError) or f"{name}:{node.name}" in allowed, \
+                        f"{name}.{node.name} is an exception outside clipkit.errors' hierarchy and docs/design.md"
+    assert allowed <= found, f"docs/design.md lists exceptions that no longer exist: {sorted(allowed - found)}"
+
+
+def test_every_torch_load_is_weights_only():
+    calls = 0
+    for name, (path, tree) in _modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                calls += 1
+                flags = {k.arg: k.value for k in node.keywords}
+                assert isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True, \
+                    f"{path}:{node.lineno}: torch.load without weights_only=True"
+    assert calls >= 4
+
+
+def test_loading_every_plugin_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, clipkit, clipkit.plugin, clipkit.cli\n"
+            "from clipkit.kinds import KINDS\n"
+            "from clipkit.registry import registry\n"
+            "clipkit.cli.build_parser()\n"
+            "names = {kind: registry.names(kind) for kind in KINDS}\n"
+            "assert all(names.values()), names\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'transformers')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
