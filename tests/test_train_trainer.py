@@ -74,3 +74,40 @@ def test_the_strategy_comes_from_the_settings_and_clips_as_torch_does():
     with torch.no_grad():
         ours.weight[0, 0] = float("nan")
     assert strategy.any_nonfinite(ours) == ["weight"]
+
+
+@pytest.mark.parametrize("where", ["in a step", "while saving"])
+def test_a_failure_does_not_keep_the_run_alive_in_a_reference_cycle(where):
+    """A run that fails is freed as soon as its error is handled: the data loader workers its frames hold
+    shut down then, instead of at exit, where multiprocessing would wait for them forever (they block
+    SIGTERM)."""
+    import gc
+    import weakref
+
+    from clipkit.train.session import Session
+    from clipkit.train.settings import DistributedSettings
+
+    class Loader:
+        pass
+
+    held = []
+
+    def fails():
+        loader = Loader()
+        held.append(weakref.ref(loader))
+        raise OSError(28, "No space left on device")
+
+    gc.disable()
+    try:
+        try:
+            with Session(DistributedSettings(device="cpu"), None, True, None) as session:
+                if where == "in a step":
+                    fails()
+                else:
+                    session.agree(fails, 0, "saving a checkpoint")
+        except errors.ClipkitError as exc:
+            message = str(exc)
+        assert "No space left on device" in message
+        assert held[0]() is None
+    finally:
+        gc.enable()

@@ -74,8 +74,15 @@ class Session:
 
     def __exit__(self, kind, exc, tb) -> bool:
         try:
-            if exc is not None:
-                self._fail(exc)
+            error = self._explained(exc) if exc is not None else None
+            if error is not None:
+                # no local may name the error as it leaves: its traceback holds this frame, and the cycle
+                # would keep the failed run (its data loader workers too) alive until a garbage collection,
+                # or to exit, where multiprocessing waits forever for workers that block SIGTERM
+                try:
+                    raise error
+                finally:
+                    del error
         finally:
             self.signals.uninstall()
             for close in self._closers:
@@ -85,8 +92,8 @@ class Session:
                 self._restore_logging()
         return False
 
-    def _fail(self, exc: BaseException) -> None:
-        """Turn a failure into one clear :class:`ClipkitError` (raised from here), or let it pass."""
+    def _explained(self, exc: BaseException) -> Optional[ClipkitError]:
+        """A failure as one clear :class:`ClipkitError`, logged; ``None`` to let it pass as it is."""
         env = self.env
         if isinstance(exc, distributed.Interrupted):
             exc = self._interrupted(exc.signum)
@@ -99,7 +106,7 @@ class Session:
         elif isinstance(exc, OSError):
             exc = self.write_error(None, exc)
         if not isinstance(exc, ClipkitError):
-            return
+            return None
         stopped = isinstance(exc, RunStopped)
         logging_on = self._restore_logging is not None
         if logging_on and (env.main or not stopped):
@@ -107,7 +114,7 @@ class Session:
             (logger.warning if stopped else logger.error)("%s", exc)
         # a stopped run says so once, on process 0; the others end with the same exit code
         exc.logged = logging_on
-        raise exc
+        return exc
 
     def latest(self) -> Optional[Path]:
         from .checkpointer import find_latest
@@ -188,7 +195,11 @@ class Session:
             failure = exc
         if distributed.all_agree(failure is not None, self.env):
             when = f"epoch {epoch + 1}: " if epoch is not None else ""
-            raise failure or TrainingError(f"{when}another process failed while {what}; see its log")
+            error, failure = failure or TrainingError(f"{when}another process failed while {what}; see its log"), None
+            try:  # naming no error in this frame as it leaves (see __exit__)
+                raise error
+            finally:
+                del error
         return result
 
     def on_main(self, decide: Callable[[], Optional[Path]]) -> Optional[Path]:
