@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import clipkit
-from clipkit.errors import ArgsError, ContractError
+from clipkit.errors import ArgsError, ContractError, DataError
 from clipkit.plugin import DataSource
 from clipkit.testing import Case, contract_cases
 from clipkit.train import data_sources, main
@@ -166,6 +166,21 @@ def test_folders_are_the_class_folder_source_and_cannot_be_training_data(tmp_pat
                                         "synthetic --train-num-samples N"):
         parse_args(["--model", "m", "--train-data", "synthetic"])
     assert data_sources.choices()[0] == "auto"
+
+
+def test_evaluation_data_must_carry_what_its_evaluation_reads(tmp_path):
+    from clipkit.train.data import data_source
+    from clipkit.train.settings import DataSettings
+
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "pairs.csv").write_text("filepath\ttitle\n")
+    with pytest.raises(DataError, match=f"--val-data '{tmp_path}': data source 'folder' gives samples without "
+                                        f"captions"):
+        data_source(str(tmp_path), "auto", DataSettings(), flag="--val-data")
+    with pytest.raises(DataError, match="--zeroshot-data '.*pairs.csv': data source 'csv' gives samples without "
+                                        "class labels, which zero-shot evaluation needs"):
+        data_source(str(tmp_path / "pairs.csv"), "auto", DataSettings(), flag="--zeroshot-data", label=True)
+    assert data_source(str(tmp_path), "auto", DataSettings(), flag="--zeroshot-data", label=True).classes == ["cat"]
 
 
 def test_every_builtin_and_plugin_source_has_its_contract_cases(pairs_plugin):

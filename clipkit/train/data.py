@@ -521,6 +521,10 @@ def data_source(spec: Optional[str], dataset_type: str, data: Any, *, flag: str,
     ``dataset_type`` (``auto``: the one ``spec`` selects by what the registrations declare); ``data`` is the
     data settings the source may read."""
     entry = data_sources.resolve(spec, dataset_type, flag)
+    needs = "label" if label else "text"
+    if needs not in data_sources.yields(entry):
+        what = "class labels, which zero-shot evaluation needs" if label else "captions, which it needs"
+        raise DataError(f"{flag} {spec!r}: data source {entry.name!r} gives samples without {what}")
     return data_sources.build(entry, spec or "", DataSourceContext.of(data, flag=flag, label=label, train=train,
                                                                       seed=seed, image_size=image_size))
 
