@@ -120,12 +120,13 @@ def _tokenizer(model: Any, cache_dir: Optional[str], built: nn.Module) -> Callab
     name = model.hf_tokenizer_name
     if not name:
         return get_tokenizer(model.model, cache_dir=cache_dir, trust_remote_code=model.trust_remote_code)
+    from ..kinds import TOKENIZER
     from ..registry import registry
 
     text_cfg = dict(built.model_config.raw.get("text_cfg", {}), hf_tokenizer_name=name)
     kwargs = {"cache_dir": cache_dir} if cache_dir else {}
     with caller_trust(model.trust_remote_code):
-        tokenizer = registry.get("tokenizer", "hf").load()(text_cfg, built.context_length, **kwargs)
+        tokenizer = registry.get(TOKENIZER, "hf").load()(text_cfg, built.context_length, **kwargs)
     _check_special_ids(f"--hf-tokenizer-name {name}", built.model_config, tokenizer)
     vocab = getattr(tokenizer, "vocab_size", None)
     if vocab is not None and vocab > built.vocab_size:
