@@ -32,6 +32,7 @@ TMP_PREFIX = ".tmp-"
 LATEST_DIR = "epoch_latest"
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
 EXTRAS = "clipkit.pt"
+OBJECTIVE_STATE = "objective"  # the checkpoint key of a stateful objective's state_dict
 _OLD = ".old-"
 
 
@@ -489,7 +490,7 @@ class Checkpointer:
             payload["scaler"] = self.scaler.state_dict()
         objective_state = self.objective.state_dict() if self.objective is not None else {}
         if objective_state:  # process 0's: an objective whose state differs between processes gathers it itself
-            payload["objective"] = objective_state
+            payload[OBJECTIVE_STATE] = objective_state
         config = getattr(self.model, "model_config", None)
         if config is not None:
             from .._provenance import PROVENANCE_KEY, parts_provenance
@@ -637,7 +638,7 @@ class Checkpointer:
         if self.scaler is not None and "scaler" in data:
             self.scaler.load_state_dict(data["scaler"])
         if self.objective is not None:  # a stateless objective refuses another objective's state
-            self.objective.load_state_dict(data.get("objective", {}))
+            self.objective.load_state_dict(data.get(OBJECTIVE_STATE, {}))
         epoch = int(data.get("epoch", 0))
         step = int(extra.get("step", epoch * steps_per_epoch))
         mine = extra
