@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .hookspecs import hookimpl
 
 if TYPE_CHECKING:  # the lazy names below, as type checkers and IDEs should see them
-    from .checkpoint import load_checkpoint
+    from .weights import load_checkpoint
     from .config import add_model_config, get_model_config, list_models, validate_model_config
     from .errors import ClipkitError, ConfigError, PluginError
     from .export import save_pretrained
@@ -49,7 +49,7 @@ _LAZY = {
     "SIMPLE_IMAGENET_TEMPLATES": "clipkit.zero_shot_metadata",
     "get_model_preprocess_cfg": "clipkit.factory",
     "set_model_preprocess_cfg": "clipkit.factory",
-    "load_checkpoint": "clipkit.checkpoint",
+    "load_checkpoint": "clipkit.weights",
     "save_pretrained": "clipkit.export",
     "list_pretrained": "clipkit.pretrained",
     "list_pretrained_tags_by_model": "clipkit.pretrained",

@@ -199,13 +199,13 @@ def create_model(
                             pretrained_image=pretrained_image and tower_weights and not on_meta,
                             pretrained_text=pretrained_text and tower_weights and not on_meta, cache_dir=cache_dir)
     if checkpoint is not None:
-        from .checkpoint import load_checkpoint
+        from .weights import load_checkpoint
 
         load_checkpoint(model, checkpoint, strict=True)
         logger.info("loaded %s weights from %s", model_name, checkpoint)
     for path, tower in ((pretrained_image_path, model.visual), (pretrained_text_path, model.text)):
         if path:
-            from .checkpoint import load_tower_weights
+            from .weights import load_tower_weights
 
             load_tower_weights(tower, path)
     if require_pretrained and checkpoint is None:

@@ -275,6 +275,10 @@ def test_no_doc_template_or_plugin_imports_private_modules():
      lambda: kinds.spec(kinds.VISION_TOWER).contracts),
     ("clipkit.testing", "TOKENIZER_CONTRACTS", "clipkit.kinds.spec('tokenizer').contracts",
      lambda: ("token-ids", "special-ids")),
+    ("clipkit.checkpoint", "load_checkpoint", "clipkit.weights.load_checkpoint",
+     lambda: importlib.import_module("clipkit.weights").load_checkpoint),
+    ("clipkit.checkpoint", "read_state_dict", "clipkit.weights.read_state_dict",
+     lambda: importlib.import_module("clipkit.weights").read_state_dict),
 ])
 def test_moved_names_still_import_with_a_warning_naming_the_new_place(module, name, new, expected):
     with pytest.warns(DeprecationWarning, match=re.escape(new)):

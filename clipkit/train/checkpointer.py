@@ -1,7 +1,7 @@
 """Training checkpoints: atomic writes, finding the newest complete one, which one a run resumes from,
 and the :class:`Checkpointer` that saves a run and restores it (``.pt`` files and ``--fsdp`` folders).
 
-Not to be confused with :mod:`clipkit.checkpoint`, which loads weights into a model (``pretrained=``).
+Not to be confused with :mod:`clipkit.weights`, which loads weights into a model (``pretrained=``).
 
 A checkpoint is OpenCLIP's dict (``epoch`` = completed epochs, ``name``, ``state_dict``, ``optimizer``,
 ``scaler``) plus ``clipkit``: the optimizer step, the epoch's data position, generator states and the
@@ -90,7 +90,7 @@ def _copy_file(src: Path, dst: Path) -> None:
 
 def read(path: Path, mmap: bool = False) -> Dict[str, Any]:
     """A checkpoint dict, loaded safely (``weights_only``); ``mmap`` reads metadata without the tensors."""
-    from ..checkpoint import unreadable
+    from ..weights import unreadable
 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

@@ -62,7 +62,7 @@ class SingleProcess:
 
     def load_whole(self, model: nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
         """A whole ``state_dict`` (a ``.pt`` checkpoint's) into the model."""
-        from ..checkpoint import load_state_dict
+        from ..weights import load_state_dict
 
         load_state_dict(model, state, strict=True, source=where)
 
@@ -163,7 +163,7 @@ class FullySharded(SingleProcess):
         # every process reads the whole file and keeps its shards
         from torch.distributed.tensor import DTensor, distribute_tensor
 
-        from ..checkpoint import check_values
+        from ..weights import check_values
 
         current = model.state_dict()
         missing = sorted(set(current) - set(state))
