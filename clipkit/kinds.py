@@ -29,11 +29,12 @@ from . import hookspecs
 from .train import data_sources as _data_sources
 from .train import objectives as _objectives
 from .train import report as _report
+from . import exporters as _exporters
 
 #: The name of a kind of part. Every :class:`KindSpec` of :data:`KINDS` has one of these names
 #: (``tests/test_kinds.py`` holds the two together).
 Kind = Literal["vision_tower", "text_tower", "pooler", "tokenizer", "freezer", "model_config", "objective",
-               "reporter", "data_source"]
+               "reporter", "data_source", "exporter"]
 
 VISION_TOWER: Kind = "vision_tower"
 TEXT_TOWER: Kind = "text_tower"
@@ -44,6 +45,7 @@ MODEL_CONFIG: Kind = "model_config"
 OBJECTIVE: Kind = "objective"
 REPORTER: Kind = "reporter"
 DATA_SOURCE: Kind = "data_source"
+EXPORTER: Kind = "exporter"
 
 
 @dataclass(frozen=True)
@@ -291,3 +293,11 @@ declare(KindSpec(
     scaffold=Scaffold("a data source (image-caption pairs from a JSON Lines file)",
                       "A data source for clipkit-train: image-caption pairs listed in JSON Lines files "
                       "(--dataset-type $name)", "source")))
+declare(KindSpec(
+    EXPORTER, "exporter", "register_exporters", "export format",
+    "Register formats for ``clipkit export --format NAME``: ``register(name, factory: ExporterFactory)``.\n\n"
+    "``factory()`` returns an object with ``supports(model) -> None | reason`` (whether this format can "
+    "express the model: a plugin declares that its tower exports by accepting it here) and "
+    "``export(model, out) -> report lines``, which writes the folder ``out`` and checks it.",
+    protocol=_exporters.ExporterFactory, contracts=("builds", "supports"),
+    checks="clipkit.exporters.checks:EXPORTER_CHECKS"))
