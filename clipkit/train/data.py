@@ -261,8 +261,6 @@ def _decode(raw: Dict[str, Any], needs: str, counts: Dict[str, int], *, max_pixe
     ``draft_side``) against ``max_pixels`` before anything is decoded; captions are cut to ``caption_chars``.
     Whatever a sample's bytes make the decoders raise is counted against the sample.
     """
-    from PIL import Image
-
     def skip(kind: str):
         counts[kind] = counts.get(kind, 0) + 1
         return None
@@ -290,7 +288,21 @@ def _decode(raw: Dict[str, Any], needs: str, counts: Dict[str, int], *, max_pixe
             target = int(target.decode("utf-8") if isinstance(target, bytes) else target)
         except Exception:
             return skip("missing_label")
-    image = raw["image"]
+    image = decode_image(raw["image"], counts, max_pixels=max_pixels, draft_side=draft_side)
+    return None if image is None else (image, target, raw["__key__"])
+
+
+def decode_image(image: Any, counts: Dict[str, int], *, max_pixels: int, draft_side: Optional[int] = None):
+    """A PIL RGB image from a sample's image (bytes, a PIL image, ``None`` or :data:`shards.TOO_LARGE`), or
+    ``None`` after counting why it is unusable (the kinds of :data:`SKIP_KINDS`); see :func:`_decode`."""
+    from PIL import Image
+
+    def skip(kind: str):
+        counts[kind] = counts.get(kind, 0) + 1
+        return None
+
+    if image is wds.TOO_LARGE:
+        return skip("too_large")
     if image is None:
         return skip("missing_image")
     if isinstance(image, bytes):
@@ -307,7 +319,7 @@ def _decode(raw: Dict[str, Any], needs: str, counts: Dict[str, int], *, max_pixe
             return skip("too_large")
         except Exception:  # PIL's parsers raise far more than OSError on crafted bytes
             return skip("bad_image")
-    return image.convert("RGB") if image.mode != "RGB" else image, target, raw["__key__"]
+    return image.convert("RGB") if image.mode != "RGB" else image
 
 
 def _formats() -> List[str]:
