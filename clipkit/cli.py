@@ -328,7 +328,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write into a folder that is not empty (same-named files are replaced, others kept)")
     p.set_defaults(func=_cmd_data_digits)
     data.set_defaults(func=lambda a: _missing_action(data))
+
+    p = sub.add_parser("export", help="write a model for another runtime (ONNX, transformers), checked after writing",
+                       epilog="Formats: onnx (image_encoder.onnx + text_encoder.onnx, dynamic batch, compared with\n"
+                              "onnxruntime), hf (a transformers CLIPModel folder, loaded back and compared), and any\n"
+                              "a plugin registers (clipkit plugins). docs/inference.md has the details.\n\nexamples:\n"
+                              "  clipkit export ViT-B-32 --pretrained laion2b_s34b_b79k --format onnx --out vit-b-32-onnx\n"
+                              "  clipkit export my.json --pretrained logs/run/checkpoints/epoch_5.pt --format hf --out my-hf",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model name, local-dir:/hf-hub: name, or a .json config file")
+    p.add_argument("--pretrained", metavar="W", help="weights: a pretrained tag, a file, or a training checkpoint")
+    p.add_argument("--format", required=True, type=_export_format, metavar="FORMAT",
+                   help="a registered export format: onnx, hf, or one a plugin adds")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (new or empty)")
+    p.set_defaults(func=_cmd_export)
     return parser
+
+
+def _export_format(text: str) -> str:
+    # checked here rather than with choices=: the registry loads only when an export is asked for
+    from .exporters import formats
+
+    registered = formats()
+    if text not in registered:
+        raise argparse.ArgumentTypeError(f"unknown format {text!r} (choose from {', '.join(registered)})")
+    return text
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .errors import ClipkitError
+    from .exporters import export_model
+
+    try:
+        lines = export_model(args.model, args.format, Path(args.out), pretrained=args.pretrained)
+    except ClipkitError as exc:
+        print(f"clipkit export: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    for line in lines:
+        print(line)
+    return EXIT_OK
 
 
 def _cmd_data_digits(args: argparse.Namespace) -> int:
