@@ -2,6 +2,7 @@
 checked with onnxruntime against the torch model right after it is written."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -65,7 +66,9 @@ class OnnxExporter:
             path = out / f"{name}_encoder.onnx"
             encoder = _Encoder(model, image).eval()
             try:
-                with torch.no_grad():
+                with torch.no_grad(), warnings.catch_warnings():
+                    # the exporter warns about every gather by index (argmax pooling): nothing the user can act on
+                    warnings.simplefilter("ignore", UserWarning)
                     torch.onnx.export(encoder, (make(2),), str(path), input_names=[name], output_names=["features"],
                                       dynamic_axes={name: {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
                                       dynamo=False)
