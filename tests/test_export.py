@@ -74,6 +74,14 @@ def test_a_missing_onnxruntime_is_one_line_naming_the_extra(tmp_path, monkeypatc
                    "pip install clipkit-torch[export]\n")
 
 
+def test_a_missing_transformers_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):
+    config, _ = _model(tmp_path, text_cfg__vocab_size=49408)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert main(["export", config, "--format", "hf", "--out", str(tmp_path / "hf")]) == 1
+    assert capsys.readouterr().err == ("clipkit export: --format hf needs the package 'transformers': "
+                                       "pip install clipkit-torch[hf]\n")
+
+
 @pytest.mark.parametrize("quick_gelu", [False, True])
 def test_hf_export_loads_offline_in_transformers_with_clipkits_features(tmp_path, monkeypatch, capsys, quick_gelu):
     import transformers
