@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # the lazy names below, as type checkers and IDEs should see 
     from .weights import load_checkpoint
     from .config import add_model_config, get_model_config, list_models, validate_model_config
     from .errors import ClipkitError, ConfigError, PluginError
+    from .embed import embed_images, embed_texts
     from .export import save_pretrained
     from .factory import (create_model, create_model_and_transforms, create_model_from_pretrained,
                           get_model_preprocess_cfg, set_model_preprocess_cfg)
@@ -51,6 +52,8 @@ _LAZY = {
     "set_model_preprocess_cfg": "clipkit.factory",
     "load_checkpoint": "clipkit.weights",
     "save_pretrained": "clipkit.export",
+    "embed_images": "clipkit.embed",
+    "embed_texts": "clipkit.embed",
     "list_pretrained": "clipkit.pretrained",
     "list_pretrained_tags_by_model": "clipkit.pretrained",
     "list_pretrained_models_by_tag": "clipkit.pretrained",

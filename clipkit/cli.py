@@ -225,6 +225,8 @@ EPILOG = """examples:
   clipkit trainable ViT-B-32 --lock-text --lock-text-unlocked-layers 2
                                         what a lock leaves trainable, before a long run
   clipkit data digits data/digits       the demo dataset as WebDataset shards (then see clipkit-train)
+  clipkit embed MODEL --pretrained W --images photos/ --out emb/
+                                        embeddings.npy + ids.txt of a folder, shards or CSV (or --texts FILE)
 """
 
 
@@ -314,6 +316,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_trainable)
 
+    p = sub.add_parser("embed", help="embed images or texts into embeddings.npy + ids.txt (resumable)",
+                       epilog="Writes OUT/embeddings.npy (float32 [N, D], L2-normalised unless --raw), OUT/ids.txt (one\n"
+                              "id a line, same order) and OUT/meta.json. Rerunning an interrupted command continues where\n"
+                              "it stopped, with the same result. Unreadable images are skipped and counted in meta.json.\n"
+                              "Formats and the Python API: docs/inference.md.\n\nexamples:\n"
+                              "  clipkit embed ViT-B-32 --pretrained laion2b_s34b_b79k --images photos/ --out photos-emb\n"
+                              "  clipkit embed my.json --pretrained logs/run/checkpoints/epoch_5.pt \\\n"
+                              "      --images 'shards/{00000..00009}.tar' --out emb --workers 8 --device cuda\n"
+                              "  clipkit embed ViT-B-32 --pretrained laion2b_s34b_b79k --texts captions.jsonl --out text-emb",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model name, local-dir:/hf-hub: name, or a .json config file")
+    p.add_argument("--pretrained", metavar="W", help="weights: a pretrained tag, a file, or a training checkpoint")
+    p.add_argument("--images", metavar="SRC", help="an image folder (recursive; ids: relative paths), WebDataset "
+                                                   "shards 'dir/{00000..00009}.tar' (ids: SHARD:KEY) or a .csv/.tsv")
+    p.add_argument("--texts", metavar="FILE", help=".txt (a text a line), .jsonl (field --text-key) or .csv/.tsv "
+                                                   "(column --csv-caption-key); ids: line numbers or --id-key")
+    p.add_argument("--out", required=True, metavar="OUT", help="folder to write (new, or an interrupted run's)")
+    p.add_argument("--raw", action="store_true", help="write the embeddings as the model gives them, not L2-normalised")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="inputs per forward pass (default: 64)")
+    p.add_argument("--workers", type=_nonnegative_int, default=4,
+                   help="image decoding processes; 0 decodes in this one (default: 4)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "amp"),
+                   help="fp16/bf16 weights as clipkit-train's --precision, or amp autocast (default: fp32)")
+    p.add_argument("--chunk-size", type=_positive_int, default=1024,
+                   help="inputs per resumable part (a shard is always one part; default: 1024)")
+    p.add_argument("--csv-img-key", default="filepath", help="image path column of a CSV (default: filepath)")
+    p.add_argument("--csv-caption-key", default="title", help="text column of a --texts CSV (default: title)")
+    p.add_argument("--csv-separator", default="\t", help="CSV column separator (default: tab)")
+    p.add_argument("--text-key", default="text", help="text field of a --texts .jsonl (default: text)")
+    p.add_argument("--id-key", help="id field (.jsonl) or column (CSV) of --texts (default: line numbers)")
+    p.add_argument("--force", action="store_true", help="start over in an OUT that holds another run or other files")
+    p.set_defaults(func=_cmd_embed)
+
     data = sub.add_parser("data", help="write demo datasets as WebDataset shards",
                           epilog="example:\n  clipkit data digits data/digits",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -367,6 +403,46 @@ def _cmd_export(args: argparse.Namespace) -> int:
     for line in lines:
         print(line)
     return EXIT_OK
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from .embed import run_embed
+    from .errors import ClipkitError
+
+    if (args.images is None) == (args.texts is None):
+        print("clipkit embed: give exactly one of --images SRC and --texts FILE", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        meta = run_embed(args.model, args.out, pretrained=args.pretrained, images=args.images, texts=args.texts,
+                         batch_size=args.batch_size, workers=args.workers, device=args.device,
+                         precision=args.precision, normalize=not args.raw, chunk_size=args.chunk_size,
+                         csv_img_key=args.csv_img_key, csv_text_key=args.csv_caption_key,
+                         csv_separator=args.csv_separator, text_key=args.text_key, id_key=args.id_key,
+                         force=args.force, progress=sys.stderr.isatty())
+    except ClipkitError as exc:
+        print(f"clipkit embed: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as exc:  # a full disk, no permission
+        print(f"clipkit embed: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if meta is None:
+        print(f"{args.out}: already holds this run's embeddings; nothing to do")
+        return EXIT_OK
+    skipped = sum(meta["skipped"].values())
+    print(f"wrote {meta['count']} embeddings of dimension {meta['dim']} to {args.out}"
+          + (f" ({skipped} input(s) skipped: {', '.join(f'{k} {n}' for k, n in meta['skipped'].items())})"
+             if skipped else ""))
+    return EXIT_OK
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
+    return value
 
 
 def _cmd_data_digits(args: argparse.Namespace) -> int:
