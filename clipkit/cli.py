@@ -422,6 +422,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     except ClipkitError as exc:
         print(f"clipkit embed: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    except KeyboardInterrupt:
+        print("clipkit embed: interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        return 130  # as a shell reports a command stopped by SIGINT (128 + 2)
     except OSError as exc:  # a full disk, no permission
         print(f"clipkit embed: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_INVALID

@@ -225,7 +225,7 @@ def _sum_counts(all_counts) -> Dict[str, int]:
 
 def _log_skipped(skipped: Dict[str, int], where: str) -> None:
     if skipped:
-        logger.warning("%s: skipped %d unreadable input(s): %s", where, sum(skipped.values()),
+        logger.warning("%s: skipped %d input(s) that cannot be used: %s", where, sum(skipped.values()),
                        ", ".join(f"{kind} {n}" for kind, n in skipped.items()))
 
 
@@ -400,6 +400,18 @@ def _prepare(out: Path, run: Dict[str, Any], force: bool) -> Optional[Dict[str, 
     return {}
 
 
+def _recorded(out: Path, done: Any, total_chunks: int) -> Dict[str, Dict[str, Any]]:
+    """The finished chunks of a progress record whose part files are there; an entry that is not what this
+    code writes (a record edited by hand) only means that chunk is computed again."""
+    kept: Dict[str, Dict[str, Any]] = {}
+    for chunk in range(total_chunks):
+        entry = done.get(str(chunk)) if isinstance(done, dict) else None
+        if (isinstance(entry, dict) and isinstance(entry.get("count"), int) and isinstance(entry.get("skipped"), dict)
+                and all(path.is_file() for path in _part(out, chunk))):
+            kept[str(chunk)] = entry
+    return kept
+
+
 def embed_to_folder(out: Union[str, os.PathLike], run: Dict[str, Any], total_chunks: int,
                     compute: Callable[[List[int]], Iterator[ChunkResult]], *, dim: int, force: bool = False,
                     on_start: Optional[Callable[[List[int]], None]] = None) -> Optional[Dict[str, Any]]:
@@ -415,8 +427,8 @@ def embed_to_folder(out: Union[str, os.PathLike], run: Dict[str, Any], total_chu
     if progress is None:
         return None
     (out / PARTS).mkdir(parents=True, exist_ok=True)
-    done: Dict[str, Dict[str, Any]] = dict(progress.get("done", {}))
-    todo = [c for c in range(total_chunks) if str(c) not in done or not _part(out, c)[0].is_file()]
+    done = _recorded(out, progress.get("done"), total_chunks)
+    todo = [c for c in range(total_chunks) if str(c) not in done]
     if on_start is not None:
         on_start(todo)
     if todo:

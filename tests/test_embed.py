@@ -101,6 +101,17 @@ def test_embed_images_shards_and_csv(tiny, tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_embed_precision(tiny, photos):
+    _, model, preprocess = tiny
+    full, ids, _ = clipkit.embed_images(model, preprocess, photos, batch_size=4)
+    autocast, autocast_ids, _ = clipkit.embed_images(model, preprocess, photos, batch_size=4, precision="amp")
+    assert autocast_ids == ids and autocast.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(autocast, axis=1), 1.0, rtol=1e-5)  # normalised in fp32
+    assert 0 < np.abs(autocast - full).max() < 0.05  # bf16 autocast on the CPU: close, not equal
+    with pytest.raises(clipkit.ClipkitError, match="precision must be one of fp32, bf16, fp16, amp, got 'fp64'"):
+        clipkit.embed_images(model, preprocess, photos, precision="fp64")
+
+
 def test_embed_texts_and_text_files(tiny, tmp_path):
     _, model, _ = tiny
     tokenizer = clipkit.get_tokenizer(tiny[0])
@@ -152,7 +163,7 @@ def test_cli_resume_after_sigkill_gives_identical_files(tiny, tmp_path):
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "wrote 15 embeddings of dimension 32" in done.stdout and "bad_image 1" in done.stdout
-    assert "skipped 1 unreadable input(s): bad_image 1" in done.stderr  # the log line
+    assert "skipped 1 input(s) that cannot be used: bad_image 1" in done.stderr  # the log line
     meta = json.loads((whole / "meta.json").read_text())
     assert (meta["count"], meta["dim"], meta["normalized"], meta["skipped"]) == (15, 32, True, {"bad_image": 1})
     assert meta["model"] == model_path and meta["pretrained"] == str(weights)
@@ -169,7 +180,13 @@ def test_cli_resume_after_sigkill_gives_identical_files(tiny, tmp_path):
     # resumed, and killed again after recording three more chunks
     killed = _run_killed([*common, "--out", str(out), "--workers", "0"], "_write_json", 3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert len(json.loads((out / "progress.json").read_text())["done"]) == 5  # continued, not started over
+    progress = json.loads((out / "progress.json").read_text())
+    assert len(progress["done"]) == 5  # continued, not started over
+    # a recorded chunk whose part file is gone, and an entry that is not what clipkit writes: both redone
+    first, second = sorted(progress["done"], key=int)[:2]
+    (out / "parts" / f"{int(first):06d}.npy").unlink()
+    progress["done"][second] = "garbage"
+    (out / "progress.json").write_text(json.dumps(progress))
     assert cli_main(["embed", *common, "--out", str(out), "--workers", "0"]) == 0
     assert _files(out) == _files(whole)
     assert sorted(p.name for p in out.iterdir()) == ["embeddings.npy", "ids.txt", "meta.json"]
