@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Union
 
 from . import kinds
-from .config import HF_CONFIG_NAME, ModelConfig, infer_part
+from .config import HF_CONFIG_NAME, ModelConfig, infer_part, load_json
 from .errors import ClipkitError, ConfigError, Problem
 from .registry import BUILTIN_DIST, registry
 
@@ -133,15 +132,19 @@ def checkpoint_parts(path: Union[str, Path, None]) -> Any:
     path = Path(path).expanduser()
     try:
         if (path / HF_CONFIG_NAME).is_file():
-            return json.loads((path / HF_CONFIG_NAME).read_text(encoding="utf-8")).get(PROVENANCE_KEY)
+            return load_json(path / HF_CONFIG_NAME).get(PROVENANCE_KEY)  # bounded, like every config read
         if path.is_dir():
             from .train.checkpointer import read_extras
 
             return read_extras(path).get(PROVENANCE_KEY)
         if path.is_file() and path.suffix != ".safetensors":  # safetensors files hold tensors only
+            import warnings
+
             import torch
 
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with warnings.catch_warnings():  # a TorchScript archive: torch says so, then weights_only refuses it
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return data.get(PROVENANCE_KEY) if isinstance(data, dict) else None
     except Exception:  # noqa: BLE001 - the record only improves a message; the loader reports the file
         return None
