@@ -225,6 +225,8 @@ EPILOG = """examples:
   clipkit trainable ViT-B-32 --lock-text --lock-text-unlocked-layers 2
                                         what a lock leaves trainable, before a long run
   clipkit data digits data/digits       the demo dataset as WebDataset shards (then see clipkit-train)
+  clipkit eval MODEL --pretrained W --task zeroshot --data val/
+                                        zero-shot top-1/top-5 (or --task retrieval: recall@k)
   clipkit embed MODEL --pretrained W --images photos/ --out emb/
                                         embeddings.npy + ids.txt of a folder, shards or CSV (or --texts FILE)
 """
@@ -350,6 +352,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="start over in an OUT that holds another run or other files")
     p.set_defaults(func=_cmd_embed)
 
+    p = sub.add_parser("eval", help="zero-shot classification or image-text retrieval metrics of a model",
+                       epilog="Metrics are the trainer's (same loaders, classifier and code). --out appends one JSON\n"
+                              "line per run: model, pretrained, task, data, metrics, counts. Data formats,\n"
+                              "templates and keys: docs/inference.md.\n\nexamples:\n"
+                              "  clipkit eval ViT-B-32 --pretrained laion2b_s34b_b79k --task zeroshot --data val/ \\\n"
+                              "      --templates templates.txt --out results.jsonl\n"
+                              "  clipkit eval my.json --pretrained logs/run/checkpoints/epoch_5.pt --task retrieval "
+                              "--data 'val/{00000..00003}.tar'",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model name, local-dir:/hf-hub: name, or a .json config file")
+    p.add_argument("--pretrained", metavar="W", help="weights: a pretrained tag, a file, or a training checkpoint")
+    p.add_argument("--task", required=True, choices=("zeroshot", "retrieval"), help="what to measure")
+    p.add_argument("--data", required=True, metavar="SRC",
+                   help="zeroshot: a folder of class sub-folders or shards with 'cls'; retrieval: shards with "
+                        "'txt' or a CSV (filepath, title; tab-separated)")
+    p.add_argument("--classnames", metavar="FILE", help="class names in label order: a JSON list or one per line "
+                                                        "(default: a folder's sub-folder names)")
+    p.add_argument("--templates", metavar="FILE", help="prompt templates with {} or {c}: a JSON list or one per line "
+                                                       "(default: 'a photo of a {}.')")
+    p.add_argument("--out", metavar="FILE", help="append the result as one JSON line to FILE")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--workers", type=int, default=4, help="data loader processes; 0 loads in this one (default: 4)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp_bf16", "bf16", "fp16"),
+                   help="as clipkit-train's --precision (default: fp32)")
+    p.add_argument("--cache-dir", metavar="DIR", help="where pretrained weights and tokenizers are cached")
+    p.set_defaults(func=_cmd_eval)
+
     data = sub.add_parser("data", help="write demo datasets as WebDataset shards",
                           epilog="example:\n  clipkit data digits data/digits",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -446,6 +476,23 @@ def _nonnegative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
     return value
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .errors import ClipkitError
+    from .evaluate import append_jsonl, evaluate, table
+
+    try:
+        result = evaluate(args.model, args.task, args.data, pretrained=args.pretrained, classnames=args.classnames,
+                          templates=args.templates, batch_size=args.batch_size, workers=args.workers,
+                          device=args.device, precision=args.precision, cache_dir=args.cache_dir)
+        if args.out:
+            append_jsonl(args.out, result)
+    except ClipkitError as exc:
+        print(f"clipkit eval: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(table(result))
+    return EXIT_OK
 
 
 def _cmd_data_digits(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,16 +42,16 @@ def _due(frequency: int, completed: int, final: bool) -> bool:
     return bool(frequency) and (completed % frequency == 0 or final)
 
 
-def retrieval(ctx: EvalContext, data: Any, spec: str) -> Dict[str, Any]:
-    """OpenCLIP's ``get_clip_metrics`` plus the sample-weighted ``clip_val_loss``; ``data``: the data settings."""
+def retrieval_metrics(ctx: EvalContext, batches: Iterable[Dict[str, Any]],
+                      num_samples: Optional[int] = None) -> Dict[str, Any]:
+    """OpenCLIP's ``get_clip_metrics`` plus the sample-weighted ``clip_val_loss`` and ``num_samples`` over
+    loader items with ``images`` and ``texts`` (stopping once ``num_samples`` are in); ``{}`` for none."""
     model = ctx.model
-    loader = eval_loader(spec, data, ctx.seed, ctx.preprocess, ctx.tokenizer, flag="--val-data",
-                         num_samples=data.val_num_samples)
     images: List[torch.Tensor] = []
     texts: List[torch.Tensor] = []
     total_loss, count = 0.0, 0
     with torch.no_grad():
-        for item in loader.epoch(0):
+        for item in batches:
             with ctx.autocast():
                 out = model(ctx.images(item["images"]), item["texts"].to(ctx.device))
             image, text = out["image_features"].float(), out["text_features"].float()
@@ -65,52 +65,109 @@ def retrieval(ctx: EvalContext, data: Any, spec: str) -> Dict[str, Any]:
             count += len(image)
             images.append(image.cpu())
             texts.append(text.cpu())
-            if data.val_num_samples and count >= data.val_num_samples:
+            if num_samples and count >= num_samples:
                 break
     if not count:
-        logger.warning("--val-data %s: no usable samples", spec)
         return {}
     metrics = clip_metrics(torch.cat(images), torch.cat(texts), scale.item())
     metrics.update(clip_val_loss=total_loss / count, num_samples=count)
+    return metrics
+
+
+def retrieval(ctx: EvalContext, data: Any, spec: str) -> Dict[str, Any]:
+    """:func:`retrieval_metrics` on ``spec`` (``--val-data``); ``data``: the data settings."""
+    loader = eval_loader(spec, data, ctx.seed, ctx.preprocess, ctx.tokenizer, flag="--val-data",
+                         num_samples=data.val_num_samples)
+    metrics = retrieval_metrics(ctx, loader.epoch(0), data.val_num_samples)
+    if not metrics:
+        logger.warning("--val-data %s: no usable samples", spec)
+        return {}
     skipped = loader.progress.skipped()
     if skipped:
         logger.warning("--val-data: skipped %s", ", ".join(f"{k} {v}" for k, v in skipped.items()))
     return metrics
 
 
+@dataclass
+class ZeroShotCounts:
+    """Per class: how many labelled images there were, and how many of them the classifier ranked first
+    (``top1``) or among its first five (``top5``)."""
+
+    samples: torch.Tensor
+    top1: torch.Tensor
+    top5: torch.Tensor
+
+    @property
+    def total(self) -> int:
+        return int(self.samples.sum())
+
+    def accuracy(self, hits: torch.Tensor) -> float:
+        return hits.sum().item() / self.total
+
+    def mean_per_class_recall(self) -> float:
+        """The mean over the classes that have images of each one's top-1 recall (scikit-learn's
+        ``balanced_accuracy_score``, as CLIP_benchmark reports it)."""
+        present = self.samples > 0
+        return (self.top1[present].double() / self.samples[present].double()).mean().item()
+
+
+def zero_shot_classifier(ctx: EvalContext, classnames: Sequence[str], templates: Sequence[Any]) -> torch.Tensor:
+    """The ``[embed_dim, classes]`` fp32 classifier; string templates may write the class as ``{}`` or ``{c}``."""
+    from ..zero_shot import build_zero_shot_classifier
+
+    templates = [t.replace("{c}", "{}") if isinstance(t, str) else t for t in templates]
+    with torch.no_grad(), ctx.autocast():
+        return build_zero_shot_classifier(ctx.model, ctx.tokenizer, list(classnames), templates,
+                                          num_classes_per_batch=10, device=ctx.device).float()
+
+
+def zero_shot_counts(ctx: EvalContext, batches: Iterable[Dict[str, Any]], classifier: torch.Tensor,
+                     where: str) -> ZeroShotCounts:
+    """Classify the images of loader items with ``images`` and ``labels``; a label with no column in
+    ``classifier`` is a :class:`DataError` naming ``where`` (flag and spec) and the sample."""
+    classes = classifier.shape[1]
+    counts = ZeroShotCounts(*(torch.zeros(classes, dtype=torch.long) for _ in range(3)))
+    k = min(5, classes)
+    with torch.no_grad():
+        for item in batches:
+            labels = item["labels"].to(ctx.device)
+            outside = (labels < 0) | (labels >= classes)
+            if outside.any():
+                i = int(outside.nonzero()[0])
+                raise DataError(f"{where}: sample {item['keys'][i]} has label {labels[i].item()}, but there "
+                                f"are {classes} classes (labels 0 to {classes - 1})")
+            with ctx.autocast():
+                image = ctx.model.encode_image(ctx.images(item["images"]), normalize=True)
+            logits = 100.0 * image.float() @ classifier
+            hits = (logits.topk(k, dim=1).indices == labels.view(-1, 1)).cpu()
+            labels = labels.cpu()
+            counts.samples += torch.bincount(labels, minlength=classes)
+            counts.top1 += torch.bincount(labels[hits[:, 0]], minlength=classes)
+            counts.top5 += torch.bincount(labels[hits.any(dim=1)], minlength=classes)
+    return counts
+
+
 def zero_shot(ctx: EvalContext, data: Any, spec: str, classnames: Sequence[str], templates: Sequence[str],
               prefix: str, flag: str) -> Dict[str, Any]:
     """Top-1/top-5 accuracy of the text-derived classifier over labelled images (from ``flag``)."""
-    from ..zero_shot import build_zero_shot_classifier
-
-    model = ctx.model
-    templates = [t.replace("{c}", "{}") if isinstance(t, str) else t for t in templates]
-    with torch.no_grad(), ctx.autocast():
-        classifier = build_zero_shot_classifier(model, ctx.tokenizer, list(classnames), templates,
-                                                num_classes_per_batch=10, device=ctx.device).float()
+    classifier = zero_shot_classifier(ctx, classnames, templates)
     loader = eval_loader(spec, data, ctx.seed, ctx.preprocess, None, flag=flag, label=True)
-    top1 = top5 = n = 0
-    with torch.no_grad():
-        for item in loader.epoch(0):
-            labels = item["labels"].to(ctx.device)
-            outside = (labels < 0) | (labels >= len(classnames))
-            if outside.any():
-                i = int(outside.nonzero()[0])
-                raise DataError(f"{flag} {spec}: sample {item['keys'][i]} has label {labels[i].item()}, but there "
-                                f"are {len(classnames)} classes (labels 0 to {len(classnames) - 1})")
-            with ctx.autocast():
-                image = model.encode_image(ctx.images(item["images"]), normalize=True)
-            logits = 100.0 * image.float() @ classifier
-            k = min(5, len(classnames))
-            best = logits.topk(k, dim=1).indices
-            hits = best == labels.view(-1, 1)
-            top1 += hits[:, 0].sum().item()
-            top5 += hits.any(dim=1).sum().item()
-            n += len(labels)
-    if not n:
+    counts = zero_shot_counts(ctx, loader.epoch(0), classifier, f"{flag} {spec}")
+    if not counts.total:
         logger.warning("%s: no usable labelled samples", spec)
         return {}
-    return {f"{prefix}top1": top1 / n, f"{prefix}top5": top5 / n}
+    return {f"{prefix}top1": counts.accuracy(counts.top1), f"{prefix}top5": counts.accuracy(counts.top5)}
+
+
+def class_names(spec: str, names_file: Optional[str], data: Any, flag: str, names_flag: str) -> List[str]:
+    """The class names of zero-shot data ``spec`` (given with ``flag``): read from ``names_file``, else the
+    data source's own (a folder's sub-folders, ``_`` read as a space); ``names_flag`` is named when neither."""
+    if names_file:
+        return read_list(names_file, "class names")
+    classes = data_source(spec, eval_type(spec, data), data, flag=flag, label=True).classes
+    if not classes:
+        raise DataError(f"{flag} {spec}: its data source does not name its classes; pass {names_flag}")
+    return [c.replace("_", " ") for c in classes]
 
 
 class Evaluator:
@@ -122,14 +179,8 @@ class Evaluator:
         self.data = data
 
     def _class_names(self) -> List[str]:
-        if self.data.zeroshot_classnames:
-            return read_list(self.data.zeroshot_classnames, "class names")
-        spec = self.data.zeroshot_data
-        classes = data_source(spec, eval_type(spec, self.data), self.data, flag="--zeroshot-data", label=True).classes
-        if not classes:
-            raise DataError(f"--zeroshot-data {spec}: its data source does not name its classes; pass "
-                            f"--zeroshot-classnames")
-        return [c.replace("_", " ") for c in classes]
+        return class_names(self.data.zeroshot_data, self.data.zeroshot_classnames, self.data,
+                           "--zeroshot-data", "--zeroshot-classnames")
 
     def _templates(self) -> List[str]:
         templates = self.data.zeroshot_templates
