@@ -26,6 +26,15 @@ from _train_support import base_args, run_inprocess, subprocess_env, synthetic_s
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 
 
+@pytest.fixture(autouse=True)
+def _interruptible():
+    """Ctrl-C reaches these tests as a terminal would send it, however pytest was started: a shell runs
+    background jobs (a CI script's) with SIGINT ignored, and children inherit that."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle")
