@@ -181,7 +181,8 @@ def _common_flags(args, logs: Path, model_name: str) -> List[str]:
     # both trainers pick Adam's beta2/eps by whether "vit" is in the model's name, and clipkit sees a
     # path where OpenCLIP sees a name: give both the values explicitly
     vit = "vit" in model_name.lower()
-    return ["--beta2", "0.98" if vit else "0.999", "--eps", "1e-6" if vit else "1e-8", "--dataset-type", "synthetic", "--train-num-samples", str(args.batch_size * args.steps),
+    return ["--beta2", "0.98" if vit else "0.999", "--eps", "1e-6" if vit else "1e-8",
+            "--dataset-type", "synthetic", "--train-num-samples", str(args.batch_size * args.steps),
             "--batch-size", str(args.batch_size), "--epochs", "1", "--workers", str(args.workers),
             "--precision", args.precision, "--device", args.device, "--seed", "0", "--lr", "5e-4",
             "--warmup", "1", "--log-every-n-steps", "1", "--logs", str(logs), "--name", "run"]

@@ -11,20 +11,36 @@ from typing import TYPE_CHECKING, Any
 from .hookspecs import hookimpl
 
 if TYPE_CHECKING:  # the lazy names below, as type checkers and IDEs should see them
-    from .weights import load_checkpoint
     from .config import add_model_config, get_model_config, list_models, validate_model_config
-    from .errors import ClipkitError, ConfigError, PluginError
     from .embed import embed_images, embed_texts
+    from .errors import ClipkitError, ConfigError, PluginError
     from .export import save_pretrained
-    from .factory import (create_model, create_model_and_transforms, create_model_from_pretrained,
-                          get_model_preprocess_cfg, set_model_preprocess_cfg)
+    from .factory import (
+        create_model,
+        create_model_and_transforms,
+        create_model_from_pretrained,
+        get_model_preprocess_cfg,
+        set_model_preprocess_cfg,
+    )
     from .model import ClipModel
-    from .pretrained import (get_pretrained_cfg, is_pretrained_cfg, list_pretrained, list_pretrained_models_by_tag,
-                             list_pretrained_tags_by_model)
+    from .pretrained import (
+        get_pretrained_cfg,
+        is_pretrained_cfg,
+        list_pretrained,
+        list_pretrained_models_by_tag,
+        list_pretrained_tags_by_model,
+    )
     from .registry import PluginWarning
     from .tokenizer import decode, get_tokenizer, tokenize
-    from .transforms import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, AugmentationCfg, PreprocessCfg,
-                             image_transform, image_transform_v2)
+    from .transforms import (
+        OPENAI_DATASET_MEAN,
+        OPENAI_DATASET_STD,
+        AugmentationCfg,
+        PreprocessCfg,
+        image_transform,
+        image_transform_v2,
+    )
+    from .weights import load_checkpoint
     from .zero_shot import build_zero_shot_classifier, build_zero_shot_classifier_legacy
     from .zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 

@@ -9,11 +9,25 @@ from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 from ._provenance import PROVENANCE_KEY, check_provenance
-from .config import HF_CONFIG_NAME, get_model_config, load_json, model_config_source, parse_model_name, \
-    read_hub_config, read_json_object, unknown_model_message
+from .config import (
+    HF_CONFIG_NAME,
+    get_model_config,
+    load_json,
+    model_config_source,
+    parse_model_name,
+    read_hub_config,
+    read_json_object,
+    unknown_model_message,
+)
 from .errors import ClipkitError, UnknownModelError
-from .pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, download_from_hub, download_pretrained, \
-    get_pretrained_cfg, list_pretrained_tags_by_model
+from .pretrained import (
+    HF_SAFE_WEIGHTS_NAME,
+    HF_WEIGHTS_NAME,
+    download_from_hub,
+    download_pretrained,
+    get_pretrained_cfg,
+    list_pretrained_tags_by_model,
+)
 
 logger = logging.getLogger("clipkit")
 

@@ -53,8 +53,14 @@ def _load_target(target: str) -> tuple:
     ``local-dir:`` folders are read; ``hf-hub:`` repos only from the local huggingface_hub cache.
     """
     from ._provenance import PROVENANCE_KEY
-    from .config import HF_CONFIG_NAME, get_model_config, model_config_source, parse_model_name, read_hub_config, \
-        unknown_model_message
+    from .config import (
+        HF_CONFIG_NAME,
+        get_model_config,
+        model_config_source,
+        parse_model_name,
+        read_hub_config,
+        unknown_model_message,
+    )
     from .errors import ClipkitError
 
     try:

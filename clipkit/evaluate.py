@@ -68,8 +68,7 @@ def evaluate(model: str, task: str, data: str, *, pretrained: Optional[str] = No
     from .tokenizer import get_tokenizer
     from .train.build import Precision
     from .train.data import eval_loader, read_list
-    from .train.evaluate import (EvalContext, class_names, retrieval_metrics, zero_shot_classifier,
-                                 zero_shot_counts)
+    from .train.evaluate import EvalContext, class_names, retrieval_metrics, zero_shot_classifier, zero_shot_counts
     from .train.settings import DataSettings
 
     settings = DataSettings(batch_size=batch_size, workers=workers, cache_dir=cache_dir)

@@ -10,8 +10,8 @@ from torch import nn
 
 from ._provenance import PROVENANCE_KEY, parts_provenance
 from .config import HF_CONFIG_NAME, infer_text_type, infer_tokenizer, infer_vision_type
-from .kinds import TOKENIZER, spec
 from .errors import ClipkitError
+from .kinds import TOKENIZER, spec
 from .pretrained import HF_SAFE_WEIGHTS_NAME
 
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")

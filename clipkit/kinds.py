@@ -24,12 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterator, List, Literal, Optional, Tuple
 
+from . import exporters as _exporters
 from . import hookspecs
+
 # the trainer's kinds' protocols live beside the trainer code that calls them (these modules are torch-free)
 from .train import data_sources as _data_sources
 from .train import objectives as _objectives
 from .train import report as _report
-from . import exporters as _exporters
 
 #: The name of a kind of part. Every :class:`KindSpec` of :data:`KINDS` has one of these names
 #: (``tests/test_kinds.py`` holds the two together).

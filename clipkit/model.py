@@ -55,7 +55,8 @@ class ClipModel(nn.Module):
 
     def get_logits(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(image_logits [N_img, N_txt], text_logits [N_txt, N_img])``, scaled and biased."""
-        image_logits = self.logit_scale.exp() * self.encode_image(image, normalize=True) @ self.encode_text(text, normalize=True).T
+        image_features = self.encode_image(image, normalize=True)
+        image_logits = self.logit_scale.exp() * image_features @ self.encode_text(text, normalize=True).T
         if self.logit_bias is not None:
             image_logits = image_logits + self.logit_bias
         return image_logits, image_logits.T

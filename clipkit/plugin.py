@@ -22,12 +22,40 @@ from __future__ import annotations
 
 from ._provenance import PROVENANCE_KEY, check_provenance, missing_parts, parts_provenance
 from ._typed import option
-from .errors import (ClipkitError, ConfigError, ContractError, PluginError, PluginWarning, Problem,
-                     TowerContractError, UnknownPartError)
-from .hookspecs import (Freezer, Infer, ModelConfigSource, PoolerFactory, Register, Target, TokenizerFactory,
-                        TowerContext, TowerFactory, hookimpl)
-from .kinds import (DATA_SOURCE, FREEZER, KINDS, MODEL_CONFIG, POOLER, TEXT_TOWER, TOKENIZER, VISION_TOWER, Kind,
-                    KindSpec)
+from .errors import (
+                     ClipkitError,
+                     ConfigError,
+                     ContractError,
+                     PluginError,
+                     PluginWarning,
+                     Problem,
+                     TowerContractError,
+                     UnknownPartError,
+)
+from .hookspecs import (
+                     Freezer,
+                     Infer,
+                     ModelConfigSource,
+                     PoolerFactory,
+                     Register,
+                     Target,
+                     TokenizerFactory,
+                     TowerContext,
+                     TowerFactory,
+                     hookimpl,
+)
+from .kinds import (
+                     DATA_SOURCE,
+                     FREEZER,
+                     KINDS,
+                     MODEL_CONFIG,
+                     POOLER,
+                     TEXT_TOWER,
+                     TOKENIZER,
+                     VISION_TOWER,
+                     Kind,
+                     KindSpec,
+)
 from .registry import registry
 from .train.data_sources import DataSource, DataSourceContext, DataSourceFactory
 

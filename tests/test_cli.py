@@ -6,6 +6,7 @@ import pytest
 
 from clipkit.cli import main
 
+
 def run(*args, env=None):
     return subprocess.run([sys.executable, "-m", "clipkit", *args], capture_output=True, text=True, env=env)
 
@@ -81,8 +82,9 @@ def test_plugins_json(capsys):
 def test_every_openclip_config_passes_or_fails_in_one_line_per_problem():
     """All 144 configs of OpenCLIP 3.3.0: 140 validate (builtin, timm and HF towers, and the ResNet plugin
     that the test setup installs); the 4 CoCa ones are rejected in one line."""
-    import open_clip
     from pathlib import Path
+
+    import open_clip
 
     from clipkit.config import validate_model_config
     from clipkit.errors import ConfigError

@@ -1,10 +1,13 @@
 import ast
 import dataclasses
+import importlib.metadata
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
+import clipkit
 from clipkit._docgen import render_configs_md
 from clipkit.builtin.transformer import TextTransformerCfg
 from clipkit.builtin.vit import ViTCfg
@@ -54,6 +57,29 @@ def test_ci_runs_the_readme_test_command():
     assert command in readme and ci.strip().splitlines()[-1] == command
     install = 'python -m pip install -q -c constraints.txt -e ".[dev]" ./plugins/clipkit-plugin-resnet'
     assert install in readme and install in ci
+
+
+FAST_TIER = 'python -m pytest -q -m "not slow and not distributed and not install"'
+
+
+def test_ci_lints_before_testing_and_contributing_gives_a_fast_tier_of_registered_markers():
+    ci = (DOCS.parent / ".ci" / "run").read_text().strip().splitlines()
+    assert ci.index("ruff check .") < ci.index("python -m pytest -q --durations=15")
+    assert FAST_TIER in (DOCS.parent / "CONTRIBUTING.md").read_text()
+    pyproject = tomllib.loads((DOCS.parent / "pyproject.toml").read_text())
+    pytest_cfg = pyproject["tool"]["pytest"]["ini_options"]
+    registered = {line.split(":")[0] for line in pytest_cfg["markers"]}
+    assert registered == set(re.findall(r"not (\w+)", FAST_TIER)) and "--strict-markers" in pytest_cfg["addopts"]
+    # pre-commit runs the same lint (its hook ids read as lines: no YAML parser needed)
+    hooks = re.findall(r"^\s*- id: (\S+)$", (DOCS.parent / ".pre-commit-config.yaml").read_text(), re.M)
+    assert hooks == ["ruff-check"]
+
+
+def test_the_version_is_written_once():
+    pyproject = tomllib.loads((DOCS.parent / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "clipkit.__version__"}
+    assert importlib.metadata.version("clipkit-torch") == clipkit.__version__
 
 
 def _code_after(text: str, marker: str, lang: str) -> str:
@@ -269,7 +295,7 @@ def test_exceptions_derive_from_the_one_hierarchy():
     rows = _table(_section(_design(), "### One error hierarchy"), "| Class | Why")
     allowed = {_ticked(row[0])[0] for row in rows}
     found = set()
-    for name, (path, tree) in _modules().items():
+    for name, (_path, tree) in _modules().items():
         if name == "clipkit.errors":
             continue
         for node in ast.walk(tree):
@@ -284,7 +310,7 @@ def test_exceptions_derive_from_the_one_hierarchy():
 
 def test_every_torch_load_is_weights_only():
     calls = 0
-    for name, (path, tree) in _modules().items():
+    for path, tree in _modules().values():
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
                 calls += 1

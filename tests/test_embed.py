@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 
 import clipkit
+from _train_support import TINY_MODEL, png, subprocess_env, write_model
 from clipkit.cli import main as cli_main
 from clipkit.train.shards import write_shards
-
-from _train_support import TINY_MODEL, png, subprocess_env, write_model
 
 
 def _image(seed: int, size=(40, 52)) -> Image.Image:
@@ -146,6 +145,7 @@ def _run_killed(args, kill_after: str, times: int) -> subprocess.CompletedProces
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_resume_after_sigkill_gives_identical_files(tiny, tmp_path):
     model_path, model, _ = tiny
     weights = tmp_path / "weights.pt"
@@ -155,7 +155,8 @@ def test_cli_resume_after_sigkill_gives_identical_files(tiny, tmp_path):
     for i in range(16):
         _image(300 + i, size=(36, 36)).save(images / f"{i:02d}.png")
     (images / "07.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # one unreadable image among them
-    common = [model_path, "--pretrained", str(weights), "--images", str(images), "--chunk-size", "2", "--batch-size", "2", "--device", "cpu"]
+    common = [model_path, "--pretrained", str(weights), "--images", str(images), "--chunk-size", "2", "--batch-size", "2",
+              "--device", "cpu"]
 
     whole = tmp_path / "whole"
     script = Path(sys.executable).with_name("clipkit")  # the installed console script

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 import clipkit
+from _train_support import png, run_inprocess, subprocess_env, write_model
 from clipkit.cli import main
 from clipkit.evaluate import evaluate
 from clipkit.train.build import seed_everything
 from clipkit.train.data import SyntheticSource
 from clipkit.train.shards import write_shards
-
-from _train_support import png, run_inprocess, subprocess_env, write_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 
@@ -79,6 +78,7 @@ def test_result_record_and_counts(env, zeroshot, retrieval):
         retrieval["metrics"])
 
 
+@pytest.mark.slow
 def test_equals_the_trainers_evaluation(env, zeroshot, retrieval, tmp_path):
     """An evaluation-only clipkit-train run on the same weights and data logs the same numbers."""
     args = ["--model", env["model"], "--pretrained", env["weights"], "--val-data", env["shards"],
@@ -185,6 +185,7 @@ def test_errors_are_one_line(env, capsys, case):
         assert "missing_label 31" in err
 
 
+@pytest.mark.slow
 def test_console_script(env, zeroshot, tmp_path, capsys):
     out = tmp_path / "results" / "eval.jsonl"
     args = [env["model"], "--pretrained", env["weights"], "--task", "zeroshot", "--data", env["shards"],
@@ -205,6 +206,7 @@ def test_console_script(env, zeroshot, tmp_path, capsys):
     assert "batch/s" not in done.stderr and "it/s" not in done.stderr  # no progress bar off a terminal
 
 
+@pytest.mark.slow
 def test_digits_demo_checkpoint_reports_the_training_logs_top1(tmp_path, capsys):
     """The demo (examples/train_digits.sh) cut to one short epoch: `clipkit eval` on its checkpoint and the
     held-out digits prints the top-1 of the training log's final line."""

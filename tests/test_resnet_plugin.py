@@ -12,6 +12,9 @@ from pathlib import Path
 import open_clip
 import pytest
 
+# pip installs the plugin into a throwaway site
+pytestmark = [pytest.mark.slow, pytest.mark.install]
+
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = ROOT / "plugins" / "clipkit-plugin-resnet"
 OPENCLIP_RN50 = Path(open_clip.__file__).parent / "model_configs" / "RN50.json"

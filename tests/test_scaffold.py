@@ -52,6 +52,8 @@ def scaffolded(tmp_path_factory):
     shutil.rmtree(root)
 
 
+@pytest.mark.slow
+@pytest.mark.install
 def test_generated_tests_pass_out_of_the_box(scaffolded):
     root, site = scaffolded
     done = _run("-m", "pytest", "-q", "-p", "no:cacheprovider", *(f"clipkit-plugin-{name}" for name in NAMES.values()),

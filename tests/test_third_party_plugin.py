@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# pip installs a throwaway distribution
+pytestmark = [pytest.mark.slow, pytest.mark.install]
+
 PLUGIN_DIR = Path(__file__).parent / "plugins" / "clipkit-plugin-toyvision"
 CONFIG = {
     "embed_dim": 16,

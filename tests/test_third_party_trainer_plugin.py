@@ -1,7 +1,6 @@
 """A third-party distribution (own pyproject, entry points) registering an objective, a data source and a
 reporter, installed with pip, then selected by flags of the ``clipkit-train`` console script."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,9 @@ import pytest
 from PIL import Image
 
 from tests._train_support import subprocess_env, write_model
+
+# pip installs a throwaway distribution and trains with its parts
+pytestmark = [pytest.mark.slow, pytest.mark.install]
 
 PLUGIN_DIR = Path(__file__).parent / "plugins" / "clipkit-plugin-trainparts"
 CLIPKIT_TRAIN = Path(sys.executable).parent / "clipkit-train"

@@ -2,7 +2,9 @@
 import gc
 import json
 
+import open_clip
 import pytest
+import timm
 import torch
 
 import clipkit
@@ -10,9 +12,6 @@ from clipkit.config import list_models, validate_model_config
 from clipkit.errors import ClipkitError, ConfigError
 from clipkit.hookspecs import TowerContext
 from clipkit.registry import registry
-
-import timm
-import open_clip
 
 TEXT = {"context_length": 16, "vocab_size": 100, "width": 48, "heads": 4, "layers": 2}
 

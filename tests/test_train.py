@@ -6,13 +6,21 @@ import pytest
 import torch
 
 import clipkit
+from _train_support import (
+    base_args,
+    read_scalars,
+    run_inprocess,
+    synthetic_samples,
+    weights,
+    write_dataset,
+    write_model,
+)
 from clipkit.train.build import seed_everything
-
-from _train_support import (base_args, read_scalars, run_inprocess, synthetic_samples, weights, write_dataset,
-                            write_model)
 from clipkit.train.shards import write_shards
 
-pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+# nearly every test here trains a model end to end
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")]
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,21 @@ import pytest
 import torch
 from PIL import Image
 
+from _train_support import png, synthetic_samples, write_dataset
 from clipkit.train import shards as wds
+from clipkit.train.data import (
+    CsvSource,
+    DataError,
+    EpochStream,
+    Loader,
+    Progress,
+    ShardSource,
+    SyntheticSource,
+    read_list,
+    train_loader,
+)
 from clipkit.train.settings import DataSettings
 from clipkit.train.shards import write_shards
-from clipkit.train.data import (CsvSource, DataError, EpochStream, Loader, Progress, ShardSource, SyntheticSource,
-                                read_list, train_loader)
-
-from _train_support import png, synthetic_samples, write_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 
@@ -66,6 +74,7 @@ def test_order_is_seeded_and_changes_per_epoch(shards):
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
+@pytest.mark.slow
 def test_resume_from_any_position_continues_the_same_batches(shards, workers):
     _, pattern = shards
     full = [(item["keys"], item["images"], item["texts"]) for item in _loader(ShardSource(pattern), workers).epoch(0)]

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 
 import clipkit
+from _train_support import base_args, run_inprocess, synthetic_samples, write_model
 from clipkit.errors import ArgsError, ContractError, DataError
 from clipkit.plugin import DataSource
 from clipkit.testing import Case, contract_cases
 from clipkit.train import data_sources, main
 from clipkit.train.args import build_parser, infer_dataset_type, parse_args
-
-from _train_support import base_args, png, run_inprocess, synthetic_samples, write_model
 
 _STOP = {"at": None, "read": 0}  # the N-th sample read sends this process SIGTERM (a run stopped mid-epoch)
 
@@ -78,6 +77,7 @@ def _log(logs, name):
     return (logs / name / "out.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_plugin_source_trains_named_or_by_its_extension_and_reads_evaluation_data(pairs_plugin, tmp_path):
     model = write_model(tmp_path)
     data = write_pairs(tmp_path / "data")
@@ -99,6 +99,7 @@ def test_a_plugin_source_trains_named_or_by_its_extension_and_reads_evaluation_d
     assert results[-1]["num_samples"] == 32 and "image_to_text_R@1" in results[-1]
 
 
+@pytest.mark.slow
 def test_a_source_without_exact_resume_says_so_and_restarts_a_resumed_epochs_data(pairs_plugin, tmp_path, capsys):
     model = write_model(tmp_path)
     data = write_pairs(tmp_path / "data", name="train.stream")

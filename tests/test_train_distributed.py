@@ -9,12 +9,21 @@ import time
 import pytest
 import torch
 
+from _train_support import (
+    base_args,
+    read_scalars,
+    run_inprocess,
+    start_train,
+    subprocess_env,
+    weights,
+    write_dataset,
+    write_model,
+)
 from clipkit.train import checkpointer as ckpt
 
-from _train_support import (base_args, read_scalars, run_inprocess, start_train, subprocess_env, weights,
-                            write_dataset, write_model)
-
-pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+# every test here starts torchrun with two processes
+pytestmark = [pytest.mark.slow, pytest.mark.distributed,
+              pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")]
 
 
 def _free_port() -> int:

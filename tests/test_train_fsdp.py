@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import clipkit
+from _train_support import base_args, run_inprocess, subprocess_env, weights, write_dataset, write_model
 from clipkit.train import checkpointer as ckpt
 from clipkit.train.consolidate import main as consolidate_main
-
-from _train_support import base_args, run_inprocess, subprocess_env, weights, write_dataset, write_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 
@@ -51,6 +50,8 @@ def _consolidated(folder, out):
     return weights(out)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp_checkpoints_consolidate_and_resume_in_two_processes_and_in_one(tmp_path):
     model = write_model(tmp_path)
     logs = tmp_path / "logs"

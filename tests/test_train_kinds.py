@@ -167,6 +167,7 @@ def _synthetic(tmp_path, name, *extra):
                      "--train-num-samples", "16", "--epochs", "1", *extra)
 
 
+@pytest.mark.slow
 def test_a_third_party_objective_and_reporter_train_selected_by_flags(third_party, tmp_path):
     assert run_inprocess(_synthetic(tmp_path, "third", "--objective", "penalty", "--objective-opt", "weight=0.5",
                                     "--report-to", "recorder,tensorboard")) == 0
@@ -187,6 +188,7 @@ def test_a_third_party_objective_and_reporter_train_selected_by_flags(third_part
         "penalty"
 
 
+@pytest.mark.slow
 def test_objective_options_come_from_a_config_file_and_flags_win(third_party, tmp_path):
     config = tmp_path / "settings.json"
     config.write_text(json.dumps({"optimization": {"objective": "penalty", "objective_opt": {"weight": 0.25}}}))
@@ -197,6 +199,7 @@ def test_objective_options_come_from_a_config_file_and_flags_win(third_party, tm
     assert RECORDED[-1].values[0][1]["train/scale_penalty"] == pytest.approx(1.0 / 0.07 / 100, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_an_objectives_state_is_kept_in_training_checkpoints(third_party, tmp_path, capsys):
     logs = tmp_path / "logs"
     assert run_inprocess(_synthetic(tmp_path, "counted", "--objective", "counting", "--epochs", "2")) == 0
@@ -234,6 +237,7 @@ def teacher(tmp_path_factory):
     return config, str(folder / "saved")
 
 
+@pytest.mark.slow
 def test_distillation_trains_logs_both_terms_and_resumes_bit_identically(teacher, tmp_path):
     model, saved = teacher
     student = write_model(tmp_path)
@@ -253,6 +257,7 @@ def test_distillation_trains_logs_both_terms_and_resumes_bit_identically(teacher
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+@pytest.mark.slow
 def test_a_teacher_that_does_not_fit_the_student_is_one_line(teacher, tmp_path, capsys):
     model, saved = teacher
     other = write_model(tmp_path, "small-student", {**TINY_MODEL, "vision_cfg": {**TINY_MODEL["vision_cfg"],

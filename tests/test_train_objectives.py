@@ -18,9 +18,18 @@ from torch import nn
 from clipkit._typed import validate
 from clipkit.errors import TrainingError
 from clipkit.registry import import_target
-from clipkit.train.objectives import (BUILTIN_OBJECTIVES, BaseObjective, ClipOptions, DistillOptions, ObjectiveContext,
-                                      SigLipOptions, build_clip, build_distill, build_siglip,
-                                      register_builtin_objectives)
+from clipkit.train.objectives import (
+    BUILTIN_OBJECTIVES,
+    BaseObjective,
+    ClipOptions,
+    DistillOptions,
+    ObjectiveContext,
+    SigLipOptions,
+    build_clip,
+    build_distill,
+    build_siglip,
+    register_builtin_objectives,
+)
 from clipkit.train.objectives.accumulate import gradcache_outputs
 from clipkit.train.objectives.distill import DistillObjective
 

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from _train_support import base_args, start_train, weights, write_dataset, write_model
 from clipkit.train import checkpointer as ckpt
 
-from _train_support import base_args, start_train, weights, write_dataset, write_model
+# trainers killed and resumed
+pytestmark = pytest.mark.slow
 
 # two data workers, 2 epochs of 16 steps, mid-epoch saves every 3 steps: an odd interval, so that
 # resumes start on either worker

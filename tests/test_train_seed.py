@@ -10,9 +10,8 @@ import sys
 
 import pytest
 
-from clipkit.train.args import parse_args
-
 from _train_support import subprocess_env, write_dataset
+from clipkit.train.args import parse_args
 
 SEED = [
     """--model "roberta-ViT-B-32" --hf-tokenizer-name "roberta-base" --train-data "/path/to/train_data.tar"
@@ -69,6 +68,7 @@ def roberta_cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("command", SEED, ids=["hf-text", "lock-text", "full"])
+@pytest.mark.slow
 def test_seed_command_runs_end_to_end(command, roberta_cache, tmp_path):
     root, cache, data = roberta_cache
     argv = _argv(command)

@@ -7,13 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from _train_support import base_args, run_inprocess, weights, write_dataset, write_model
 from clipkit.errors import ArgsError
 from clipkit.train import main
 from clipkit.train.args import build_parser, parse_args
-from clipkit.train.settings import (GROUPS, SETTINGS_FILE, DataSettings, Settings, update_flags_tables,
-                                    write_settings_file)
-
-from _train_support import base_args, run_inprocess, weights, write_dataset, write_model
+from clipkit.train.settings import (
+    GROUPS,
+    SETTINGS_FILE,
+    DataSettings,
+    Settings,
+    update_flags_tables,
+    write_settings_file,
+)
 
 ROOT = Path(__file__).parent.parent
 BASE = ["--model", "ViT-B-32", "--train-data", "shards/{000..009}.tar"]
@@ -64,6 +69,7 @@ def test_flags_on_the_command_line_win_over_the_file(tmp_path):
     assert parse_args(["--config", str(path), "--model", "ViT-B-32"]).optimization.beta2 == 0.98
 
 
+@pytest.mark.slow
 def test_a_bad_settings_file_names_every_problem_with_its_key(tmp_path, capsys):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"data": {"batch_size": 0, "trian_data": "x.tar", "epochs": 2},
@@ -84,6 +90,7 @@ def test_a_bad_settings_file_names_every_problem_with_its_key(tmp_path, capsys):
                                       f"object, got list\n"
 
 
+@pytest.mark.slow
 def test_a_runs_settings_json_repeats_the_run_exactly(tmp_path):
     data = write_dataset(tmp_path / "data", shards=2, per_shard=16)
     model = write_model(tmp_path)

@@ -11,15 +11,20 @@ import sys
 import warnings
 
 import numpy as np
+import open_clip.transform as open_clip_transform  # noqa: E402 (the reference implementation)
 import pytest
 import torch
 from PIL import Image
 
 from clipkit.errors import ClipkitError
-from clipkit.transforms import (AugmentationCfg, PreprocessCfg, PreprocessError, RandomErasing, image_transform_v2,
-                                merge_preprocess)
-
-import open_clip.transform as open_clip_transform  # noqa: E402 (the reference implementation)
+from clipkit.transforms import (
+    AugmentationCfg,
+    PreprocessCfg,
+    PreprocessError,
+    RandomErasing,
+    image_transform_v2,
+    merge_preprocess,
+)
 
 SEEDS = range(8)
 
@@ -215,9 +220,8 @@ def test_train_color_jitter_without_probability_is_always_applied():
 def test_train_random_erasing_is_timms_pixel_mode(count):
     # OpenCLIP ignores re_prob/re_count without use_timm; clipkit erases after normalising, drawing
     # exactly as timm's RandomErasing(mode='pixel') does under use_timm.
-    from torchvision import transforms as T
-
     from timm.data.random_erasing import RandomErasing as TimmRandomErasing
+    from torchvision import transforms as T
 
     cfg = dict(size=32)
     ours = image_transform_v2(cfg, True, {"re_prob": 0.7, "re_count": count})

@@ -15,13 +15,15 @@ import pytest
 import torch
 
 import clipkit
+from _train_support import base_args, run_inprocess, subprocess_env, write_model
 from clipkit.errors import CheckpointError
 from clipkit.train import _dcp
 from clipkit.train import checkpointer as ckpt
 from clipkit.train._runlock import LOCK_FILE
 from clipkit.train.consolidate import main as consolidate_main
 
-from _train_support import base_args, run_inprocess, subprocess_env, write_model
+# most tests here share a trained run folder and resume from it
+pytestmark = pytest.mark.slow
 
 
 class Payload:

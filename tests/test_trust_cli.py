@@ -178,6 +178,7 @@ def test_loading_a_checkpoint_names_the_missing_plugin(plugin_checkpoint, tmp_pa
         str(info.value).endswith(f"; {ckpt} was {NOTE}")
 
 
+@pytest.mark.slow
 def test_resuming_a_checkpoint_names_the_missing_plugin(plugin_checkpoint, tmp_path):
     from _train_support import run_inprocess
 
@@ -253,6 +254,8 @@ def test_the_pooler_call_is_documented_as_the_hf_tower_makes_it():
     assert positions == {"mean_pooler": None, "max_pooler": None, "cls_pooler": 0, "cls_last_hidden_state_pooler": 0}
 
 
+@pytest.mark.slow
+@pytest.mark.install
 def test_the_documented_license_line_builds_with_the_setuptools_the_scaffold_requires(tmp_path, capsys):
     import tomllib
 

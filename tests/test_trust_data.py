@@ -16,13 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+from _train_support import png, subprocess_env, synthetic_samples
 from clipkit.builtin.tokenizers.clip_bpe import ClipTokenizer, text_cap
 from clipkit.train import shards as wds
 from clipkit.train.data import CsvSource, EpochStream, Loader, Progress, ShardSource, max_image_pixels
 from clipkit.train.shards import write_shards
 from clipkit.transforms import image_transform
-
-from _train_support import png, subprocess_env, synthetic_samples
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

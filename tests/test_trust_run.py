@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from _train_support import base_args, run_inprocess, subprocess_env, synthetic_samples, write_dataset, write_model
 from clipkit.train import checkpointer as ckpt
-from clipkit.train import distributed
+from clipkit.train import distributed, trainer
 from clipkit.train import session as run_session
-from clipkit.train import trainer
-from clipkit.train.evaluate import Evaluator
 from clipkit.train.args import ArgsError, parse_args
 from clipkit.train.data import SyntheticSource
+from clipkit.train.evaluate import Evaluator
 from clipkit.train.shards import write_shards
 
-from _train_support import base_args, run_inprocess, subprocess_env, synthetic_samples, write_dataset, write_model
-
-pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+# trainers started, signalled and resumed
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")]
 
 
 @pytest.fixture(autouse=True)
@@ -257,7 +257,6 @@ def _ignores_sigterm_when_forked() -> None:
 
 def test_stop_signals_second_signal_acts_from_the_thread_and_forked_children_ignore_them():
     import multiprocessing
-
     import threading
 
     outside_steps = distributed.StopSignals(print, print)
@@ -345,6 +344,7 @@ def _log_after_last_resume(run_dir: Path) -> str:
     return (run_dir / "out.log").read_text().rsplit("resumed from", 1)[1]
 
 
+@pytest.mark.distributed
 def test_torchrun_a_killed_rank_and_a_preemption_each_end_with_one_line_and_resume_continues(tmp_path):
     run_dir = tmp_path / "logs" / "run"
     latest = run_dir / "checkpoints" / ckpt.LATEST

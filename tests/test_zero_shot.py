@@ -4,8 +4,10 @@ import pickle
 import sys
 import zlib
 
+import open_clip
 import pytest
 import torch
+from open_clip import zero_shot_metadata as oc_meta  # noqa: E402
 from torch.testing import assert_close
 
 import clipkit
@@ -16,9 +18,6 @@ from clipkit.zero_shot_metadata import (
     SIMPLE_IMAGENET_TEMPLATES,
     PromptTemplate,
 )
-
-import open_clip
-from open_clip import zero_shot_metadata as oc_meta  # noqa: E402
 
 CONTEXT_LENGTH = 16
 VOCAB_SIZE = 300

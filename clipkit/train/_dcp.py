@@ -17,10 +17,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as _meta
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import ReadItem
-from torch.distributed.checkpoint._traverse import set_element
 
 from ..errors import CheckpointError
 

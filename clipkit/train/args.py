@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE",
                    help=f"read settings from a JSON file (every run writes its own as RUN/{SETTINGS_FILE}); "
                         f"flags given here win")
-    for attr, cls, title in GROUPS:
+    for _attr, cls, title in GROUPS:
         group = p.add_argument_group(title)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
@@ -169,11 +169,12 @@ def validate(args: argparse.Namespace) -> Settings:
                 source = data_sources.resolve(args.train_data, data_sources.AUTO, "--train-data")
                 args.dataset_type = source.name
             except ArgsError as exc:
+                message = str(exc)
                 entry = data_sources.lookup(args.train_data.lower())
                 if entry is not None and data_sources.generated(entry):  # a guess at the generated data's flag
-                    exc = ArgsError(f"--train-data {args.train_data}: no such data; generated data is --dataset-type "
-                                    f"{entry.name} --train-num-samples N, without --train-data")
-                problems.append(str(exc))
+                    message = (f"--train-data {args.train_data}: no such data; generated data is --dataset-type "
+                               f"{entry.name} --train-num-samples N, without --train-data")
+                problems.append(message)
         if source is not None and "text" not in data_sources.yields(source):
             problems.append(f"--train-data {args.train_data!r} is read by data source {source.name!r}, whose samples "
                             f"have class labels, not captions; training needs image-caption pairs (WebDataset "

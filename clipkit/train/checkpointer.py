@@ -373,9 +373,8 @@ def find_resume(resume: Optional[str], run_dir: Optional[Path], fsdp: bool, owne
     """The local checkpoint ``--resume`` names (``None``: a fresh start, or a URL fetched later by
     :func:`fetch_resume`). Locks the run folder first, for ``owner`` (the settings), and clears the torn
     writes of an interrupted attempt. Process 0 calls it."""
-    from ._runlock import lock_run_folder
-
     from ..errors import TrainingError
+    from ._runlock import lock_run_folder
 
     if run_dir is not None:  # before anything in it is read, written or removed
         lock_run_folder(run_dir, owner=owner)
@@ -589,8 +588,11 @@ class Checkpointer:
         not, any number of processes): DCP reads each process its part."""
         import warnings
 
-        from torch.distributed.checkpoint.state_dict import (_init_optim_state, get_optimizer_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            _init_optim_state,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
 
         from ..errors import TrainingError
         from . import _dcp

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
 from ..errors import ArgsError, ClipkitError

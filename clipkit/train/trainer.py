@@ -166,13 +166,13 @@ class Trainer:
             # writing and evaluation happen on process 0: the others learn of its failure instead of
             # waiting for it in the next collective. The checkpoint comes first, so that a failed
             # evaluation never costs the epoch
-            session.agree(lambda: self._save(epoch + 1, None, epoch_end=True), epoch, "saving a checkpoint")
+            session.agree(lambda done=epoch + 1: self._save(done, None, epoch_end=True), epoch, "saving a checkpoint")
             stop = session.stop_requested()
             if stop and epoch + 1 < opt.epochs:  # after the last epoch the run finishes: nothing is left
                 raise session.stopped(stop, epoch, done.batches // opt.accum_freq)
             # the epoch is saved: a signal while evaluating it stops at once
             session.signals.defer, session.stage = False, f"evaluating epoch {epoch + 1}"
-            metrics = session.agree(lambda: self._evaluate(epoch + 1, final=epoch + 1 == opt.epochs), epoch,
+            metrics = session.agree(lambda done=epoch + 1: self._evaluate(done, final=done == opt.epochs), epoch,
                                     "evaluating")
         session.stage = "copying the run to --remote-sync"
         if self.remote is not None:

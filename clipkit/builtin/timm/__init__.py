@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Literal, Optional, Tuple, Union
 
-from ...hookspecs import Infer, hookimpl
 from ..._typed import option
+from ...hookspecs import Infer, hookimpl
 
 Size = Union[int, Tuple[int, int]]
 

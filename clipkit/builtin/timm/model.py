@@ -24,7 +24,6 @@ from ...freeze import lock_layer_groups
 from ...hookspecs import TowerContext
 from . import ATTENTION_POOLS, TimmCfg
 
-
 _LOCAL_FILE_HINT = ('point timm at a local file with vision_cfg.timm_model_kwargs '
                     '{"pretrained_cfg_overlay": {"file": "/path/to/weights.safetensors"}}')
 

@@ -53,7 +53,8 @@ class HFTokenizer:
         self.strip_sep_token = strip_sep_token
         self.tokenizer_mode = tokenizer_mode or ""
         self.pad_token_id = self.tokenizer.pad_token_id
-        self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.sep_token_id
+        eos = self.tokenizer.eos_token_id
+        self.eos_token_id = eos if eos is not None else self.tokenizer.sep_token_id
         if language is not None:
             self.set_language(language)
 

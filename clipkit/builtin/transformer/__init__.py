@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ...hookspecs import hookimpl
 from ..._typed import option
+from ...hookspecs import hookimpl
 from .._block_cfg import TransformerBlockCfg
 
 
@@ -30,7 +30,8 @@ class TextTransformerCfg(TransformerBlockCfg):
     pool_type: Literal["argmax", "first", "last", "eos", "none"] = option(
         "argmax", "Which token's features represent the text: the highest id (CLIP's end token), the first, "
                   "the last, the first eos_id, or none (all tokens).")
-    proj_type: Literal["linear", "none"] = option("linear", "Projection to embed_dim: linear, or none (width must equal embed_dim).")
+    proj_type: Literal["linear", "none"] = option(
+        "linear", "Projection to embed_dim: linear, or none (width must equal embed_dim).")
     proj_bias: bool = option(False, "Give the projection a bias (an nn.Linear instead of a bare matrix).")
     output_tokens: bool = option(False, "forward returns (pooled, token features) instead of pooled.")
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Tuple, Union
 
-from ...hookspecs import hookimpl
 from ..._typed import option
+from ...hookspecs import hookimpl
 from .._block_cfg import TransformerBlockCfg
 
 Size = Union[int, Tuple[int, int]]

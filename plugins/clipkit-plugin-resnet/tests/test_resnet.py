@@ -13,15 +13,14 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from PIL import Image
 from open_clip.modified_resnet import ModifiedResNet as OpenCLIPModifiedResNet
+from PIL import Image
 
 import clipkit
 from clipkit.config import validate_model_config
 from clipkit.errors import ConfigError
 from clipkit.factory import build_model
 from clipkit.registry import registry
-
 from clipkit_plugin_resnet import ResNetCfg
 from clipkit_plugin_resnet.model import ModifiedResNet
 
