@@ -5,6 +5,7 @@ classifier and metric code), so ``clipkit eval`` on a checkpoint reports what tr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -88,7 +89,8 @@ def evaluate(model: str, task: str, data: str, *, pretrained: Optional[str] = No
     if task == "zeroshot":
         classifier = zero_shot_classifier(ctx, names, templates_list)
         loader = eval_loader(data, settings, 0, preprocess, None, flag="--data", label=True)
-        found = zero_shot_counts(ctx, _progress(loader.epoch(0), show, "zeroshot"), classifier, f"--data {data}")
+        with contextlib.closing(loader.epoch(0)) as batches:  # its workers stop even if evaluation fails
+            found = zero_shot_counts(ctx, _progress(batches, show, "zeroshot"), classifier, f"--data {data}")
         skipped = loader.progress.skipped()
         if not found.total:
             raise DataError(f"--data {data}: no image with a class label (a 'cls' member or a class folder) could "
@@ -98,7 +100,8 @@ def evaluate(model: str, task: str, data: str, *, pretrained: Optional[str] = No
         counts.update(samples=found.total, classes=len(names))
     else:
         loader = eval_loader(data, settings, 0, preprocess, ctx.tokenizer, flag="--data")
-        metrics = retrieval_metrics(ctx, _progress(loader.epoch(0), show, "retrieval"))
+        with contextlib.closing(loader.epoch(0)) as batches:  # its workers stop even if evaluation fails
+            metrics = retrieval_metrics(ctx, _progress(batches, show, "retrieval"))
         skipped = loader.progress.skipped()
         if not metrics:
             raise DataError(f"--data {data}: no image-caption pair could be read (skipped: "

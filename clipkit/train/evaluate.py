@@ -6,6 +6,7 @@ the settings it reads and, for each evaluation, an :class:`EvalContext`: the mod
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence
@@ -78,7 +79,8 @@ def retrieval(ctx: EvalContext, data: Any, spec: str) -> Dict[str, Any]:
     """:func:`retrieval_metrics` on ``spec`` (``--val-data``); ``data``: the data settings."""
     loader = eval_loader(spec, data, ctx.seed, ctx.preprocess, ctx.tokenizer, flag="--val-data",
                          num_samples=data.val_num_samples)
-    metrics = retrieval_metrics(ctx, loader.epoch(0), data.val_num_samples)
+    with contextlib.closing(loader.epoch(0)) as batches:  # its workers stop even if evaluation fails
+        metrics = retrieval_metrics(ctx, batches, data.val_num_samples)
     if not metrics:
         logger.warning("--val-data %s: no usable samples", spec)
         return {}
@@ -152,7 +154,8 @@ def zero_shot(ctx: EvalContext, data: Any, spec: str, classnames: Sequence[str],
     """Top-1/top-5 accuracy of the text-derived classifier over labelled images (from ``flag``)."""
     classifier = zero_shot_classifier(ctx, classnames, templates)
     loader = eval_loader(spec, data, ctx.seed, ctx.preprocess, None, flag=flag, label=True)
-    counts = zero_shot_counts(ctx, loader.epoch(0), classifier, f"{flag} {spec}")
+    with contextlib.closing(loader.epoch(0)) as batches:  # its workers stop even if evaluation fails
+        counts = zero_shot_counts(ctx, batches, classifier, f"{flag} {spec}")
     if not counts.total:
         logger.warning("%s: no usable labelled samples", spec)
         return {}

@@ -222,42 +222,44 @@ class Trainer:
         losses: List[float] = []
         tick = time.perf_counter()
         data_time = 0.0
-        for item in self._agreed(loader.epoch(epoch, progress)):
-            images = item["images"].to(env.device, non_blocking=True)
-            texts = item["texts"].to(env.device, non_blocking=True)
-            if self.precision.input_dtype is not None:
-                images = images.to(self.precision.input_dtype)
-            micro.append((images, texts))
-            if len(micro) < accum:
-                continue
-            data_time += time.perf_counter() - tick
-            if not opt.skip_scheduler:
-                lr = learning_rate(opt, self.position.step, self.total_steps, steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-            loss, terms = self._step(micro, epoch)
-            micro = []
-            self.position.step += 1
-            step_in_epoch += 1
-            losses.append(loss.item())
-            batch_time = time.perf_counter() - tick
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if step_in_epoch % every_n == 0 or step_in_epoch == steps:
-                scale = self.parallel.logit_scale(self.model)  # every process: a sharded one is gathered
-                if env.main:
-                    self._log_step(epoch, step_in_epoch, steps, losses, terms, batch_time, data_time,
-                                   images.shape[0] * accum, scale.exp().item())
-            if step_in_epoch < steps:  # at an epoch's end the epoch's own checkpoint follows
-                stop = session.stop_requested()
-                if stop or save_every and self.position.step % save_every == 0:
-                    session.agree(lambda: self._save(epoch, loader.progress, epoch_end=False), epoch,
-                                  "saving a checkpoint")
-                if stop:
-                    raise session.stopped(stop, epoch, step_in_epoch)
-            data_time = 0.0
-            tick = time.perf_counter()
+        # the epoch's data workers stop however it ends (a stop signal, an error): see Loader.epoch
+        with contextlib.closing(loader.epoch(epoch, progress)) as batches:
+            for item in self._agreed(batches):
+                images = item["images"].to(env.device, non_blocking=True)
+                texts = item["texts"].to(env.device, non_blocking=True)
+                if self.precision.input_dtype is not None:
+                    images = images.to(self.precision.input_dtype)
+                micro.append((images, texts))
+                if len(micro) < accum:
+                    continue
+                data_time += time.perf_counter() - tick
+                if not opt.skip_scheduler:
+                    lr = learning_rate(opt, self.position.step, self.total_steps, steps)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                loss, terms = self._step(micro, epoch)
+                micro = []
+                self.position.step += 1
+                step_in_epoch += 1
+                losses.append(loss.item())
+                batch_time = time.perf_counter() - tick
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if step_in_epoch % every_n == 0 or step_in_epoch == steps:
+                    scale = self.parallel.logit_scale(self.model)  # every process: a sharded one is gathered
+                    if env.main:
+                        self._log_step(epoch, step_in_epoch, steps, losses, terms, batch_time, data_time,
+                                       images.shape[0] * accum, scale.exp().item())
+                if step_in_epoch < steps:  # at an epoch's end the epoch's own checkpoint follows
+                    stop = session.stop_requested()
+                    if stop or save_every and self.position.step % save_every == 0:
+                        session.agree(lambda: self._save(epoch, loader.progress, epoch_end=False), epoch,
+                                      "saving a checkpoint")
+                    if stop:
+                        raise session.stopped(stop, epoch, step_in_epoch)
+                data_time = 0.0
+                tick = time.perf_counter()
         if bar is not None:
             bar.close()
         return loader.progress

@@ -1,0 +1,48 @@
+"""Data loader workers end with their epoch, however it ends.
+
+They block the stop signals (SIGTERM among them), so multiprocessing cannot stop a leftover one at exit:
+it would wait for it forever. So every consumer of ``Loader.epoch`` closes the epoch when it leaves it,
+error or not, instead of leaving that to garbage collection (a kept traceback holds the epoch open).
+"""
+import multiprocessing
+import time
+
+import pytest
+import torch
+
+from clipkit.train.data import SyntheticSource
+
+
+def _live_workers(before):
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        alive = [p for p in multiprocessing.active_children() if p not in before]
+        if not alive:
+            return []
+        time.sleep(0.1)
+    return alive
+
+
+def test_a_failing_evaluation_stops_its_workers_while_its_traceback_is_kept(tmp_path):
+    """``clipkit eval`` (and the trainer's evaluation) fail on a label past the class names, with the
+    traceback still held: the loader's workers must be gone all the same."""
+    import clipkit
+    from clipkit.errors import ClipkitError
+    from clipkit.evaluate import evaluate
+    from clipkit.train.shards import write_shards
+
+    from _train_support import png, write_model
+
+    model = write_model(tmp_path, "tiny-workers")
+    torch.save(clipkit.create_model(model).state_dict(), tmp_path / "weights.pt")
+    source = SyntheticSource(48, seed=1, size=32)
+    write_shards([{"__key__": f"s{i:03d}", "png": png(source.sample(i)[0]), "cls": str(i % 6)} for i in range(48)],
+                 tmp_path / "shards", per_shard=12)
+    (tmp_path / "classnames.txt").write_text("red\ngreen\nblue\n")
+    before = set(multiprocessing.active_children())
+    with pytest.raises(ClipkitError, match="3 classes") as raised:
+        evaluate(model, "zeroshot", str(tmp_path / "shards" / "{00000..00003}.tar"),
+                 pretrained=str(tmp_path / "weights.pt"), classnames=str(tmp_path / "classnames.txt"),
+                 batch_size=4, workers=2, device="cpu", progress=False)
+    assert raised.traceback  # held until the test ends
+    assert _live_workers(before) == []
