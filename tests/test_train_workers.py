@@ -46,3 +46,20 @@ def test_a_failing_evaluation_stops_its_workers_while_its_traceback_is_kept(tmp_
                  batch_size=4, workers=2, device="cpu", progress=False)
     assert raised.traceback  # held until the test ends
     assert _live_workers(before) == []
+
+
+def test_a_worker_left_alive_does_not_keep_the_process_from_exiting(tmp_path):
+    """The safety net: a daemonic child forked during a run (so blocking SIGTERM) and never stopped."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "leftover.py"
+    script.write_text(
+        "import multiprocessing, time\n"
+        "from clipkit.train.distributed import StopSignals\n"
+        "StopSignals(lambda s: None, lambda s: None).install()\n"
+        "worker = multiprocessing.get_context('fork').Process(target=time.sleep, args=(600,), daemon=True)\n"
+        "worker.start()\n"
+        "print(worker.pid, flush=True)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -1,6 +1,7 @@
 """Processes and devices: torchrun's and SLURM's environment, the process group, and the device."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -150,6 +151,7 @@ class StopSignals:
             self._saved[sig] = signal.signal(sig, self._handler)
         threading.Thread(target=self._watch, args=(read,), name="clipkit-stop-signals", daemon=True).start()
         _ACTIVE.append(self)
+        _kill_daemons_at_exit()
         return True
 
     def uninstall(self) -> None:
@@ -195,6 +197,25 @@ class StopSignals:
                         self._on_second(signum)
         finally:
             os.close(read)
+
+
+@functools.lru_cache(maxsize=None)  # once per process
+def _kill_daemons_at_exit() -> None:
+    """At exit, daemonic child processes (data loader workers) are killed rather than sent SIGTERM.
+
+    multiprocessing ends them at exit with SIGTERM and then waits for them; workers forked during a run
+    block SIGTERM, so one still alive then (left over by an error) would make the process wait forever.
+    Registered after multiprocessing's own exit handler, so it runs first.
+    """
+    import atexit
+    import multiprocessing
+
+    def kill() -> None:
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+
+    atexit.register(kill)
 
 
 def _after_fork_in_child() -> None:
