@@ -5,12 +5,21 @@ it would wait for it forever. So every consumer of ``Loader.epoch`` closes the e
 error or not, instead of leaving that to garbage collection (a kept traceback holds the epoch open).
 """
 import multiprocessing
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
+import clipkit
+from _train_support import png, write_model
+from clipkit.errors import ClipkitError
+from clipkit.evaluate import evaluate
 from clipkit.train.data import SyntheticSource
+from clipkit.train.shards import write_shards
+
+pytestmark = pytest.mark.slow  # a model and data loader workers; a subprocess
 
 
 def _live_workers(before):
@@ -26,13 +35,6 @@ def _live_workers(before):
 def test_a_failing_evaluation_stops_its_workers_while_its_traceback_is_kept(tmp_path):
     """``clipkit eval`` (and the trainer's evaluation) fail on a label past the class names, with the
     traceback still held: the loader's workers must be gone all the same."""
-    import clipkit
-    from clipkit.errors import ClipkitError
-    from clipkit.evaluate import evaluate
-    from clipkit.train.shards import write_shards
-
-    from _train_support import png, write_model
-
     model = write_model(tmp_path, "tiny-workers")
     torch.save(clipkit.create_model(model).state_dict(), tmp_path / "weights.pt")
     source = SyntheticSource(48, seed=1, size=32)
@@ -50,9 +52,6 @@ def test_a_failing_evaluation_stops_its_workers_while_its_traceback_is_kept(tmp_
 
 def test_a_worker_left_alive_does_not_keep_the_process_from_exiting(tmp_path):
     """The safety net: a daemonic child forked during a run (so blocking SIGTERM) and never stopped."""
-    import subprocess
-    import sys
-
     script = tmp_path / "leftover.py"
     script.write_text(
         "import multiprocessing, time\n"
