@@ -54,16 +54,7 @@ class ImageCollection:
                 yield f"{listed}:{raw['__key__']}", next((raw[e] for e in wds.IMAGE_EXTS if e in raw), None)
             return
         for ident, path in listed:
-            yield ident, _read_file(path)
-
-
-def _read_file(path: str) -> Any:
-    try:
-        if os.path.getsize(path) > wds.MAX_MEMBER_BYTES:
-            return wds.TOO_LARGE
-        return Path(path).read_bytes()
-    except OSError:
-        return None
+            yield ident, wds.read_image_file(path)
 
 
 def _runs(items: List[Tuple[str, str]], size: int) -> List[List[Tuple[str, str]]]:

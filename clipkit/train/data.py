@@ -145,17 +145,7 @@ class CsvSource(DataSource):
     def read(self, units, counts):
         for i in units:
             path, caption = self.rows[i]
-            yield {"__key__": f"{self.path}:{i + 2}", "image": _read_file(path), "text": caption, "label": None}
-
-
-def _read_file(path: str) -> Any:
-    """A file's bytes, ``None`` when it cannot be read, or :data:`shards.TOO_LARGE` (not read)."""
-    try:
-        if os.path.getsize(path) > wds.MAX_MEMBER_BYTES:
-            return wds.TOO_LARGE
-        return Path(path).read_bytes()
-    except OSError:
-        return None
+            yield {"__key__": f"{self.path}:{i + 2}", "image": wds.read_image_file(path), "text": caption, "label": None}
 
 
 class FolderSource(DataSource):
@@ -185,7 +175,7 @@ class FolderSource(DataSource):
     def read(self, units, counts):
         for i in units:
             path, label = self.items[i]
-            yield {"__key__": path, "image": _read_file(path), "text": None, "label": label}
+            yield {"__key__": path, "image": wds.read_image_file(path), "text": None, "label": label}
 
 
 class SyntheticSource(DataSource):

@@ -24,6 +24,17 @@ MAX_MEMBER_BYTES = 64 * 1024 * 1024  # members are read into memory; a bigger on
 TOO_LARGE = object()  # stands for a member over MAX_MEMBER_BYTES, which is not read
 
 
+def read_image_file(path: str) -> Any:
+    """An image file's bytes (a CSV row's, a class folder's): ``None`` when it cannot be read, or
+    :data:`TOO_LARGE` for one over :data:`MAX_MEMBER_BYTES`, which is not read."""
+    try:
+        if os.path.getsize(path) > MAX_MEMBER_BYTES:
+            return TOO_LARGE
+        return Path(path).read_bytes()
+    except OSError:
+        return None
+
+
 def split_sources(spec: str) -> List[str]:
     return [s for s in spec.split("::") if s]
 
