@@ -57,7 +57,7 @@ def _writable_id(ident: str) -> bool:
 class _Encoder:
     """Runs a model's ``encode_image``/``encode_text`` under a precision and returns float32 numpy rows."""
 
-    def __init__(self, encode: Callable, device: torch.device, precision: str, normalize: bool):
+    def __init__(self, encode: Callable, device: torch.device, precision: str, normalize: bool) -> None:
         from .train.build import precision_setup
 
         if precision not in PRECISIONS:
@@ -110,7 +110,7 @@ class _ImageChunks(IterableDataset):
     yields ``(chunk, images [b, C, H, W] or None, ids, counts or None)`` batches, ``counts`` on a chunk's last."""
 
     def __init__(self, collection: ImageCollection, chunks: Sequence[int], preprocess: Callable, batch_size: int,
-                 max_pixels: int):
+                 max_pixels: int) -> None:
         self.collection, self.chunks, self.preprocess = collection, list(chunks), preprocess
         self.batch_size, self.max_pixels = batch_size, max_pixels
 

@@ -29,7 +29,7 @@ class Problem:
 class ConfigError(ClipkitError, ValueError):
     """A model config is invalid. Holds every problem found, one line each."""
 
-    def __init__(self, problems: Iterable[Problem]):
+    def __init__(self, problems: Iterable[Problem]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
 

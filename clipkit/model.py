@@ -19,7 +19,7 @@ class ClipModel(nn.Module):
     def __init__(self, visual: nn.Module, text: nn.Module, *, embed_dim: int, init_logit_scale: float,
                  init_logit_bias: Optional[float] = None, nonscalar_logit_scale: bool = False,
                  output_dict: bool = False, flat_text: bool = False,
-                 freezers: Optional[Dict[str, Callable[..., None]]] = None):
+                 freezers: Optional[Dict[str, Callable[..., None]]] = None) -> None:
         super().__init__()
         self.visual = visual
         self.text = text
@@ -120,3 +120,8 @@ def _nest_text_keys(module: ClipModel, state_dict: Dict[str, Any], prefix: str, 
     for key in [k for k in state_dict if k.startswith(prefix)]:
         if not any(key == o or key.startswith(o) for o in own):
             state_dict[prefix + "text." + key[len(prefix):]] = state_dict.pop(key)
+
+
+def build_clip_model(cfg: Any, ctx: Any) -> ClipModel:
+    """The builtin ``clip`` model family's factory: the towers of ``ctx`` (a ``ModelContext``) as they are."""
+    return ClipModel(ctx.visual, ctx.text, **ctx.clip_kwargs())

@@ -204,7 +204,7 @@ class ResizeKeepRatio:
     ``resize_mode='longest'`` needs); ``longest=0`` fits the other side (the image covers the target).
     """
 
-    def __init__(self, size: Tuple[int, int], longest: float = 0.0, interpolation: str = "bicubic"):
+    def __init__(self, size: Tuple[int, int], longest: float = 0.0, interpolation: str = "bicubic") -> None:
         self.size = _pair(size)
         self.longest = float(longest)
         self.interpolation = _interpolation_mode(interpolation)
@@ -230,7 +230,7 @@ class ResizeKeepRatio:
 class CenterCropOrPad:
     """Center crop to ``(height, width)``, first padding evenly with ``fill`` the sides that are too short."""
 
-    def __init__(self, size: Tuple[int, int], fill: Union[int, Tuple[int, ...]] = 0):
+    def __init__(self, size: Tuple[int, int], fill: Union[int, Tuple[int, ...]] = 0) -> None:
         self.size = _pair(size)
         self.fill = fill
 
@@ -254,7 +254,7 @@ class CenterCropOrPad:
 class ConvertMode:
     """Convert a PIL image to ``mode``; tensors and arrays pass through unchanged."""
 
-    def __init__(self, mode: str = "RGB"):
+    def __init__(self, mode: str = "RGB") -> None:
         self.mode = mode
 
     def __call__(self, img):
@@ -286,7 +286,7 @@ class RandomApply:
     in OpenCLIP's color jitter and grayscale steps, so seeded runs match OpenCLIP's.
     """
 
-    def __init__(self, transform, p: float):
+    def __init__(self, transform, p: float) -> None:
         self.transform = transform
         self.p = p
 
@@ -309,7 +309,7 @@ class RandomErasing:
     min_area, max_area = 0.02, 1 / 3
     log_aspect = (math.log(0.3), math.log(1 / 0.3))
 
-    def __init__(self, p: float, max_count: int = 1):
+    def __init__(self, p: float, max_count: int = 1) -> None:
         self.p = p
         self.max_count = max_count
 

@@ -19,7 +19,7 @@ _INSTALL = "pip install clipkit-torch[export]"
 class _Encoder(nn.Module):
     """One encoder of the model as a module of its own, so each ONNX file holds one graph."""
 
-    def __init__(self, model: nn.Module, image: bool):
+    def __init__(self, model: nn.Module, image: bool) -> None:
         super().__init__()
         self.model = model
         self.image = image

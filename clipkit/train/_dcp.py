@@ -111,7 +111,7 @@ def _check_storage(path: Path, metadata: _meta.Metadata) -> None:
 class SafeReader(FileSystemReader):
     """``FileSystemReader`` that hands DCP a metadata already read by :func:`read_metadata`."""
 
-    def __init__(self, folder: Path, metadata: _meta.Metadata):
+    def __init__(self, folder: Path, metadata: _meta.Metadata) -> None:
         super().__init__(str(folder))
         self.metadata = metadata
 

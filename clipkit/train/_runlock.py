@@ -30,7 +30,7 @@ LOCK_FILE = ".clipkit-train.lock"
 class _Held:
     """An open, locked lock file and how many runs of this process use it."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int) -> None:
         self.fd, self.runs = fd, 0
 
     def close(self) -> None:

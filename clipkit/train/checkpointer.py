@@ -454,7 +454,7 @@ class Checkpointer:
 
     def __init__(self, settings: Any, folder: Optional[Path], *, env: Any, parallel: Any, model: Any,
                  optimizer: Any, param_names: Dict[int, str], scaler: Any, run_name: str, model_name: str,
-                 epochs: int, remote: Any = None, objective: Any = None):
+                 epochs: int, remote: Any = None, objective: Any = None) -> None:
         self.settings = settings
         self.folder = folder
         self.env = env

@@ -44,7 +44,7 @@ def _tokens(texts: List[str]) -> torch.Tensor:
 class _Example:
     """A data source under test: its entry, its example spec, and sources built from it."""
 
-    def __init__(self, entry: Any, example: Any, folder: Path):
+    def __init__(self, entry: Any, example: Any, folder: Path) -> None:
         self.entry, self.folder = entry, folder
         self.label = "text" not in yields(entry)
         if example is None:

@@ -114,7 +114,7 @@ class Interrupted(BaseException):
     """A stop signal where nothing has to be finished first, raised in the main thread as
     ``KeyboardInterrupt`` is (so that ``except Exception`` does not swallow it)."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
 
@@ -131,7 +131,7 @@ class StopSignals:
     one acts even then. Forked children (data loader workers) block the three signals: the main process
     stops them when it stops."""
 
-    def __init__(self, on_first: Callable[[int], None], on_second: Callable[[int], None]):
+    def __init__(self, on_first: Callable[[int], None], on_second: Callable[[int], None]) -> None:
         self.received: Optional[int] = None
         self.defer = False
         self._on_first, self._on_second = on_first, on_second

@@ -177,7 +177,7 @@ class Evaluator:
     """Every evaluation the settings ask for: ``evaluation`` says how often, ``data`` on what (the data
     settings: ``--val-data``, ``--zeroshot-*``, ``--imagenet-*``, and how to load them)."""
 
-    def __init__(self, evaluation: Any, data: Any):
+    def __init__(self, evaluation: Any, data: Any) -> None:
         self.evaluation = evaluation
         self.data = data
 

@@ -54,7 +54,7 @@ class ClipLoss(nn.Module):
     global batch); OpenCLIP's semantics and numerics.
     """
 
-    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world: int = 1):
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world: int = 1) -> None:
         super().__init__()
         self.local_loss, self.gather_with_grad, self.rank, self.world = local_loss, gather_with_grad, rank, world
 
@@ -105,7 +105,7 @@ class SigLipLoss(nn.Module):
     all texts at once (fewer, larger messages). Gradients travel back the same way.
     """
 
-    def __init__(self, rank: int = 0, world: int = 1, dist_impl: Optional[str] = None):
+    def __init__(self, rank: int = 0, world: int = 1, dist_impl: Optional[str] = None) -> None:
         super().__init__()
         self.rank, self.world, self.dist_impl = rank, world, dist_impl or "bidir"
 

@@ -32,7 +32,7 @@ class SingleProcess:
 
     sharded = False
 
-    def __init__(self, env: Env):
+    def __init__(self, env: Env) -> None:
         self.env = env
 
     def shard(self, model: nn.Module) -> None:
@@ -76,7 +76,7 @@ class SingleProcess:
 class DataParallel(SingleProcess):
     """A whole copy of the model on every process, gradients averaged by DDP; process 0 writes checkpoints."""
 
-    def __init__(self, env: Env, static_graph: bool = False):
+    def __init__(self, env: Env, static_graph: bool = False) -> None:
         super().__init__(env)
         self.static_graph = static_graph
 
@@ -96,7 +96,7 @@ class FullySharded(SingleProcess):
 
     sharded = True
 
-    def __init__(self, env: Env):
+    def __init__(self, env: Env) -> None:
         super().__init__(env)
         self.replicated: List[nn.Parameter] = []  # the 0-d parameters, whole on every process
 

@@ -18,7 +18,7 @@ logger = logging.getLogger("clipkit.train")
 
 
 class RemoteSync:
-    def __init__(self, ckpt_dir: Path, url: str, protocol: str, every_s: int):  # protocol checked by the flags
+    def __init__(self, ckpt_dir: Path, url: str, protocol: str, every_s: int) -> None:  # protocol checked by the flags
         import fsspec
 
         self.run_dir, self.every_s = ckpt_dir.parent, every_s

@@ -99,7 +99,7 @@ class ReporterFactory(Protocol):
 class TensorBoardReporter:
     """Scalars as TensorBoard events in ``folder``."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(folder))
@@ -118,7 +118,7 @@ class TensorBoardReporter:
 class WandbReporter:
     """Scalars to a wandb run named (and identified, so that a resume continues it) by the run's name."""
 
-    def __init__(self, project: str, name: str, notes: str, config: Dict[str, Any], folder: Optional[Path]):
+    def __init__(self, project: str, name: str, notes: str, config: Dict[str, Any], folder: Optional[Path]) -> None:
         try:
             import wandb
         except ImportError as exc:
@@ -147,7 +147,7 @@ class WandbReporter:
 class ResultsFile:
     """``checkpoints/results.jsonl``: one JSON object per evaluation, as OpenCLIP writes it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         self.path = path
 
     def scalars(self, values: Dict[str, float], step: int) -> None:
@@ -242,7 +242,7 @@ class Reporters:
     """Every reporter of the run, called alike: ``scalars`` (training and ``val/`` values by step),
     ``result`` (one evaluation's metrics) and ``close``. Empty on processes other than 0."""
 
-    def __init__(self, reporters: List[Any]):
+    def __init__(self, reporters: List[Any]) -> None:
         self.reporters = reporters
 
     def scalars(self, values: Dict[str, float], step: int) -> None:

@@ -13,7 +13,7 @@ from .settings import SETTINGS_FILE, Settings, write_settings_file
 class RunFolder:
     """Where one run writes; ``path`` is ``None`` under ``--logs none`` (nothing is written)."""
 
-    def __init__(self, logs: Optional[str], name: str):
+    def __init__(self, logs: Optional[str], name: str) -> None:
         self.path: Optional[Path] = Path(logs) / name if logs else None
 
     @property

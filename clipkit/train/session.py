@@ -13,7 +13,8 @@ import shlex
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from types import TracebackType
+from typing import Any, Callable, Iterator, List, Optional, Type
 
 import torch
 
@@ -46,7 +47,7 @@ class Session:
     ``position``) for the messages that end it. Use as a context manager around building and running."""
 
     def __init__(self, distributed_settings: Any, checkpoints: Optional[Path], resumable: bool,
-                 argv: Optional[List[str]]):
+                 argv: Optional[List[str]]) -> None:
         self.env = distributed.init(distributed_settings)
         self.checkpoints = checkpoints  # RUN/checkpoints, for "the last checkpoint is ..."
         self.resumable = resumable  # a training run (an evaluation-only one has nothing to continue)
@@ -72,7 +73,7 @@ class Session:
     def __enter__(self) -> "Session":
         return self
 
-    def __exit__(self, kind, exc, tb) -> bool:
+    def __exit__(self, kind: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]) -> bool:
         try:
             error = self._explained(exc) if exc is not None else None
             if error is not None:

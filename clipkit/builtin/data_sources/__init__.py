@@ -56,7 +56,7 @@ def example_folder(folder: Path) -> str:
 
 
 @hookimpl
-def register_data_sources(register):
+def register_data_sources(register) -> None:
     register("webdataset", "clipkit.train.data:ShardSource.build", extensions=("tar",), prefixes=("pipe:",),
              yields=("text", "label"), example=example_shards)
     register("csv", "clipkit.train.data:CsvSource.build", extensions=("csv", "tsv"), example=example_csv)

@@ -4,6 +4,6 @@ from ...hookspecs import hookimpl
 
 
 @hookimpl
-def register_exporters(register):
+def register_exporters(register) -> None:
     register("onnx", "clipkit.exporters.onnx:OnnxExporter")
     register("hf", "clipkit.exporters.hf:HFExporter")

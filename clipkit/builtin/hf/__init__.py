@@ -42,10 +42,10 @@ class HFTextCfg:
 
 
 @hookimpl
-def register_text_towers(register):
+def register_text_towers(register) -> None:
     register("hf", "clipkit.builtin.hf.model:build_hf_text", config=HFTextCfg, infer=Infer("hf_model_name"))
 
 
 @hookimpl
-def register_freezers(register):
+def register_freezers(register) -> None:
     register("hf", "clipkit.builtin.hf.model:lock_hf_text")

@@ -8,5 +8,5 @@ from ...train.objectives import register_builtin_objectives
 
 
 @hookimpl
-def register_objectives(register):
+def register_objectives(register) -> None:
     register_builtin_objectives(register)

@@ -7,6 +7,6 @@ from ...hookspecs import hookimpl
 
 
 @hookimpl
-def register_poolers(register):
+def register_poolers(register) -> None:
     for name in ("mean_pooler", "max_pooler", "cls_pooler", "cls_last_hidden_state_pooler"):
         register(name, f"clipkit.builtin.poolers.model:{name}")

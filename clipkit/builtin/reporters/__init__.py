@@ -9,5 +9,5 @@ from ...train.report import register_builtin_reporters
 
 
 @hookimpl
-def register_reporters(register):
+def register_reporters(register) -> None:
     register_builtin_reporters(register)

@@ -75,12 +75,12 @@ class TimmCfg:
 
 
 @hookimpl
-def register_vision_towers(register):
+def register_vision_towers(register) -> None:
     # timm's test_vit: a tiny ViT in timm's registry, built in milliseconds without downloads
     register("timm", "clipkit.builtin.timm.model:build_timm", config=TimmCfg, infer=Infer("timm_model_name"),
              example={"timm_model_name": "test_vit", "timm_pool": "avg", "timm_proj": "linear", "image_size": 32})
 
 
 @hookimpl
-def register_freezers(register):
+def register_freezers(register) -> None:
     register("timm", "clipkit.builtin.timm.model:lock_timm")

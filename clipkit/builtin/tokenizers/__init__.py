@@ -7,7 +7,7 @@ from ...hookspecs import Infer, hookimpl
 
 
 @hookimpl
-def register_tokenizers(register):
+def register_tokenizers(register) -> None:
     register("clip", "clipkit.builtin.tokenizers.clip_bpe:build_clip_tokenizer",
              options=("clean", "reduction_mask", "additional_special_tokens", "vocab_path"), example={})
     # any further keyword goes to transformers.AutoTokenizer.from_pretrained, so no closed list

@@ -111,7 +111,7 @@ class ClipTokenizer:
     """
 
     def __init__(self, context_length: int = 77, clean: str = "lower", reduction_mask: str = "",
-                 additional_special_tokens: Optional[Sequence[str]] = None, vocab_path: Optional[str] = None):
+                 additional_special_tokens: Optional[Sequence[str]] = None, vocab_path: Optional[str] = None) -> None:
         import regex
 
         if clean not in CLEAN_MODES:

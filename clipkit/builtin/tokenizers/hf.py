@@ -28,7 +28,7 @@ class HFTokenizer:
 
     def __init__(self, tokenizer_name: str, context_length: int = 77, clean: str = "whitespace",
                  strip_sep_token: bool = False, language: Optional[str] = None, cache_dir: Optional[str] = None,
-                 tokenizer_mode: Optional[str] = None, trust_remote_code: bool = False, **kwargs: Any):
+                 tokenizer_mode: Optional[str] = None, trust_remote_code: bool = False, **kwargs: Any) -> None:
         from transformers import AutoTokenizer
 
         if clean not in CLEAN_MODES:

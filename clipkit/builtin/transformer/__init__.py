@@ -46,12 +46,12 @@ class TextTransformerCfg(TransformerBlockCfg):
 
 
 @hookimpl
-def register_text_towers(register):
+def register_text_towers(register) -> None:
     register("transformer", "clipkit.builtin.transformer.model:build_text_transformer", config=TextTransformerCfg,
              flat_state_dict=True,
              example={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2})
 
 
 @hookimpl
-def register_freezers(register):
+def register_freezers(register) -> None:
     register("transformer", "clipkit.freeze:lock_layer_groups")

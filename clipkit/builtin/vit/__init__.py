@@ -57,11 +57,11 @@ def _pair(value: Size) -> Tuple[int, int]:
 
 
 @hookimpl
-def register_vision_towers(register):
+def register_vision_towers(register) -> None:
     register("vit", "clipkit.builtin.vit.model:build_vit", config=ViTCfg,
              example={"image_size": 32, "patch_size": 8, "layers": 2, "width": 32, "head_width": 16})
 
 
 @hookimpl
-def register_freezers(register):
+def register_freezers(register) -> None:
     register("vit", "clipkit.freeze:lock_layer_groups")

@@ -16,7 +16,7 @@ class ClipObjective(BaseObjective):
 
     name = "clip"
 
-    def __init__(self, *, local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world: int = 1):
+    def __init__(self, *, local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world: int = 1) -> None:
         self.loss = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world=world)
         self.per_process = local_loss
 
@@ -31,7 +31,7 @@ class SigLipObjective(BaseObjective):
     name = "siglip"
     per_process = True  # each process scores its own images
 
-    def __init__(self, *, dist_impl: Optional[str] = None, rank: int = 0, world: int = 1):
+    def __init__(self, *, dist_impl: Optional[str] = None, rank: int = 0, world: int = 1) -> None:
         self.loss = SigLipLoss(rank=rank, world=world, dist_impl=dist_impl)
 
     def __call__(self, outputs: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

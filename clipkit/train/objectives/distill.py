@@ -34,7 +34,7 @@ class DistillObjective(BaseObjective):
     needs = FEATURES + ("teacher_image_features", "teacher_text_features")
 
     def __init__(self, teacher: nn.Module, *, teacher_name: str = "teacher", local_loss: bool = False,
-                 gather_with_grad: bool = False, rank: int = 0, world: int = 1):
+                 gather_with_grad: bool = False, rank: int = 0, world: int = 1) -> None:
         teacher.eval()
         teacher.requires_grad_(False)
         self.teacher, self.teacher_name = teacher, teacher_name
