@@ -310,6 +310,38 @@ def _bn_stats_frozen(t: _Tower, model: nn.Module, where: str, last: set) -> None
                                       f"{_names(moved)} still change in train mode")
 
 
+def _stages(t: _Tower, model: nn.Module) -> None:
+    """The optional stage protocol: ``forward_tail(forward_head(x, n), n)`` is ``forward(x)`` for every ``n``,
+    and each state is a tensor or a tuple of tensors with the batch first (the trainer caches it per sample)."""
+    where, tower = t.entry.where, t.tower(model)
+    if not (callable(getattr(tower, "forward_head", None)) and callable(getattr(tower, "forward_tail", None))):
+        return  # towers without it are cached only when fully locked
+    model.eval()
+    image, text = t.inputs(model)
+    x = image if t.entry.kind == VISION_TOWER else text
+    with torch.no_grad():
+        whole = tower(x)
+        for n in range(len(list(tower.layer_groups())) + 1):
+            try:
+                state = tower.forward_head(x, n)
+                out = tower.forward_tail(state, n)
+            except ClipkitError:
+                continue  # refusing a split clearly is allowed: that prefix is then not cached
+            except Exception as exc:
+                raise _fail(where, "stages", f"forward_head/forward_tail with n={n} raised {exc!r}") from exc
+            parts = state if isinstance(state, tuple) else (state,)
+            if not parts or not all(isinstance(p, torch.Tensor) and p.ndim >= 1 and p.shape[0] == BATCH
+                                    for p in parts):
+                raise _fail(where, "stages", f"forward_head(x, {n}) must return a tensor or a tuple of tensors "
+                                             f"with the batch ({BATCH}) first")
+            got, ref = (out, whole) if isinstance(whole, tuple) else ((out,), (whole,))
+            if not isinstance(got, tuple) or len(got) != len(ref) or not all(
+                    isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+                    for a, b in zip(got, ref)):
+                raise _fail(where, "stages", f"forward_tail(forward_head(x, {n}), {n}) differs from forward(x) "
+                                             f"in eval mode")
+
+
 def _on_tower(check: Callable[[_Tower, nn.Module], None]) -> Callable[[Entry, Any], None]:
     """A tower check as a contract check: build the tower (in a model) from ``section``, then check it."""
     def run(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
@@ -322,7 +354,7 @@ def _on_tower(check: Callable[[_Tower, nn.Module], None]) -> Callable[[Entry, An
 TOWER_CHECKS: Dict[str, Callable[[Entry, Any], None]] = {name: _on_tower(check) for name, check in {
     "builds": _builds, "output-shape": _output_shape, "output-tokens": _output_tokens,
     "layer-groups": _layer_groups, "backward": _backward, "grad-checkpointing": _grad_checkpointing,
-    "autocast": _autocast, "save-load": _save_load, "freezer": _freezer,
+    "autocast": _autocast, "save-load": _save_load, "freezer": _freezer, "stages": _stages,
 }.items()}
 
 

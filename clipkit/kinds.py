@@ -193,7 +193,7 @@ def hookspec_namespace() -> type:
 
 
 _TOWER_CONTRACTS = ("builds", "output-shape", "output-tokens", "layer-groups", "backward", "grad-checkpointing",
-                    "autocast", "save-load", "freezer")
+                    "autocast", "save-load", "freezer", "stages")
 _TOWER_DOC = ("``register(type_name, factory: TowerFactory, config=ConfigClass, example={...}, infer=...)``.\n\n"
               "``example`` is a small section (without ``type``) that builds quickly; the contract tests build "
               "it. ``infer`` names the key(s) whose value, in a section without ``type``, selects this type "

@@ -148,8 +148,12 @@ class Transformer(nn.Module):
         """The dtype activations enter the blocks in: that of the blocks' matmul weights."""
         return self.resblocks[0].mlp.c_fc.weight.dtype
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        for block in self.resblocks:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Blocks ``start`` to ``stop`` (all by default): towers run a locked prefix apart from the rest."""
+        for index, block in enumerate(self.resblocks):
+            if index < start or stop is not None and index >= stop:
+                continue
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
             else:

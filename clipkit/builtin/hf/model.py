@@ -6,7 +6,7 @@ state dicts load directly.
 from __future__ import annotations
 
 import inspect
-from typing import Any, List, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -96,6 +96,8 @@ class HFTextTower(nn.Module):
                                f"{cfg.hf_model_name}")
         self.output_dim = output_dim
         self.output_tokens = cfg.output_tokens
+        self._returns_tuple: Optional[bool] = None
+        self._stages_refused = False
         self.pooler = registry.get(POOLER, cfg.hf_pooler_type, where="text_cfg.hf_pooler_type").load()(cfg)
         width = self.transformer.get_input_embeddings().embedding_dim
         if cfg.hf_proj_type in (None, "none"):
@@ -141,13 +143,127 @@ class HFTextTower(nn.Module):
     def forward(self, text: torch.Tensor):
         mask = (text != self.pad_id).long()
         out = self.transformer(input_ids=text, attention_mask=mask)
-        hidden = out.last_hidden_state
-        pooled = self.proj(self.pooler(hidden, mask, getattr(out, "pooler_output", None)))
+        return self._head(text, out.last_hidden_state, getattr(out, "pooler_output", None))
+
+    def _head(self, text: torch.Tensor, hidden: torch.Tensor, pooler_output: Optional[torch.Tensor]):
+        mask = (text != self.pad_id).long()
+        pooled = self.proj(self.pooler(hidden, mask, pooler_output))
         if not self.output_tokens:
             return pooled
         position = getattr(self.pooler, "cls_token_position", None)
         tokens = hidden if position is None else torch.cat([hidden[:, :position], hidden[:, position + 1:]], dim=1)
         return pooled, tokens
+
+    # the optional stage protocol (docs/plugins.md). Groups: [embeddings, *layers, after the layers, head].
+    # The state after n groups, token ids last: n = 1..k, the hidden states entering layer n-1; n = k+1, those
+    # leaving the last layer; n = k+2, the encoder's output (and its pooler output when it has one)
+    def forward_head(self, text: torch.Tensor, n: int) -> Any:
+        """The state after the first ``n`` layer groups."""
+        layers = _find_layers(self.transformer)
+        if n == 0:
+            return text
+        if n >= len(layers) + 2:
+            mask = (text != self.pad_id).long()
+            out = self.transformer(input_ids=text, attention_mask=mask)
+            pooler_output = getattr(out, "pooler_output", None)
+            if n == len(layers) + 3:
+                return self._head(text, out.last_hidden_state, pooler_output)
+            return (out.last_hidden_state, text) + ((pooler_output,) if pooler_output is not None else ())
+        self._layer_returns_tuple(layers, text)  # refuses encoders whose layers pass more than hidden states
+        captured: List[torch.Tensor] = []
+
+        def stop_before(_module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _Stop
+
+        def stop_after(_module, _args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _Stop
+
+        handle = (layers[n - 1].register_forward_pre_hook(stop_before, with_kwargs=True) if n <= len(layers)
+                  else layers[-1].register_forward_hook(stop_after))
+        try:
+            self.transformer(input_ids=text, attention_mask=(text != self.pad_id).long())
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured[0], text
+
+    def forward_tail(self, state: Any, n: int):
+        """The output from the state after ``n`` layer groups: ``forward_tail(forward_head(x, n), n) == forward(x)``."""
+        layers = _find_layers(self.transformer)
+        if n == 0:
+            return self.forward(state)
+        if n == len(layers) + 3:
+            return state
+        if n == len(layers) + 2:
+            return self._head(state[1], state[0], state[2] if len(state) > 2 else None)
+        hidden, text = state
+        as_tuple = self._layer_returns_tuple(layers, text)
+        # the layers before the state are skipped (they return their input untouched) and the state
+        # replaces the hidden states where it was taken; the embeddings still run (a lookup, cheap)
+        skipped = list(layers[: n - 1])
+
+        def passthrough(hidden_states, *_args, **_kwargs):
+            return (hidden_states,) if as_tuple else hidden_states
+
+        def put_before(_module, args, kwargs):
+            if args:
+                return (hidden,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        def put_after(_module, _args, output):
+            return ((hidden,) + tuple(output[1:])) if isinstance(output, tuple) else hidden
+
+        handle = (layers[n - 1].register_forward_pre_hook(put_before, with_kwargs=True) if n <= len(layers)
+                  else layers[-1].register_forward_hook(put_after))
+        for layer in skipped:
+            layer.forward = passthrough
+        try:
+            mask = (text != self.pad_id).long()
+            out = self.transformer(input_ids=text, attention_mask=mask)
+        finally:
+            handle.remove()
+            for layer in skipped:
+                del layer.forward
+        return self._head(text, out.last_hidden_state, getattr(out, "pooler_output", None))
+
+    def _layer_returns_tuple(self, layers: nn.ModuleList, text: torch.Tensor) -> bool:
+        """Whether the encoder's layers return a 1-tuple (older transformers) or the hidden states alone;
+        found once by running the first layer on one sample. Layers that hand more to the next one (T5's
+        position bias) cannot be resumed from hidden states: the stages are refused."""
+        if self._returns_tuple is None:
+            seen: List[Any] = []
+
+            def probe(_module, _args, output):
+                seen.append(output)
+                raise _Stop
+
+            handle = layers[0].register_forward_hook(probe)
+            # the probe draws no random numbers that training would see (dropout in train mode)
+            devices = [text.device] if text.device.type == "cuda" else []
+            try:
+                with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                    self.transformer(input_ids=text[:1], attention_mask=(text[:1] != self.pad_id).long())
+            except _Stop:
+                pass
+            finally:
+                handle.remove()
+            output = seen[0]
+            if isinstance(output, tuple) and len(output) > 1:
+                self._returns_tuple = False
+                self._stages_refused = True
+            else:
+                self._returns_tuple = isinstance(output, tuple)
+        if self._stages_refused:
+            raise ClipkitError(f"{self.cfg.hf_model_name}: its layers pass more than hidden states to the next "
+                               f"one, so a locked prefix cannot be computed apart (no forward_head/forward_tail)")
+        return self._returns_tuple
+
+
+class _Stop(Exception):
+    """Ends an encoder's forward once the hidden states a stage needs are taken."""
 
 
 def build_hf_text(cfg: HFTextCfg, ctx: TowerContext) -> HFTextTower:

@@ -1,7 +1,7 @@
 """The builtin text transformer: tokens + positions -> transformer -> final norm -> pool -> project."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -93,31 +93,65 @@ class TextTransformer(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), index]
 
     def forward(self, text: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        return self._groups(text, 0, self._group_count())
+
+    def forward_head(self, text: torch.Tensor, n: int) -> Any:
+        """The state after the first ``n`` layer groups (the optional stage protocol, docs/plugins.md)."""
+        return self._groups(text, 0, n)
+
+    def forward_tail(self, state: Any, n: int) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """The output from the state after ``n`` layer groups: ``forward_tail(forward_head(x, n), n) == forward(x)``."""
+        return self._groups(state, n, self._group_count())
+
+    def _groups(self, x: Any, start: int, stop: int) -> Any:
+        # group 0: the embeddings; 1..L-1: one block each; L: the last block and ln_final; L+1: the projection.
+        # Between the groups the state carries the token ids, which the mask and the pooling need
+        layers = len(self.transformer.resblocks)
         dtype = self.transformer.cast_dtype
-        seq_len = text.shape[1]
-        x = self.token_embedding(text).to(dtype)
-        mask: Optional[torch.Tensor] = None
+        if start == 0 < stop:
+            text = x
+            x = self.token_embedding(text).to(dtype)
+            if self.cls_emb is not None:
+                x = torch.cat([x, self.cls_emb.to(dtype).expand(x.shape[0], 1, -1)], dim=1)
+            x = (x + self.positional_embedding[: x.shape[1]].to(dtype), text)
+        first, last = max(start, 1) - 1, min(stop, layers + 1) - 1
+        if first < last:
+            hidden, text = x
+            x = (self.transformer(hidden, attn_mask=self._mask(text, dtype), is_causal=self.causal, start=first,
+                                  stop=last), text)
+        if start <= layers < stop:
+            x = self._final(*x)
+        if stop == layers + 2 and start <= layers + 1:
+            pooled, tokens = x
+            if isinstance(self.text_projection, nn.Linear):
+                pooled = self.text_projection(pooled)
+            else:
+                pooled = pooled @ self.text_projection.to(pooled.dtype)
+            x = (pooled, tokens)
+        if stop == self._group_count() and start < stop:
+            pooled, tokens = x
+            return (pooled, tokens) if self.output_tokens else pooled
+        return x
+
+    def _group_count(self) -> int:
+        return len(self.transformer.resblocks) + 1 + (self.text_projection is not None)
+
+    def _mask(self, text: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        if self.cls_emb is None:
+            return None
+        # OpenCLIP masks padding keys with the class token's entry placed first, although the token
+        # sits last (its CoCa weights were trained so): key j is hidden when token j-1 is padding
+        keep = torch.cat([text.new_ones(text.shape[0], 1, dtype=torch.bool), text != self.pad_id], dim=1)
+        mask = torch.zeros(keep.shape, dtype=dtype, device=text.device).masked_fill(~keep, float("-inf"))
+        return mask[:, None, None, :]  # [B, 1, 1, L]: broadcast over heads and queries
+
+    def _final(self, x: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.cls_emb is not None:
-            x = torch.cat([x, self.cls_emb.to(dtype).expand(x.shape[0], 1, -1)], dim=1)
-            # OpenCLIP masks padding keys with the class token's entry placed first, although the token
-            # sits last (its CoCa weights were trained so): key j is hidden when token j-1 is padding
-            keep = torch.cat([text.new_ones(text.shape[0], 1, dtype=torch.bool), text != self.pad_id], dim=1)
-            mask = torch.zeros(keep.shape, dtype=dtype, device=x.device).masked_fill(~keep, float("-inf"))
-            mask = mask[:, None, None, :]  # [B, 1, 1, L]: broadcast over heads and queries
-        x = x + self.positional_embedding[: x.shape[1]].to(dtype)
-        x = self.transformer(x, attn_mask=mask, is_causal=self.causal)
-        if self.cls_emb is not None:
-            pooled, tokens = self.ln_final(x[:, -1]), x[:, :seq_len]
-        elif self.cfg.final_ln_after_pool:
-            pooled, tokens = self.ln_final(self._pool(x, text)), x
-        else:
-            x = self.ln_final(x)
-            pooled, tokens = self._pool(x, text), x
-        if isinstance(self.text_projection, nn.Linear):
-            pooled = self.text_projection(pooled)
-        elif self.text_projection is not None:
-            pooled = pooled @ self.text_projection.to(pooled.dtype)
-        return (pooled, tokens) if self.output_tokens else pooled
+            return self.ln_final(x[:, -1]), x[:, : text.shape[1]]
+        if self.cfg.final_ln_after_pool:
+            return self.ln_final(self._pool(x, text)), x
+        x = self.ln_final(x)
+        return self._pool(x, text), x
 
 
 def build_text_transformer(cfg: TextTransformerCfg, ctx: TowerContext) -> TextTransformer:

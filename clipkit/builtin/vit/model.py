@@ -1,7 +1,7 @@
 """The builtin Vision Transformer: patches -> class token + positions -> transformer -> pool -> project."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -106,21 +106,43 @@ class VisionTransformer(nn.Module):
         return x, x
 
     def forward(self, image: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        x = self.conv1(image.to(self.conv1.weight.dtype))  # [B, width, grid_h, grid_w]
-        x = x.flatten(2).transpose(1, 2)  # [B, grid_h * grid_w, width]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.ln_pre(self.patch_dropout(x))
-        x = self.transformer(x.to(self.transformer.cast_dtype))
+        return self._groups(image, 0, len(self.transformer.resblocks) + 2)
+
+    def forward_head(self, image: torch.Tensor, n: int) -> Any:
+        """The state after the first ``n`` layer groups (the optional stage protocol, docs/plugins.md)."""
+        return self._groups(image, 0, n)
+
+    def forward_tail(self, state: Any, n: int) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """The output from the state after ``n`` layer groups: ``forward_tail(forward_head(x, n), n) == forward(x)``."""
+        return self._groups(state, n, len(self.transformer.resblocks) + 2)
+
+    def _groups(self, x: Any, start: int, stop: int) -> Any:
+        # group 0: the stem; 1..L-1: one block each; L: the last block, pooling and ln_post; L+1: the projection
+        layers = len(self.transformer.resblocks)
+        if start == 0 < stop:
+            x = self.conv1(x.to(self.conv1.weight.dtype))  # [B, width, grid_h, grid_w]
+            x = x.flatten(2).transpose(1, 2)  # [B, grid_h * grid_w, width]
+            cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+            x = self.ln_pre(self.patch_dropout(x)).to(self.transformer.cast_dtype)
+        first, last = max(start, 1) - 1, min(stop, layers + 1) - 1
+        if first < last:
+            x = self.transformer(x, start=first, stop=last)
+        if start <= layers < stop:
+            x = self._head(x)
+        if stop == layers + 2 and start <= layers + 1:
+            pooled, tokens = x
+            pooled = pooled @ self.proj.to(pooled.dtype)
+            x = (pooled, tokens) if self.output_tokens else pooled
+        return x
+
+    def _head(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.attn_pool is not None:
-            pooled, tokens = self._pool(self.ln_post(self.attn_pool(x)))
-        elif self.cfg.final_ln_after_pool:
+            return self._pool(self.ln_post(self.attn_pool(x)))
+        if self.cfg.final_ln_after_pool:
             pooled, tokens = self._pool(x)
-            pooled = self.ln_post(pooled)
-        else:
-            pooled, tokens = self._pool(self.ln_post(x))
-        pooled = pooled @ self.proj.to(pooled.dtype)
-        return (pooled, tokens) if self.output_tokens else pooled
+            return self.ln_post(pooled), tokens
+        return self._pool(self.ln_post(x))
 
 
 def build_vit(cfg: ViTCfg, ctx: TowerContext) -> VisionTransformer:
