@@ -231,6 +231,8 @@ EPILOG = """examples:
   clipkit trainable ViT-B-32 --lock-text --lock-text-unlocked-layers 2
                                         what a lock leaves trainable, before a long run
   clipkit data digits data/digits       the demo dataset as WebDataset shards (then see clipkit-train)
+  clipkit data bench 'shards/{00000..00099}.tar' --workers 2,4,8
+                                        samples/s of clipkit-train's data pipeline per worker count
   clipkit eval MODEL --pretrained W --task zeroshot --data val/
                                         zero-shot top-1/top-5 (or --task retrieval: recall@k)
   clipkit embed MODEL --pretrained W --images photos/ --out emb/
@@ -399,6 +401,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="write into a folder that is not empty (same-named files are replaced, others kept)")
     p.set_defaults(func=_cmd_data_digits)
+    p = dsub.add_parser("bench", help="read and decode a sample of training data with clipkit-train's pipeline: "
+                                      "samples/s per number of data workers",
+                        epilog="Runs the trainer's own data pipeline (shuffle, decode, the model's training "
+                               "transform, tokenize, batch)\nonce per worker count and prints samples/s, so that "
+                               "--workers can be sized before a run. example:\n"
+                               "  clipkit data bench 'shards/{00000..00099}.tar' --workers 2,4,8 --model ViT-B-32",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", metavar="SHARDS", help="training data as --train-data takes it (shards, a brace pattern, "
+                                                  "a .csv file)")
+    p.add_argument("--workers", type=_worker_counts, default=[0, 1, 2, 4], metavar="N,N,...",
+                   help="data worker counts to measure (default: 0,1,2,4)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
+    p.add_argument("--samples", type=_positive_int, default=1024,
+                   help="samples to read per worker count, at most (default: 1024)")
+    p.add_argument("--model", default="ViT-B-32",
+                   help="model name or config file whose input size, preprocessing and tokenizer to use "
+                        "(default: ViT-B-32)")
+    p.add_argument("--dataset-type", default="auto", help="as clipkit-train's --dataset-type (default: auto)")
+    p.add_argument("--cache-dir", metavar="DIR", help="where tokenizers are cached")
+    p.set_defaults(func=_cmd_data_bench)
     data.set_defaults(func=lambda a: _missing_action(data))
 
     p = sub.add_parser("export", help="write a model for another runtime (ONNX, transformers), checked after writing",
@@ -519,6 +541,28 @@ def _cmd_data_digits(args: argparse.Namespace) -> int:
     if written["model"]:
         print(f"model config (ViT image tower + all-MiniLM-L6-v2 text tower): {written['model']}")
     return EXIT_OK
+
+
+def _cmd_data_bench(args: argparse.Namespace) -> int:
+    from .errors import ClipkitError
+    from .train.data_bench import run
+
+    try:
+        run(args.spec, model=args.model, workers=args.workers, batch_size=args.batch_size, samples=args.samples,
+            dataset_type=args.dataset_type, cache_dir=args.cache_dir)
+    except ClipkitError as exc:
+        print(f"clipkit data bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _worker_counts(text: str) -> List[int]:
+    from .train.data_bench import parse_counts
+
+    try:
+        return parse_counts(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _positive_int(text: str) -> int:

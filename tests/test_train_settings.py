@@ -114,4 +114,5 @@ def test_settings_flat_is_openclip_namespace():
     settings = parse_args(BASE)
     flat = settings.flat()
     assert Settings.from_flat(flat) == settings
-    assert flat["batch_size"] == 64 and flat["lr"] == 5e-4 and len(flat) == 102  # 100, --objective and --objective-opt
+    # OpenCLIP's 100, --objective, --objective-opt, --data-wait-warn and 4 lock-cache flags
+    assert flat["batch_size"] == 64 and flat["lr"] == 5e-4 and len(flat) == 107

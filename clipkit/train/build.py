@@ -8,7 +8,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -160,8 +160,26 @@ def build_optimizer(optimization: Any, model: nn.Module) -> Tuple[torch.optim.Op
         except (ValueError, TypeError, AssertionError, RuntimeError) as exc:
             raise TrainingError(f"--opt {opt.opt}: timm cannot build it: {exc}") from exc
     else:
-        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+        trained = [p for _, p in params]
+        kernel = adamw_kernel({p.device.type for p in trained}, all(p.is_floating_point() for p in trained),
+                              all(type(p) in (torch.Tensor, nn.Parameter) for p in trained))
+        flags = {"fused": {"fused": True}, "foreach": {"foreach": True}}.get(kernel, {})
+        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, **flags)
+        logger.info("optimizer: AdamW, %s", {"fused": "fused kernels", "foreach": "multi-tensor (foreach) kernels"}
+                    .get(kernel, "torch's default implementation (a loop over parameters on CPU)"))
     return optimizer, names
+
+
+def adamw_kernel(device_types: Set[str], floating: bool, plain: bool) -> str:
+    """Which AdamW implementation to ask for: ``fused`` (one kernel per step) for plain floating-point
+    parameters on CUDA or XPU, ``foreach`` on other accelerators, else ``default``: torch's choice. The CPU
+    keeps the default loop, whose results the CPU runs and their exact comparisons were made with;
+    sharded (DTensor) parameters keep torch's own choice, which is made for them."""
+    if not plain or not device_types or "cpu" in device_types or "meta" in device_types:
+        return "default"
+    if floating and device_types <= {"cuda", "xpu"}:
+        return "fused"
+    return "foreach"
 
 
 def build_objective(choice: Any, ctx: Any) -> Any:

@@ -531,11 +531,14 @@ def data_source(spec: Optional[str], dataset_type: str, data: Any, *, flag: str,
                                                                       seed=seed, image_size=image_size))
 
 
-def train_loader(data: Any, seed: int, transform, tokenizer, rank: int, world: int, image_size: int) -> Loader:
+def train_loader(data: Any, seed: int, transform, tokenizer, rank: int, world: int, image_size: int, *,
+                 pin_memory: bool = False, flag: str = "--train-data") -> Loader:
     """The training loader from the data settings; the sample count comes from them, or from the source
-    (``sizes.json``/``__len__`` or counting for shards, one per row for a CSV)."""
-    entry = data_sources.resolve(data.train_data, data.dataset_type, "--train-data")
-    source = data_source(data.train_data, entry.name, data, flag="--train-data", train=True, seed=seed,
+    (``sizes.json``/``__len__`` or counting for shards, one per row for a CSV). ``pin_memory``: batches in
+    page-locked memory, so that copies to a CUDA device run asynchronously; ``flag``: what messages call
+    the data."""
+    entry = data_sources.resolve(data.train_data, data.dataset_type, flag)
+    source = data_source(data.train_data, entry.name, data, flag=flag, train=True, seed=seed,
                          image_size=image_size)
     exact = data_sources.exact_resume(entry)
     if not exact:
@@ -561,7 +564,8 @@ def train_loader(data: Any, seed: int, transform, tokenizer, rank: int, world: i
     stream = EpochStream(source, batch_size=data.batch_size, transform=transform, tokenizer=tokenizer, train=True,
                          seed=seed, rank=rank, world=world, resampled=data.dataset_resampled,
                          image_size=image_size, max_pixels=data.max_image_pixels)
-    return Loader(stream, data.workers, num_samples, num_batches, name=entry.name, exact_resume=exact)
+    return Loader(stream, data.workers, num_samples, num_batches, pin_memory=pin_memory, name=entry.name,
+                  exact_resume=exact)
 
 
 def eval_loader(spec: str, data: Any, seed: int, transform, tokenizer, *, flag: str, label: bool = False,

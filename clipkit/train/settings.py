@@ -386,6 +386,13 @@ class LoggingSettings:
         gt=0,
         details='A log line (and TensorBoard/wandb scalars) every N optimizer steps, and at the last step of each '
                 'epoch.')
+    data_wait_warn: float = flag(0.3, 'warn once when the step waits for data more than this fraction of the '
+        'time for 3 log intervals in a row; 0: never (default: 0.3)',
+        ge=0, le=1,
+        details='**Addition.** Each log line gives the fraction of the time the step waited for data (`data wait`, '
+                'TensorBoard `train/data_wait_fraction`); when it stays above this for 3 log intervals in a row '
+                "(not counting an epoch's first, which starts the data workers), one warning says what to change. "
+                '`0` turns the warning off. See [Is the data the bottleneck?](#is-the-data-the-bottleneck).')
     copy_codebase: bool = flag(False, 'copy the installed clipkit package into the run folder',
         details='Copy the installed `clipkit` package into `RUN/code/clipkit` (OpenCLIP copies its source tree).')
 

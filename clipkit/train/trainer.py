@@ -33,6 +33,7 @@ from .schedule import learning_rate
 from .selection import objective_choice
 from .session import Session
 from .settings import Settings
+from .step_log import DataWait, Interval, LoggedValues, NonFiniteWatch
 
 logger = logging.getLogger("clipkit.train")
 
@@ -100,7 +101,8 @@ class Trainer:
         if has_training_data(s.data):
             size = self.model.visual.image_size
             self.train_data = train_loader(s.data, s.optimization.seed, built.preprocess_train, built.tokenizer,
-                                           env.rank, env.world, size if isinstance(size, int) else max(size))
+                                           env.rank, env.world, size if isinstance(size, int) else max(size),
+                                           pin_memory=env.device.type == "cuda")
             accum = s.optimization.accum_freq
             self.steps_per_epoch = self.train_data.num_batches // accum
             if self.steps_per_epoch == 0:
@@ -139,6 +141,12 @@ class Trainer:
 
                 _dynamo.config.optimize_ddp = False  # DDP graph splitting breaks checkpointed blocks
             self.train_model = torch.compile(self.train_model, backend=s.precision.torchcompile_backend)
+        # watched on the device, read on log steps (see step_log)
+        self.nonfinite = NonFiniteWatch()
+        size = self.model.visual.image_size
+        # process 0 warns: the processes of a run step together, so they wait alike
+        self.data_wait = DataWait(s.logging.data_wait_warn if env.main else 0.0, workers=s.data.workers,
+                                  train_data=s.data.train_data, image_size=size if isinstance(size, int) else max(size))
         self.eval_context = EvalContext(model=self.model, preprocess=built.preprocess_val, tokenizer=built.tokenizer,
                                         device=env.device, autocast=self.precision.autocast,
                                         input_dtype=self.precision.input_dtype, seed=s.optimization.seed)
@@ -219,12 +227,12 @@ class Trainer:
         step_in_epoch = (progress.batches // accum) if progress is not None else 0
         micro: List[Tuple[torch.Tensor, torch.Tensor]] = []
         bar = _progress_bar(env.main, steps, step_in_epoch, epoch)
-        losses: List[float] = []
-        tick = time.perf_counter()
-        data_time = 0.0
+        # nothing here reads a device tensor except on log steps, saves and the epoch's end: see step_log
+        logged = LoggedValues(every_n)
+        self.data_wait.start_epoch()
         # the epoch's data workers stop however it ends (a stop signal, an error): see Loader.epoch
         with contextlib.closing(loader.epoch(epoch, progress)) as batches:
-            for item in self._agreed(batches):
+            for item in self._agreed(self.data_wait.batches(batches)):
                 images = item["images"].to(env.device, non_blocking=True)
                 texts = item["texts"].to(env.device, non_blocking=True)
                 if self.precision.input_dtype is not None:
@@ -232,7 +240,6 @@ class Trainer:
                 micro.append((images, texts))
                 if len(micro) < accum:
                     continue
-                data_time += time.perf_counter() - tick
                 if not opt.skip_scheduler:
                     lr = learning_rate(opt, self.position.step, self.total_steps, steps)
                     for group in self.optimizer.param_groups:
@@ -241,27 +248,30 @@ class Trainer:
                 micro = []
                 self.position.step += 1
                 step_in_epoch += 1
-                losses.append(loss.item())
-                batch_time = time.perf_counter() - tick
+                logged.add(loss, terms)
+                self.data_wait.step()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if step_in_epoch % every_n == 0 or step_in_epoch == steps:
+                    self._raise_if_nonfinite(epoch)
                     scale = self.parallel.logit_scale(self.model)  # every process: a sharded one is gathered
+                    interval = self.data_wait.interval()
                     if env.main:
-                        self._log_step(epoch, step_in_epoch, steps, losses, terms, batch_time, data_time,
-                                       images.shape[0] * accum, scale.exp().item())
+                        latest = self._log_step(epoch, step_in_epoch, steps, logged, scale, interval,
+                                                images.shape[0] * accum)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{latest:.4f}")
                 if step_in_epoch < steps:  # at an epoch's end the epoch's own checkpoint follows
                     stop = session.stop_requested()
                     if stop or save_every and self.position.step % save_every == 0:
+                        self._raise_if_nonfinite(epoch)
                         session.agree(lambda: self._save(epoch, loader.progress, epoch_end=False), epoch,
                                       "saving a checkpoint")
                     if stop:
                         raise session.stopped(stop, epoch, step_in_epoch)
-                data_time = 0.0
-                tick = time.perf_counter()
         if bar is not None:
             bar.close()
+        self._raise_if_nonfinite(epoch)  # the epoch's checkpoint follows
         return loader.progress
 
     def _agreed(self, batches):
@@ -300,14 +310,21 @@ class Trainer:
         return loss, terms
 
     def _check_finite(self, loss: torch.Tensor, epoch: int) -> None:
-        bad = not bool(torch.isfinite(loss).item())
-        if distributed.all_agree(bad, self.env):
+        """Note a non-finite loss on the device; :meth:`_raise_if_nonfinite` acts on it (no sync per step)."""
+        self.nonfinite.observe(loss, self.position.step + 1)
+
+    def _raise_if_nonfinite(self, epoch: int) -> None:
+        """Stop the run if a loss since the start was non-finite, here or on another process. Called on log
+        steps and before every save, on every process: the steps after the bad one changed only weights
+        that are never saved."""
+        first = self.nonfinite.first()
+        if distributed.all_agree(first is not None, self.env):
             latest = self.session.latest()
+            where = (f"step {first[0]}: the loss is {first[1]}" if first is not None else
+                     f"at or before step {self.position.step}: the loss is non-finite on another process")
             raise TrainingError(
-                f"epoch {epoch + 1}, step {self.position.step + 1}: the loss is "
-                f"{loss.item() if bad else 'non-finite on another process'}; "
-                f"stopping without saving. Last complete checkpoint: {latest or 'none'}. Try a lower --lr, "
-                f"--grad-clip-norm or --precision amp_bf16, then --resume latest")
+                f"epoch {epoch + 1}, {where}; stopping without saving. Last complete checkpoint: {latest or 'none'}. "
+                f"Try a lower --lr, --grad-clip-norm or --precision amp_bf16, then --resume latest")
 
     def _backward(self, loss: torch.Tensor) -> None:
         scaler = self.precision.scaler
@@ -365,17 +382,26 @@ class Trainer:
         return logged[0], dict(zip(terms, logged[1:]))
 
     # reporting ----------------------------------------------------------------------------------------
-    def _log_step(self, epoch, step, steps, losses, terms, batch_time, data_time, batch, scale) -> None:
+    def _log_step(self, epoch: int, step: int, steps: int, logged: LoggedValues, scale: torch.Tensor,
+                  interval: Interval, batch: int) -> float:
+        """The log line and the reporters' scalars of a log step; returns the step's loss. Times are means over
+        the steps since the last log line: with the device running ahead of the host, one step's time means
+        little."""
+        loss, mean, terms, (scale_exp,) = logged.read(scale.exp())
         lr = self.optimizer.param_groups[0]["lr"]
-        recent = losses[-self.settings.logging.log_every_n_steps:]
+        batch_time = interval.wall / max(1, interval.steps)
+        data_time = interval.waited / max(1, interval.steps)
+        wait = interval.wait_fraction
         sps = batch * self.env.world / max(batch_time, 1e-9)
         logger.info("epoch %d [%d/%d (%.0f%%)] loss %.4f (avg %.4f) lr %.3g logit scale %.2f | %.1f samples/s, "
-                    "data %.3f s, batch %.3f s", epoch + 1, step, steps, 100 * step / max(1, steps), losses[-1],
-                    sum(recent) / len(recent), lr, scale, sps, data_time, batch_time)
-        self.reporters.scalars({"train/loss": losses[-1], **{f"train/{k}": v.item() for k, v in terms.items()},
-                                "train/lr": lr, "train/scale": scale, "train/samples_per_second": sps,
+                    "data %.3f s, batch %.3f s, data wait %.0f%%", epoch + 1, step, steps, 100 * step / max(1, steps),
+                    loss, mean, lr, scale_exp, sps, data_time, batch_time, 100 * wait)
+        self.reporters.scalars({"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()},
+                                "train/lr": lr, "train/scale": scale_exp, "train/samples_per_second": sps,
                                 "train/samples_per_second_per_gpu": sps / self.env.world,
-                                "train/data_time": data_time, "train/batch_time": batch_time}, self.position.step)
+                                "train/data_time": data_time, "train/batch_time": batch_time,
+                                "train/data_wait_fraction": wait}, self.position.step)
+        return loss
 
     def _epoch_summary(self, epoch: int, progress: Progress) -> None:
         limit = self.settings.data.max_bad_sample_fraction
