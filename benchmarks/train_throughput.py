@@ -1,8 +1,14 @@
 """Training throughput and peak memory: clipkit-train against OpenCLIP 3.3.0's trainer.
 
     python benchmarks/train_throughput.py [--model PATH_OR_NAME] [--batch-size 32] [--steps 30]
-        [--warmup-steps 5] [--threads 1] [--workers 1] [--device cpu] [--precision fp32]
-        [--only clipkit|openclip] [--repeat N] [--openclip-venv DIR] [--json FILE] [--keep]
+        [--warmup-steps 5] [--threads 1] [--workers 1] [--device cpu|cuda] [--precision fp32]
+        [--log-every N] [--peak-tflops T] [--only clipkit|openclip] [--repeat N] [--openclip-venv DIR]
+        [--json FILE] [--keep] [--dry-run]
+
+On a GPU (ViT-B-32, batch 256, bf16):
+
+    python benchmarks/train_throughput.py --device cuda --model ViT-B-32 --batch-size 256 \
+        --precision amp_bf16 --workers 8 --threads 8 --steps 120 --warmup-steps 20 --log-every 10
 
 Both trainers run in fresh processes on synthetic data with the same model config, batch size,
 step count, data workers, thread count (OMP_NUM_THREADS, MKL_NUM_THREADS and
@@ -17,6 +23,15 @@ trainer would otherwise pick them from the model's name), logging every step. Re
 - peak PSS tree: the peak proportional set size of the trainer and its data workers together,
   sampled every 0.5 s (PSS splits pages the forked workers share, so they are not counted twice).
 - peak CUDA: torch.cuda.max_memory_allocated() at exit, with --device cuda.
+- MFU (model FLOPs utilisation), with --device cuda: the FLOPs of one training step of the model
+  at the batch size (forward and backward of both towers and the contrastive logits, counted by
+  torch.utils.flop_counter.FlopCounterMode on the meta device, so no memory is used and attention
+  is counted as its two matrix products), times steps/s (wall), over the device's peak dense bf16
+  FLOP/s (PEAK_BF16_TFLOPS by device name, or --peak-tflops). --dry-run prints the FLOP count and
+  the peak without training.
+
+Both trainers log every --log-every steps (default 1; on a GPU use more, e.g. 10: a trainer reads
+its loss from the device on log steps, and measuring should not add synchronisations).
 
 The data differ by design: OpenCLIP's synthetic dataset is one constant black image with one
 caption, clipkit's makes a varied, learnable image per sample. Both are generated in the data
@@ -101,6 +116,23 @@ OPENCLIP_STEP = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Data \(t\): ([\d
                            r"([\d.eE+-]+)/s,")
 CUDA_PEAK = re.compile(r"BENCH_CUDA_PEAK_BYTES=(\d+)")
 
+# Peak dense (no sparsity) bf16 tensor-core TFLOP/s from the vendors' datasheets, matched against
+# torch.cuda.get_device_name() in this order (the first name contained in it wins)
+PEAK_BF16_TFLOPS: Tuple[Tuple[str, Optional[float]], ...] = (
+    ("H200", 989.0),       # SXM
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),       # SXM (HBM3)
+    ("GH200", 989.0),
+    ("A100", 312.0),       # SXM and PCIe
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", None),        # AWS's A10 variant: no published figure, give --peak-tflops
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),   # with fp32 accumulation
+)
+
 
 @dataclass
 class Result:
@@ -118,10 +150,50 @@ class Result:
     peak_rss_main_mib: Optional[float] = None
     peak_pss_tree_mib: Optional[float] = None
     peak_cuda_mib: Optional[float] = None
+    mfu: Optional[float] = None
     wall_s: Optional[float] = None
     first_step_s: Optional[float] = None
     command: List[str] = field(default_factory=list)
     log: str = ""
+
+
+# -- model FLOPs utilisation ------------------------------------------------------------------------
+def peak_tflops(device_name: str, override: Optional[float] = None) -> Optional[float]:
+    """The device's peak dense bf16 TFLOP/s: ``override`` if given, else from :data:`PEAK_BF16_TFLOPS`."""
+    if override is not None:
+        return override
+    return next((peak for name, peak in PEAK_BF16_TFLOPS if name in device_name), None)
+
+
+def step_flops(model: str, batch_size: int, device: str = "meta", backward: bool = True) -> int:
+    """FLOPs of one training step of ``model`` (a name or a config file) on a batch: both towers forward,
+    the contrastive logits and loss, and (``backward``) their backward pass, as FlopCounterMode counts
+    them (matrix products and convolutions). On the meta device nothing is allocated, and attention runs
+    as its two batched matrix products, which is what a fused attention kernel computes too."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import clipkit
+
+    net = clipkit.create_model(model, device=device, load_weights=False)
+    size = net.visual.image_size
+    height, width = (size, size) if isinstance(size, int) else size
+    images = torch.randn(batch_size, 3, height, width, device=device)
+    texts = torch.zeros(batch_size, net.context_length, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter:
+        image_features, text_features, scale = net(images, texts)[:3]
+        logits = scale * image_features @ text_features.T
+        labels = torch.arange(batch_size, device=device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        if backward:
+            loss.backward()
+    return int(counter.get_total_flops())
+
+
+def mfu(flops_per_step: float, samples_per_s: float, batch_size: int, peak_tflops: float, devices: int = 1) -> float:
+    """Model FLOPs utilisation: the FLOP/s the step's counted FLOPs at this rate amount to, over the peak."""
+    return flops_per_step * (samples_per_s / batch_size) / (peak_tflops * 1e12 * devices)
 
 
 # -- memory -----------------------------------------------------------------------------------------
@@ -185,7 +257,7 @@ def _common_flags(args, logs: Path, model_name: str) -> List[str]:
             "--dataset-type", "synthetic", "--train-num-samples", str(args.batch_size * args.steps),
             "--batch-size", str(args.batch_size), "--epochs", "1", "--workers", str(args.workers),
             "--precision", args.precision, "--device", args.device, "--seed", "0", "--lr", "5e-4",
-            "--warmup", "1", "--log-every-n-steps", "1", "--logs", str(logs), "--name", "run"]
+            "--warmup", "1", "--log-every-n-steps", str(args.log_every), "--logs", str(logs), "--name", "run"]
 
 
 def _run(trainer: str, python: str, model_flag: str, config: Optional[Path], args, work: Path,
@@ -258,16 +330,18 @@ def _run(trainer: str, python: str, model_flag: str, config: Optional[Path], arg
     result.steps_logged = len(steps)
     if steps:
         result.first_step_s = steps[0][0] - start
-    measured = steps[args.warmup_steps:]
+    # from the last line at or before --warmup-steps (or the first line) to the last line
+    base = max((i for i, line in enumerate(steps) if line[1] <= args.warmup_steps), default=0)
+    measured = steps[base + 1:]
     result.ok = proc.returncode == 0 and len(measured) >= 2
     if len(measured) >= 2:
-        # wall: intervals between consecutive step lines, from the last warm-up step's line on
-        first = steps[args.warmup_steps - 1][0] if args.warmup_steps > 0 else measured[0][0]
-        intervals = len(measured) if args.warmup_steps > 0 else len(measured) - 1
-        result.steps_measured = intervals
-        result.samples_per_s_wall = args.batch_size * intervals / max(measured[-1][0] - first, 1e-9)
+        (t0, step0, _, _), (t1, step1, _, _) = steps[base], measured[-1]
+        result.steps_measured = step1 - step0
+        result.samples_per_s_wall = args.batch_size * (step1 - step0) / max(t1 - t0, 1e-9)
+        # each line's own seconds per step, weighted by the steps since the line before it
+        covered = [line[1] - before[1] for before, line in zip(steps[base:], measured)]
         seconds = [s for _, _, s, _ in measured]
-        result.samples_per_s_self = args.batch_size * len(seconds) / sum(seconds)
+        result.samples_per_s_self = args.batch_size * sum(covered) / sum(n * s for n, s in zip(covered, seconds))
         result.median_step_ms = 1000 * statistics.median(seconds)
         result.data_ms = 1000 * statistics.mean(d for _, _, _, d in measured)
     return result
@@ -349,6 +423,32 @@ def summarise(results: List[Result], trainer: str) -> Optional[Result]:
     return out
 
 
+def device_name(device: str) -> str:
+    """What the device calls itself (``torch.cuda.get_device_name``), or ``device`` for a CPU."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return device
+
+
+def utilisation(summary: Dict[str, Result], flops: Optional[int], peak: Optional[float], args) -> List[str]:
+    """Sets each summary row's MFU; the lines that report it."""
+    if flops is None:
+        return []
+    lines = [f"FLOPs per step (forward + backward, batch {args.batch_size}): {flops / 1e9:.1f} GFLOP"]
+    if peak is None:
+        return lines + [f"MFU: no peak known for {device_name(args.device)!r}; give --peak-tflops"]
+    parts = []
+    for trainer, r in summary.items():
+        if r.samples_per_s_wall:
+            r.mfu = mfu(flops, r.samples_per_s_wall, args.batch_size, peak)
+            parts.append(f"{trainer} {100 * r.mfu:.1f}%")
+    dense = "" if args.precision in ("amp_bf16", "amp_bfloat16", "bf16", "pure_bf16") else \
+        f" (the bf16 peak; --precision {args.precision} computes in another format)"
+    return lines + [f"MFU against {peak:g} TFLOP/s{dense}: {', '.join(parts) or '-'}"]
+
+
 def report(results: List[Result], args, model_desc: str) -> Dict[str, Result]:
     print()
     print(f"model {model_desc}, batch {args.batch_size}, {args.steps} steps (first {args.warmup_steps} not "
@@ -425,7 +525,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="torch/OpenMP threads in each trainer (default: 1; on a shared machine, more threads "
                         "than idle cores make OpenMP stall and the numbers meaningless)")
     p.add_argument("--workers", type=int, default=1, help="data loader workers (default: 1)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu); with cuda, MFU is reported")
+    p.add_argument("--log-every", type=int, default=1,
+                   help="--log-every-n-steps for both trainers (default: 1; on a GPU e.g. 10, so that logging "
+                        "adds no per-step synchronisation)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's peak dense TFLOP/s for MFU (default: from the table by device name)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the FLOPs per step and the device's peak, and train nothing")
     p.add_argument("--precision", default="fp32",
                    help="--precision for both (default: fp32; on CPU 'amp' differs: OpenCLIP autocasts to "
                         "fp16, clipkit to bf16, so compare amp_bf16 instead)")
@@ -438,8 +545,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the run folders and logs (printed at the end)")
     args = p.parse_args(argv)
-    if args.steps <= args.warmup_steps + 1:
-        p.error(f"--steps must exceed --warmup-steps + 1 ({args.warmup_steps + 1})")
+    if args.steps <= args.warmup_steps + 2 * args.log_every:
+        p.error(f"--steps must exceed --warmup-steps + 2 x --log-every ({args.warmup_steps + 2 * args.log_every}): "
+                f"two log lines after the warm-up are measured")
     if args.precision == "amp" and not args.device.startswith("cuda"):
         print("warning: --precision amp on CPU is fp16 autocast in OpenCLIP and bf16 autocast in clipkit; "
               "use amp_bf16 to compare like with like", file=sys.stderr)
@@ -463,6 +571,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         clipkit_model = str(config) if config is not None else args.model
         openclip_model = config.stem if config is not None else args.model
 
+        flops = peak = None
+        if args.device.startswith("cuda") or args.dry_run:
+            flops = step_flops(clipkit_model, args.batch_size)
+            peak = peak_tflops(device_name(args.device), args.peak_tflops)
+        if args.dry_run:
+            print(f"model {model_desc}, batch {args.batch_size}, device {device_name(args.device)}")
+            print(utilisation({}, flops, peak, args)[0])
+            print(f"peak: {f'{peak:g} TFLOP/s' if peak is not None else 'unknown (give --peak-tflops)'}")
+            return 0
         trainers = [t for t in ("clipkit", "openclip") if not args.only or args.only == t]
         pythons = {t: sys.executable for t in trainers}
         if "openclip" in trainers and args.openclip_venv is not None:
@@ -477,11 +594,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 result.run = i + 1
                 results.append(result)
         summary = report(results, args, model_desc)
+        for line in utilisation(summary, flops, peak, args):
+            print(line)
         if args.json is not None:
             def plain(r: Result) -> Dict[str, object]:
                 return {k: v for k, v in asdict(r).items() if k != "log"}
             args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                             "machine": _machine(args), "runs": [plain(r) for r in results],
+                                             "machine": _machine(args), "flops_per_step": flops,
+                                             "peak_tflops": peak, "runs": [plain(r) for r in results],
                                              "summary": {k: plain(v) for k, v in summary.items()}},
                                             indent=1) + "\n", encoding="utf-8")
         if args.keep:
