@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, List
 
 from ._typed import field_docs
 from .config import ModelCfg, TokenizerCfg
@@ -32,7 +32,7 @@ def _table(cls: type) -> str:
     return "\n".join(rows)
 
 
-def _tower_sections() -> list:
+def _tower_sections() -> List[str]:
     """One table per tower type the builtin plugins register, found through the registry."""
     from .kinds import towers
     from .registry import registry
@@ -69,7 +69,9 @@ def render_configs_md() -> str:
         "",
         _table(ModelCfg),
         "",
-        "`multimodal_cfg` (CoCa) is rejected: clipkit does not build CoCa models.",
+        "`model_family` names the model family (default `clip`, the two-tower model); a family a plugin adds",
+        "has top-level keys of its own (e.g. a `multimodal_cfg` section) and infers itself from them, so OpenCLIP's",
+        "configs need no `model_family`. Without the family's plugin, such a config is one error naming it.",
         "",
         *_tower_sections(),
         "## Tokenizer keys of `text_cfg` (every text tower type)",

@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple, Union
+from typing import Any, Dict, Iterator, List, Sequence, Tuple, Union
 
 from .errors import DataError
 from .train import shards as wds
@@ -28,7 +28,7 @@ class ImageCollection:
 
     kind: str
     spec: str
-    chunks: List[Union[List[Tuple[str, str]], str]]
+    chunks: Sequence[Union[List[Tuple[str, str]], str]]
 
     def fingerprint(self) -> str:
         """A digest of what the collection lists (ids, files, shards): a different listing is different input."""
@@ -61,7 +61,7 @@ def _runs(items: List[Tuple[str, str]], size: int) -> List[List[Tuple[str, str]]
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def open_images(source: Union[str, os.PathLike], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+def open_images(source: Union[str, os.PathLike[str]], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
                 csv_img_key: str = "filepath", csv_separator: str = "\t") -> ImageCollection:
     """The images ``source`` names: a folder (every file with an image extension, recursively, sorted by
     relative path, which is its id), a ``.csv``/``.tsv`` file (its ``csv_img_key`` column; relative paths

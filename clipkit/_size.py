@@ -54,7 +54,7 @@ def tower_params(cfg: Any, embed_dim: int) -> Optional[int]:
     vocab, context = _get(cfg, "vocab_size"), _get(cfg, "context_length")
     if _whole(vocab):  # a text transformer: token and position embeddings
         total += vocab * width + (context if _whole(context) else 0) * width
-    return total
+    return int(total)
 
 
 def max_params() -> int:
@@ -74,8 +74,7 @@ def size_problems(embed_dim: int, towers: List[Tuple[str, Any]]) -> List[Problem
         limit = max_params()
     except ValueError as exc:
         return [Problem("", str(exc))]
-    counted = [(key, cfg, tower_params(cfg, embed_dim)) for key, cfg in towers]
-    counted = [(key, cfg, n) for key, cfg, n in counted if n is not None]
+    counted = [(key, cfg, n) for key, cfg in towers if (n := tower_params(cfg, embed_dim)) is not None]
     total = sum(n for _, _, n in counted)
     if total <= limit:
         return []

@@ -43,7 +43,7 @@ def caller_trust(allowed: bool) -> Iterator[None]:
 
 def remote_code_requests(cfg: Any) -> List[str]:
     """Key paths at which a model config asks for ``trust_remote_code`` (requests only: see the module)."""
-    found = []
+    found: List[str] = []
     if not isinstance(cfg, Mapping):
         return found
     for section in ("vision_cfg", "text_cfg"):

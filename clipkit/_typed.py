@@ -148,8 +148,8 @@ def field_docs(cls: type) -> List[Dict[str, Any]]:
     for f in dataclasses.fields(cls):
         if f.default is not _MISSING:
             default: Any = f.default
-        elif f.default_factory is not _MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
+        elif f.default_factory is not _MISSING:
+            default = f.default_factory()
         else:
             default = _MISSING
         rows.append({"name": f.name, "type": _type_name(hints[f.name]), "default": default,
@@ -188,7 +188,7 @@ def validate(cls: type, data: Mapping[str, Any], path: str, what: str,
             continue
         kwargs[key] = converted
     for name, f in fields.items():
-        if f.default is _MISSING and f.default_factory is _MISSING and name not in data:  # type: ignore[misc]
+        if f.default is _MISSING and f.default_factory is _MISSING and name not in data:
             problems.append(Problem(f"{prefix}{name}", f"missing required key for {what}"))
     if problems:
         return None, problems

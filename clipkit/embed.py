@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ._image_sources import DEFAULT_CHUNK_SIZE, ImageCollection, open_images
 from .errors import ClipkitError, DataError
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 logger = logging.getLogger("clipkit.embed")
 
@@ -57,7 +60,8 @@ def _writable_id(ident: str) -> bool:
 class _Encoder:
     """Runs a model's ``encode_image``/``encode_text`` under a precision and returns float32 numpy rows."""
 
-    def __init__(self, encode: Callable, device: torch.device, precision: str, normalize: bool) -> None:
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], device: torch.device, precision: str,
+                 normalize: bool) -> None:
         from .train.build import precision_setup
 
         if precision not in PRECISIONS:
@@ -76,7 +80,8 @@ class _Encoder:
         features = features.float()  # normalised in fp32 whatever the precision of the forward pass
         if self.normalize:
             features = F.normalize(features, dim=-1)
-        return features.cpu().numpy()
+        rows: np.ndarray = features.cpu().numpy()
+        return rows
 
 
 def _device_of(model: torch.nn.Module, device: Optional[Union[str, torch.device]]) -> torch.device:
@@ -86,7 +91,7 @@ def _device_of(model: torch.nn.Module, device: Optional[Union[str, torch.device]
 
 
 @contextlib.contextmanager
-def _evaluating(model: torch.nn.Module):
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
     """The model in eval mode (no dropout) for the duration, then as it was."""
     was_training = model.training
     model.eval()
@@ -96,7 +101,7 @@ def _evaluating(model: torch.nn.Module):
         model.train(was_training)
 
 
-def _bar(total: Optional[int], initial: int, enabled: bool, unit: str):
+def _bar(total: Optional[int], initial: int, enabled: bool, unit: str) -> Optional[tqdm[Any]]:
     if not enabled:
         return None
     from tqdm import tqdm
@@ -105,23 +110,29 @@ def _bar(total: Optional[int], initial: int, enabled: bool, unit: str):
 
 
 # -- images --------------------------------------------------------------------------------------------
-class _ImageChunks(IterableDataset):
+# one batch: (chunk, images or None, ids, counts or None)
+_ImageBatch = Tuple[int, Optional[torch.Tensor], List[str], Optional[Dict[str, int]]]
+
+
+class _ImageChunks(IterableDataset[_ImageBatch]):
     """Decodes and preprocesses whole chunks: worker ``w`` of ``n`` takes every ``n``-th of ``chunks`` and
     yields ``(chunk, images [b, C, H, W] or None, ids, counts or None)`` batches, ``counts`` on a chunk's last."""
 
-    def __init__(self, collection: ImageCollection, chunks: Sequence[int], preprocess: Callable, batch_size: int,
+    def __init__(self, collection: ImageCollection, chunks: Sequence[int], preprocess: Callable[[Any], torch.Tensor],
+                 batch_size: int,
                  max_pixels: int) -> None:
         self.collection, self.chunks, self.preprocess = collection, list(chunks), preprocess
         self.batch_size, self.max_pixels = batch_size, max_pixels
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[_ImageBatch]:
         from .train.data import decode_image
 
         info = get_worker_info()
         mine = self.chunks[info.id::info.num_workers] if info is not None else self.chunks
         for chunk in mine:
             counts: Dict[str, int] = {}
-            images, ids = [], []
+            images: List[torch.Tensor] = []
+            ids: List[str] = []
             for ident, raw in self.collection.read(chunk, counts):
                 if not _writable_id(ident):
                     _count(counts, BAD_ID)
@@ -148,11 +159,12 @@ def _max_pixels(model: torch.nn.Module) -> int:
     return max_image_pixels(max(side) if isinstance(side, (tuple, list)) else side)
 
 
-def _image_chunks(model, preprocess, collection: ImageCollection, chunks: Sequence[int], *, batch_size: int,
+def _image_chunks(model: torch.nn.Module, preprocess: Callable[[Any], torch.Tensor], collection: ImageCollection,
+                  chunks: Sequence[int], *, batch_size: int,
                   workers: int, device: torch.device, precision: str, normalize: bool, dim: int,
-                  bar=None) -> Iterator[ChunkResult]:
+                  bar: Optional[tqdm[Any]] = None) -> Iterator[ChunkResult]:
     """Each of ``chunks`` embedded, in the order they complete (workers finish chunks out of order)."""
-    encoder = _Encoder(model.encode_image, device, precision, normalize)
+    encoder = _Encoder(cast(Callable[[torch.Tensor], torch.Tensor], model.encode_image), device, precision, normalize)
     loader = DataLoader(_ImageChunks(collection, chunks, preprocess, batch_size, _max_pixels(model)),
                         batch_size=None, num_workers=workers, pin_memory=device.type == "cuda")
     pending: Dict[int, Tuple[List[np.ndarray], List[str]]] = {}
@@ -170,11 +182,16 @@ def _image_chunks(model, preprocess, collection: ImageCollection, chunks: Sequen
             yield chunk, _stack(rows, dim), chunk_ids, counts
 
 
+def _embed_dim(model: torch.nn.Module) -> int:
+    # nn.Module types unknown attributes as Tensor | Module; a clipkit model's embed_dim is an int
+    return cast(int, model.embed_dim)
+
+
 def _stack(rows: List[np.ndarray], dim: int) -> np.ndarray:
     return np.concatenate(rows) if rows else np.zeros((0, dim), dtype=np.float32)
 
 
-def embed_images(model: torch.nn.Module, preprocess: Callable, source: Union[str, os.PathLike], *,
+def embed_images(model: torch.nn.Module, preprocess: Callable[[Any], torch.Tensor], source: Union[str, os.PathLike[str]], *,
                  batch_size: int = 64, workers: int = 0, device: Optional[Union[str, torch.device]] = None,
                  normalize: bool = True, precision: str = "fp32", csv_img_key: str = "filepath",
                  csv_separator: str = "\t", progress: bool = False) -> Tuple[np.ndarray, List[str], Dict[str, int]]:
@@ -200,22 +217,22 @@ def embed_images(model: torch.nn.Module, preprocess: Callable, source: Union[str
     with _evaluating(model):
         for result in _image_chunks(model, preprocess, collection, chunks, batch_size=batch_size, workers=workers,
                                     device=device, precision=precision, normalize=normalize,
-                                    dim=model.embed_dim, bar=bar):
+                                    dim=_embed_dim(model), bar=bar):
             results[result[0]] = result
     if bar is not None:
         bar.close()
     ordered = [results[c] for c in chunks]
     skipped = _sum_counts(r[3] for r in ordered)
     _log_skipped(skipped, collection.spec)
-    return (_stack([r[1] for r in ordered], model.embed_dim), [i for r in ordered for i in r[2]], skipped)
+    return (_stack([r[1] for r in ordered], _embed_dim(model)), [i for r in ordered for i in r[2]], skipped)
 
 
 def _known_total(collection: ImageCollection, chunks: Sequence[int]) -> Optional[int]:
     sizes = [collection.size(c) for c in chunks]
-    return None if None in sizes else sum(sizes)
+    return sum(n for n in sizes if n is not None) if None not in sizes else None
 
 
-def _sum_counts(all_counts) -> Dict[str, int]:
+def _sum_counts(all_counts: Iterable[Dict[str, int]]) -> Dict[str, int]:
     total: Dict[str, int] = {}
     for counts in all_counts:
         for kind, n in counts.items():
@@ -230,10 +247,11 @@ def _log_skipped(skipped: Dict[str, int], where: str) -> None:
 
 
 # -- texts ---------------------------------------------------------------------------------------------
-def _text_chunks(model, tokenizer, ids: Sequence[str], texts: Sequence[str], chunk_size: int,
+def _text_chunks(model: torch.nn.Module, tokenizer: Callable[[List[str]], torch.Tensor], ids: Sequence[str],
+                 texts: Sequence[str], chunk_size: int,
                  chunks: Sequence[int], *, batch_size: int, device: torch.device, precision: str,
-                 normalize: bool, bar=None) -> Iterator[ChunkResult]:
-    encoder = _Encoder(model.encode_text, device, precision, normalize)
+                 normalize: bool, bar: Optional[tqdm[Any]] = None) -> Iterator[ChunkResult]:
+    encoder = _Encoder(cast(Callable[[torch.Tensor], torch.Tensor], model.encode_text), device, precision, normalize)
     for chunk in chunks:
         lo, hi = chunk * chunk_size, min(len(texts), (chunk + 1) * chunk_size)
         rows = []
@@ -242,10 +260,11 @@ def _text_chunks(model, tokenizer, ids: Sequence[str], texts: Sequence[str], chu
             rows.append(encoder(tokenizer(batch)))
             if bar is not None:
                 bar.update(len(batch))
-        yield chunk, _stack(rows, model.embed_dim), list(ids[lo:hi]), {}
+        yield chunk, _stack(rows, _embed_dim(model)), list(ids[lo:hi]), {}
 
 
-def embed_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], *, batch_size: int = 256,
+def embed_texts(model: torch.nn.Module, tokenizer: Callable[[List[str]], torch.Tensor], texts: Sequence[str], *,
+                batch_size: int = 256,
                 device: Optional[Union[str, torch.device]] = None, normalize: bool = True,
                 precision: str = "fp32", progress: bool = False) -> np.ndarray:
     """Embed ``texts`` with ``model.encode_text`` after ``tokenizer`` (:func:`clipkit.get_tokenizer`).
@@ -265,7 +284,7 @@ def embed_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str
     return rows[0]
 
 
-def read_texts(path: Union[str, os.PathLike], *, text_key: str = "text", id_key: Optional[str] = None,
+def read_texts(path: Union[str, os.PathLike[str]], *, text_key: str = "text", id_key: Optional[str] = None,
                csv_text_key: str = "title", csv_separator: str = "\t") -> Tuple[List[str], List[str], Dict[str, int]]:
     """``(ids, texts, skipped)`` from a ``.txt`` file (one text a line), ``.jsonl`` (field ``text_key`` of each
     object) or ``.csv``/``.tsv`` (column ``csv_text_key``). Ids are line numbers (1 is the first line;
@@ -412,7 +431,7 @@ def _recorded(out: Path, done: Any, total_chunks: int) -> Dict[str, Dict[str, An
     return kept
 
 
-def embed_to_folder(out: Union[str, os.PathLike], run: Dict[str, Any], total_chunks: int,
+def embed_to_folder(out: Union[str, os.PathLike[str]], run: Dict[str, Any], total_chunks: int,
                     compute: Callable[[List[int]], Iterator[ChunkResult]], *, dim: int, force: bool = False,
                     on_start: Optional[Callable[[List[int]], None]] = None) -> Optional[Dict[str, Any]]:
     """Write ``compute``'s chunks into ``out`` resumably and assemble the final files; returns meta.json's
@@ -472,7 +491,7 @@ def _digest(items: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def run_embed(model_name: str, out: Union[str, os.PathLike], *, pretrained: Optional[str] = None,
+def run_embed(model_name: str, out: Union[str, os.PathLike[str]], *, pretrained: Optional[str] = None,
               images: Optional[str] = None, texts: Optional[str] = None, batch_size: int = 64, workers: int = 0,
               device: Optional[str] = None, precision: str = "fp32", normalize: bool = True,
               chunk_size: int = DEFAULT_CHUNK_SIZE, csv_img_key: str = "filepath", csv_text_key: str = "title",
@@ -484,7 +503,8 @@ def run_embed(model_name: str, out: Union[str, os.PathLike], *, pretrained: Opti
     from .factory import create_model_and_transforms
     from .tokenizer import get_tokenizer
 
-    if (images is None) == (texts is None):
+    source = images if images is not None else texts
+    if source is None or (images is not None and texts is not None):
         raise ClipkitError("give exactly one of --images SRC and --texts FILE")
     if precision not in PRECISIONS:
         raise ClipkitError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -495,7 +515,7 @@ def run_embed(model_name: str, out: Union[str, os.PathLike], *, pretrained: Opti
         run.update(images=images, inputs=collection.fingerprint(), chunk_size=chunk_size)
         total = len(collection.chunks)
     else:
-        ids, text_list, text_skipped = read_texts(texts, text_key=text_key, id_key=id_key,
+        ids, text_list, text_skipped = read_texts(source, text_key=text_key, id_key=id_key,
                                                   csv_text_key=csv_text_key, csv_separator=csv_separator)
         run.update(texts=texts, inputs=_digest(ids + text_list), chunk_size=chunk_size)
         total = max(1, -(-len(text_list) // chunk_size))
@@ -525,7 +545,7 @@ def run_embed(model_name: str, out: Union[str, os.PathLike], *, pretrained: Opti
         def compute(todo: List[int]) -> Iterator[ChunkResult]:
             return _image_chunks(model, preprocess, collection, todo, batch_size=batch_size, workers=workers,
                                  device=torch_device, precision=precision, normalize=normalize,
-                                 dim=model.embed_dim, bar=bar)
+                                 dim=_embed_dim(model), bar=bar)
     else:
         tokenizer = get_tokenizer(model_name)
 
@@ -536,10 +556,10 @@ def run_embed(model_name: str, out: Union[str, os.PathLike], *, pretrained: Opti
                 yield chunk, rows, chunk_ids, text_skipped if chunk == 0 else counts
 
     try:
-        meta = embed_to_folder(out, run, total, compute, dim=model.embed_dim, on_start=start)
+        meta = embed_to_folder(out, run, total, compute, dim=_embed_dim(model), on_start=start)
     finally:
         if bar is not None:
             bar.close()
     if meta is not None:
-        _log_skipped(meta["skipped"], images or texts)
+        _log_skipped(meta["skipped"], source)
     return meta

@@ -12,6 +12,9 @@ from typing import Iterable, Optional
 class ClipkitError(Exception):
     """Base class of every clipkit error."""
 
+    #: set by clipkit-train once the error is in its log, so that its entry point does not print it again
+    logged: bool = False
+
 
 @dataclass(frozen=True)
 class Problem:

@@ -9,7 +9,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, TypeVar, Union
 
 from .errors import DataError
 
@@ -22,8 +22,10 @@ TABLE_KEYS = {
     "retrieval": tuple(f"{way}_R@{k}" for way in ("image_to_text", "text_to_image") for k in (1, 5, 10)),
 }
 
+_T = TypeVar("_T")
 
-def _progress(batches: Iterable, show: bool, what: str) -> Iterable:
+
+def _progress(batches: Iterable[_T], show: bool, what: str) -> Iterable[_T]:
     if not show:
         return batches
     from tqdm import tqdm
@@ -73,7 +75,8 @@ def evaluate(model: str, task: str, data: str, *, pretrained: Optional[str] = No
     from .train.settings import DataSettings
 
     settings = DataSettings(batch_size=batch_size, workers=workers, cache_dir=cache_dir)
-    names = templates_list = None
+    names: List[str] = []  # both read for zeroshot only
+    templates_list: List[str] = []
     if task == "zeroshot":  # every file is read before the model is built
         names = class_names(data, classnames, settings, "--data", "--classnames")
         templates_list = read_list(templates, "templates") if templates else list(DEFAULT_TEMPLATES)

@@ -1,7 +1,7 @@
 """The two-tower contrastive model: encode images and texts into one space, with a learned temperature."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Set, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +35,12 @@ class ClipModel(nn.Module):
 
     @property
     def context_length(self) -> int:
-        return self.text.context_length
+        # nn.Module types unknown attributes as Tensor | Module; the tower contract makes this an int
+        return cast(int, self.text.context_length)
 
     @property
     def vocab_size(self) -> int:
-        return self.text.vocab_size
+        return cast(int, self.text.vocab_size)
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.visual(image)
@@ -92,12 +93,13 @@ class ClipModel(nn.Module):
         self._lock("text", unlocked_layers, freeze_layer_norm, False)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual.set_grad_checkpointing(enable)
-        self.text.set_grad_checkpointing(enable)
+        # every tower has it (the tower contract); nn.Module types the attribute as Tensor | Module
+        self.visual.set_grad_checkpointing(enable)  # type: ignore[operator]
+        self.text.set_grad_checkpointing(enable)  # type: ignore[operator]
 
-    def no_weight_decay(self) -> set:
+    def no_weight_decay(self) -> Set[str]:
         """Parameter names (as in ``named_parameters``) that take no weight decay."""
-        names = set()
+        names: Set[str] = set()
         for prefix in ("visual", "text"):
             tower = getattr(self, prefix)
             if hasattr(tower, "no_weight_decay"):

@@ -27,14 +27,19 @@ import sys
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, TypeVar
 
 from . import kinds as _kinds
+
+if TYPE_CHECKING:
+    from .registry import Entry
+
+_P = TypeVar("_P")
 
 try:
     import pytest
 except ImportError:  # check_plugin() from a script works without pytest; only the fixture needs it
-    pytest = None
+    pytest = None  # type: ignore[assignment]  # the module name stays bound; the fixture checks it
 
 __all__ = ["Case", "contract_cases", "check_part", "check_plugin", "PluginSandbox", "PLUGIN", "PLUGIN_CONTRACTS"]
 
@@ -84,7 +89,7 @@ class Case:
         _contract.run(self, section)
 
 
-def _has_output_tokens(entry) -> bool:
+def _has_output_tokens(entry: Entry) -> bool:
     try:
         cls = entry.config_class()
     except Exception:  # an unimportable config class fails the "builds" case, with the reason
@@ -104,18 +109,20 @@ def contract_cases(plugin: Optional[str] = None, kinds: Optional[List[str]] = No
     from .registry import registry
 
     cases: List[Case] = []
+    owner: Optional[str] = None  # the plugin's name when one is asked for
     if plugin is not None:
         info = registry.find_plugin(plugin)
         if info is None or info.status != "active":
             return [Case(PLUGIN, plugin, "loads")]
         # a subprocess sees installed plugins only, not ones registered in this process
+        owner = info.name
         cases += [Case(PLUGIN, info.name, contract) for contract in PLUGIN_CONTRACTS
                   if contract == "loads" or info.version != "in-process"]
     elif kinds is None or PLUGIN in kinds:  # installed plugins import without torch too
         cases += [Case(PLUGIN, p.name, "imports-without-torch") for p in registry.plugins()
                   if p.status == "active" and not p.builtin and p.version != "in-process"]
     declared = _kinds.KINDS
-    mine = {kind: [e for e in registry.entries(kind) if plugin is None or e.plugin.name == info.name]
+    mine = {kind: [e for e in registry.entries(kind) if owner is None or e.plugin.name == owner]
             for kind in declared}
     listed: Dict[str, Set[str]] = {kind: {e.name for e in entries} for kind, entries in mine.items()}
     for kind, spec in _in_case_order(declared):
@@ -131,7 +138,7 @@ def contract_cases(plugin: Optional[str] = None, kinds: Optional[List[str]] = No
     return cases
 
 
-def _in_case_order(declared: Mapping[str, _kinds.KindSpec]) -> List[tuple]:
+def _in_case_order(declared: Mapping[str, _kinds.KindSpec]) -> List[Tuple[str, _kinds.KindSpec]]:
     """Kinds with contracts, parts keyed by another kind after that kind's (towers before freezers)."""
     return sorted(((k, s) for k, s in declared.items() if s.contracts), key=lambda item: bool(item[1].keyed_by))
 
@@ -169,7 +176,7 @@ class PluginSandbox:
         self._registered: List[Any] = []
         self._modules: List[str] = []
 
-    def register(self, plugin: Any, name: Optional[str] = None) -> Any:
+    def register(self, plugin: _P, name: Optional[str] = None) -> _P:
         """Register a module or object with ``@clipkit.hookimpl`` functions, as if it were installed."""
         from .registry import registry
 

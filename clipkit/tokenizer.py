@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 from ._sources import resolve_model
 from ._trust import caller_trust, warn_ignored_requests
@@ -11,9 +11,14 @@ from .errors import ClipkitError, UnknownModelError
 from .kinds import TOKENIZER
 from .registry import PLUGIN_FAILURES, registry
 
+if TYPE_CHECKING:
+    import torch
+
+    from .builtin.tokenizers.clip_bpe import ClipTokenizer
+
 
 def get_tokenizer(model_name: str = "", context_length: Optional[int] = None, cache_dir: Optional[str] = None,
-                  trust_remote_code: bool = False, **kwargs: Any):
+                  trust_remote_code: bool = False, **kwargs: Any) -> Callable[..., torch.Tensor]:
     """The tokenizer a model's config implies, at its ``context_length`` (or the one given).
 
     An unknown model name is an error (OpenCLIP logs a warning and falls back to CLIP's BPE tokenizer,
@@ -39,7 +44,7 @@ def get_tokenizer(model_name: str = "", context_length: Optional[int] = None, ca
     factory = entry.load()
     try:
         with caller_trust(trust_remote_code):
-            tokenizer = factory(text_cfg, length, **tokenizer_kwargs)
+            tokenizer: Callable[..., torch.Tensor] = factory(text_cfg, length, **tokenizer_kwargs)
     except ClipkitError:
         raise
     except PLUGIN_FAILURES as exc:
@@ -67,15 +72,16 @@ def _check_special_ids(model_name: str, config: ModelConfig, tokenizer: Any) -> 
 
 
 @lru_cache(maxsize=1)
-def _clip_bpe(generation: int) -> Any:
-    return registry.get(TOKENIZER, "clip").load()({}, 77)
+def _clip_bpe(generation: int) -> ClipTokenizer:
+    tokenizer: ClipTokenizer = registry.get(TOKENIZER, "clip").load()({}, 77)
+    return tokenizer
 
 
-def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77):
+def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77) -> torch.Tensor:
     """CLIP BPE ids, as OpenCLIP's ``tokenize``. A model's own tokenizer comes from :func:`get_tokenizer`."""
     return _clip_bpe(registry.generation)(texts, context_length)
 
 
-def decode(ids) -> str:
+def decode(ids: Union[Sequence[int], torch.Tensor]) -> str:
     """Text of CLIP BPE ids, as OpenCLIP's ``decode``."""
     return _clip_bpe(registry.generation).decode(ids)

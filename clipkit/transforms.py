@@ -15,9 +15,16 @@ import math
 import numbers
 import random
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 from .errors import PreprocessError
+
+if TYPE_CHECKING:
+    import torch
+    from torchvision.transforms import InterpolationMode
+
+# A preprocessing pipeline: a PIL image (or array, or tensor) in, the model's input tensor out.
+ImageTransform = Callable[[Any], "torch.Tensor"]
 
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -84,7 +91,7 @@ class PreprocessCfg:
     resize_mode: str = "shortest"
     fill_color: Union[int, Tuple[int, ...]] = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         size = tuple(self.size) if isinstance(self.size, list) else self.size
         if not (_is_positive_int(size)
                 or (isinstance(size, tuple) and len(size) == 2 and all(map(_is_positive_int, size)))):
@@ -137,7 +144,7 @@ class AugmentationCfg:
     color_jitter_prob: Optional[float] = None
     gray_scale_prob: Optional[float] = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         # Configs arrive from JSON and the CLI, where tuples are lists.
         for f in fields(self):
             if isinstance(getattr(self, f.name), list):
@@ -151,7 +158,7 @@ class AugmentationCfg:
                 raise PreprocessError(f"aug_cfg {key} must be (low, high) with 0 < low <= high, got {value!r}")
         jitter = self.color_jitter
         if jitter is not None and not (
-                (_is_number(jitter) and jitter >= 0)
+                (isinstance(jitter, (int, float)) and _is_number(jitter) and jitter >= 0)
                 or (isinstance(jitter, tuple) and len(jitter) in (3, 4) and all(map(_is_number, jitter)))):
             raise PreprocessError(f"aug_cfg color_jitter must be a number >= 0 or a 3- or 4-tuple "
                                   f"(brightness, contrast, saturation[, hue]), got {jitter!r}")
@@ -178,7 +185,7 @@ def merge_preprocess(base: Union[PreprocessCfg, Dict[str, Any]], overrides: Opti
     Keys that are not preprocessing keys are dropped from both, as OpenCLIP does: overrides often come
     from a larger dict (a hub ``open_clip_config.json``, a set of ``image_*`` arguments). Lists become tuples.
     """
-    def clean(items):
+    def clean(items: Iterable[Tuple[str, Any]]) -> Dict[str, Any]:
         return {k: tuple(v) if isinstance(v, list) else v for k, v in items if k in PREPROCESS_KEYS}
 
     out = clean((base.as_dict() if isinstance(base, PreprocessCfg) else base).items())
@@ -190,11 +197,12 @@ def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return (size, size) if isinstance(size, int) else (size[0], size[1])
 
 
-def _interpolation_mode(name: str):
+def _interpolation_mode(name: str) -> InterpolationMode:
     from torchvision.transforms import InterpolationMode
 
     _check_choice("interpolation", name, INTERPOLATIONS)
-    return InterpolationMode.BILINEAR if name == "bilinear" else InterpolationMode.BICUBIC
+    mode: InterpolationMode = InterpolationMode.BILINEAR if name == "bilinear" else InterpolationMode.BICUBIC
+    return mode
 
 
 class ResizeKeepRatio:
@@ -216,7 +224,7 @@ class ResizeKeepRatio:
         ratio = max(ratios) * self.longest + min(ratios) * (1.0 - self.longest)
         return round(height / ratio), round(width / ratio)
 
-    def __call__(self, img):
+    def __call__(self, img: Any) -> Any:
         import torchvision.transforms.functional as TF
 
         _, height, width = TF.get_dimensions(img)
@@ -234,7 +242,7 @@ class CenterCropOrPad:
         self.size = _pair(size)
         self.fill = fill
 
-    def __call__(self, img):
+    def __call__(self, img: Any) -> Any:
         import torchvision.transforms.functional as TF
 
         _, height, width = TF.get_dimensions(img)
@@ -257,7 +265,7 @@ class ConvertMode:
     def __init__(self, mode: str = "RGB") -> None:
         self.mode = mode
 
-    def __call__(self, img):
+    def __call__(self, img: Any) -> Any:
         from PIL import Image
 
         return img.convert(self.mode) if isinstance(img, Image.Image) else img
@@ -269,11 +277,12 @@ class ConvertMode:
 class ToTensor:
     """PIL image or array to a float tensor in [0, 1]; a tensor passes through unchanged."""
 
-    def __call__(self, img):
+    def __call__(self, img: Any) -> torch.Tensor:
         import torch
         import torchvision.transforms.functional as TF
 
-        return img if isinstance(img, torch.Tensor) else TF.to_tensor(img)
+        tensor: torch.Tensor = img if isinstance(img, torch.Tensor) else TF.to_tensor(img)
+        return tensor
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -286,11 +295,11 @@ class RandomApply:
     in OpenCLIP's color jitter and grayscale steps, so seeded runs match OpenCLIP's.
     """
 
-    def __init__(self, transform, p: float) -> None:
+    def __init__(self, transform: Callable[[Any], Any], p: float) -> None:
         self.transform = transform
         self.p = p
 
-    def __call__(self, img):
+    def __call__(self, img: Any) -> Any:
         return self.transform(img) if random.random() < self.p else img
 
     def __repr__(self) -> str:
@@ -313,7 +322,7 @@ class RandomErasing:
         self.p = p
         self.max_count = max_count
 
-    def __call__(self, img):
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
         import torch
 
         if random.random() > self.p:
@@ -357,7 +366,7 @@ def _as_augmentation_cfg(aug_cfg: Optional[Union[AugmentationCfg, Dict[str, Any]
     return AugmentationCfg(**aug_cfg)
 
 
-def _eval_transform(cfg: PreprocessCfg):
+def _eval_transform(cfg: PreprocessCfg) -> ImageTransform:
     from torchvision import transforms as T
 
     size = _pair(cfg.size)
@@ -375,16 +384,18 @@ def _eval_transform(cfg: PreprocessCfg):
         # OpenCLIP 3.3.0 resizes non-square 'shortest' targets with bicubic whatever `interpolation`
         # says; followed here so that evaluation tensors stay identical to OpenCLIP's.
         steps = [ResizeKeepRatio(size, longest=0, interpolation="bicubic"), T.CenterCrop(size)]
-    return T.Compose(steps + [ConvertMode(cfg.mode), ToTensor(), T.Normalize(mean=cfg.mean, std=cfg.std)])
+    pipeline: ImageTransform = T.Compose([*steps, ConvertMode(cfg.mode), ToTensor(),
+                                          T.Normalize(mean=cfg.mean, std=cfg.std)])
+    return pipeline
 
 
-def _timm_train_transform(cfg: PreprocessCfg, aug: AugmentationCfg):
+def _timm_train_transform(cfg: PreprocessCfg, aug: AugmentationCfg) -> ImageTransform:
     from timm.data import create_transform  # timm is an optional dependency
     from torchvision import transforms as T
 
     # The arguments OpenCLIP passes: no flip, per-pixel noise for random erasing, color jitter off
     # unless asked for (timm would default to 0.4).
-    options = {"scale": aug.scale, "color_jitter": aug.color_jitter}
+    options: Dict[str, Any] = {"scale": aug.scale, "color_jitter": aug.color_jitter}
     if aug.ratio is not None:
         options["ratio"] = aug.ratio
     if aug.re_prob is not None:
@@ -401,20 +412,22 @@ def _timm_train_transform(cfg: PreprocessCfg, aug: AugmentationCfg):
         re_mode="pixel", interpolation=cfg.interpolation, **options)
     # timm never converts the image mode, so grayscale or RGBA input would fail at Normalize; converting
     # first leaves RGB input untouched.
-    return T.Compose([ConvertMode(cfg.mode)] + list(timm_transform.transforms))
+    pipeline: ImageTransform = T.Compose([ConvertMode(cfg.mode)] + list(timm_transform.transforms))
+    return pipeline
 
 
-def _train_transform(cfg: PreprocessCfg, aug: AugmentationCfg):
+def _train_transform(cfg: PreprocessCfg, aug: AugmentationCfg) -> ImageTransform:
     from torchvision import transforms as T
 
     if aug.use_timm:
         return _timm_train_transform(cfg, aug)
     # OpenCLIP crops with bicubic here whatever `interpolation` says; followed so seeded runs match.
-    steps = [T.RandomResizedCrop(_pair(cfg.size), scale=aug.scale, ratio=aug.ratio or DEFAULT_CROP_RATIO,
-                                 interpolation=_interpolation_mode("bicubic")),
-             ConvertMode(cfg.mode)]
+    steps: list[Callable[[Any], Any]] = [
+        T.RandomResizedCrop(_pair(cfg.size), scale=aug.scale, ratio=aug.ratio or DEFAULT_CROP_RATIO,
+                            interpolation=_interpolation_mode("bicubic")),
+        ConvertMode(cfg.mode)]
     if aug.color_jitter is not None and aug.color_jitter_prob != 0:
-        strengths = (aug.color_jitter,) * 3 if _is_number(aug.color_jitter) else aug.color_jitter
+        strengths = aug.color_jitter if isinstance(aug.color_jitter, tuple) else (aug.color_jitter,) * 3
         jitter = T.ColorJitter(*strengths)
         steps.append(jitter if aug.color_jitter_prob is None else RandomApply(jitter, aug.color_jitter_prob))
     if aug.gray_scale_prob:
@@ -422,11 +435,12 @@ def _train_transform(cfg: PreprocessCfg, aug: AugmentationCfg):
     steps += [ToTensor(), T.Normalize(mean=cfg.mean, std=cfg.std)]
     if aug.re_prob:
         steps.append(RandomErasing(aug.re_prob, max_count=aug.re_count or 1))
-    return T.Compose(steps)
+    pipeline: ImageTransform = T.Compose(steps)
+    return pipeline
 
 
 def image_transform_v2(cfg: Union[PreprocessCfg, Dict[str, Any]], is_train: bool,
-                       aug_cfg: Optional[Union[AugmentationCfg, Dict[str, Any]]] = None):
+                       aug_cfg: Optional[Union[AugmentationCfg, Dict[str, Any]]] = None) -> ImageTransform:
     """A torchvision pipeline from PIL image to normalised ``[3, H, W]`` tensor (OpenCLIP's ``image_transform_v2``).
 
     ``cfg`` is a :class:`PreprocessCfg` or a dict of its keys; ``aug_cfg`` an :class:`AugmentationCfg`
@@ -452,7 +466,7 @@ def image_transform_v2(cfg: Union[PreprocessCfg, Dict[str, Any]], is_train: bool
 def image_transform(image_size: Union[int, Tuple[int, int]], is_train: bool, mean: Optional[Sequence[float]] = None,
                     std: Optional[Sequence[float]] = None, resize_mode: Optional[str] = None,
                     interpolation: Optional[str] = None, fill_color: int = 0,
-                    aug_cfg: Optional[Union[AugmentationCfg, Dict[str, Any]]] = None):
+                    aug_cfg: Optional[Union[AugmentationCfg, Dict[str, Any]]] = None) -> ImageTransform:
     """OpenCLIP's ``image_transform`` signature: the preprocessing keys as arguments (None = default)."""
     keys = {"size": image_size, "mean": mean, "std": std, "resize_mode": resize_mode,
             "interpolation": interpolation, "fill_color": fill_color}

@@ -188,13 +188,13 @@ def _canonical(key: str) -> str:
     return "text." + key
 
 
-def _few(keys: list) -> str:
+def _few(keys: List[str]) -> str:
     return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
 
 @names_missing_parts("checkpoint_path")  # weights that do not fit: a part's plugin may be missing
 def load_checkpoint(model: nn.Module, checkpoint_path: Union[str, Path], strict: bool = True,
-                    weights_only: bool = True, device: Union[str, torch.device] = "cpu") -> Dict[str, list]:
+                    weights_only: bool = True, device: Union[str, torch.device] = "cpu") -> Dict[str, List[str]]:
     """Load a checkpoint file into ``model`` (OpenCLIP-compatible signature).
 
     Returns ``{"missing_keys": [...], "unexpected_keys": [...]}``; both are empty unless ``strict=False``.

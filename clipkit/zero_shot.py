@@ -12,7 +12,7 @@ positional slot, e.g. ``"a photo of a {}."``.
 from __future__ import annotations
 
 from collections.abc import Sequence as _SequenceABC
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, TypeVar, Union
 
 import torch
 
@@ -40,7 +40,10 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[List[str]]:
         yield [items[i] for i in range(start, min(start + size, len(items)))]
 
 
-def _progress(iterable: Iterable, use_tqdm: bool, **tqdm_kwargs) -> Iterable:
+_T = TypeVar("_T")
+
+
+def _progress(iterable: Iterable[_T], use_tqdm: bool, **tqdm_kwargs: Any) -> Iterable[_T]:
     if not use_tqdm:
         return iterable
     from tqdm import tqdm  # only needed when a progress bar is asked for
@@ -49,12 +52,13 @@ def _progress(iterable: Iterable, use_tqdm: bool, **tqdm_kwargs) -> Iterable:
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True)
+    unit: torch.Tensor = x / x.norm(dim=-1, keepdim=True)
+    return unit
 
 
 def build_zero_shot_classifier(
-        model,
-        tokenizer,
+        model: Any,  # any model with encode_text (OpenCLIP's too): duck-typed, as documented below
+        tokenizer: Callable[[List[str]], torch.Tensor],
         classnames: Sequence[str],
         templates: Sequence[Template],
         num_classes_per_batch: Optional[int] = 10,
@@ -99,8 +103,8 @@ def build_zero_shot_classifier(
 
 
 def build_zero_shot_classifier_legacy(
-        model,
-        tokenizer,
+        model: Any,  # any model with encode_text (OpenCLIP's too): duck-typed, as documented below
+        tokenizer: Callable[[List[str]], torch.Tensor],
         classnames: Sequence[str],
         templates: Sequence[Template],
         device: Union[str, torch.device] = "cpu",

@@ -35,7 +35,7 @@ _CALLABLES = (*_CLASSES, _meta._MEM_FORMAT_ENCODING, torch.Size, torch.serializa
 
 
 def _allowed() -> Dict[Tuple[str, str], Any]:
-    table = {(obj.__module__, obj.__qualname__): obj for obj in _CALLABLES}
+    table: Dict[Tuple[str, str], Any] = {(obj.__module__, obj.__qualname__): obj for obj in _CALLABLES}
     table.update({("pathlib", obj.__name__): obj for obj in _CALLABLES if obj.__module__.startswith("pathlib")})
     table.update({("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)})
     return table
@@ -51,14 +51,17 @@ class _MetadataUnpickler(pickle._Unpickler):  # the Python implementation, so th
         except KeyError:
             raise pickle.UnpicklingError(f"{module}.{name} is not part of Distributed Checkpoint metadata") from None
 
+    # stack and load_build are the pure-Python unpickler's internals, absent from typeshed's stubs
     def _load_build(self) -> None:
-        if type(self.stack[-2]) not in _CLASSES:
-            raise pickle.UnpicklingError(f"sets the state of a {type(self.stack[-2]).__name__}, which is not "
+        target = self.stack[-2]  # type: ignore[attr-defined]
+        if type(target) not in _CLASSES:
+            raise pickle.UnpicklingError(f"sets the state of a {type(target).__name__}, which is not "
                                          f"Distributed Checkpoint metadata")
-        pickle._Unpickler.load_build(self)
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
 
     dispatch = dict(pickle._Unpickler.dispatch)
-    dispatch[pickle.BUILD[0]] = _load_build
+    # typed for any Unpickler; this table is only ever used by instances of this class
+    dispatch[pickle.BUILD[0]] = _load_build  # type: ignore[assignment]
 
 
 def read_metadata(path: Path) -> _meta.Metadata:
@@ -122,7 +125,7 @@ class SafeReader(FileSystemReader):
         return self.metadata
 
 
-class _BytesAsData:
+class _BytesAsData(DefaultLoadPlanner):
     """Non-tensor entries (optimizer hyper-parameters) read with ``weights_only=True``."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:

@@ -178,7 +178,8 @@ def read_extras(path: Path) -> Dict[str, Any]:
     if not is_dcp(path):
         raise CheckpointError(f"{path}: not a complete Distributed Checkpoint folder (no .metadata or {EXTRAS})")
     try:
-        return torch.load(path / EXTRAS, map_location="cpu", weights_only=True)
+        extras: Dict[str, Any] = torch.load(path / EXTRAS, map_location="cpu", weights_only=True)
+        return extras
     except Exception as exc:
         raise CheckpointError(f"{path / EXTRAS}: not readable ({type(exc).__name__}: {exc})") from exc
 
@@ -293,6 +294,7 @@ def rng_state() -> Dict[str, Any]:
 
     version, state, gauss = random.getstate()
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # numpy's global generator is MT19937: its state is the legacy tuple
     out = {"torch": torch.get_rng_state(),
            "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss": gauss},
            "numpy": {"keys": torch.from_numpy(np_state[1].astype("int64")), "pos": int(np_state[2]),
@@ -510,12 +512,12 @@ class Checkpointer:
         # each process's data position and generators, so that every one resumes where it was
         ranks = [{"data": data, "rng": rng_state()}]
         if self.env.distributed:
-            ranks = [None] * self.env.world
+            ranks = [{} for _ in range(self.env.world)]  # all_gather_object fills every slot
             torch.distributed.all_gather_object(ranks, {"data": data, "rng": rng_state()})
         every = self.settings.save_frequency
         numbered = epoch_end and every > 0 and (completed_epochs == self.epochs or completed_epochs % every == 0)
         if self.parallel.sharded:
-            self._save_folder(completed_epochs, step, data, ranks, numbered, epoch_end)
+            self._save_folder(self.folder, completed_epochs, step, data, ranks, numbered, epoch_end)
             return
         if not self.env.main:
             return
@@ -537,7 +539,7 @@ class Checkpointer:
         if self.remote is not None:
             self.remote.sync(final=False)
 
-    def _save_folder(self, completed_epochs: int, step: int, data: Optional[Dict[str, Any]], ranks: List[Any],
+    def _save_folder(self, folder: Path, completed_epochs: int, step: int, data: Optional[Dict[str, Any]], ranks: List[Any],
                      numbered: bool, epoch_end: bool) -> None:
         """Every process writes its shard into a Distributed Checkpoint folder; process 0 adds ``clipkit.pt``
         (the rest of a .pt checkpoint) and swaps the complete folder into place as ``epoch_latest``, then
@@ -551,8 +553,8 @@ class Checkpointer:
         # the optimizer's keyed by parameter name
         model_state = self.model.state_dict()
         optim_state = get_optimizer_state_dict(self.model, self.optimizer)
-        latest = self.folder / LATEST_DIR
-        tmp = self.folder / f"{TMP_PREFIX}{LATEST_DIR}"
+        latest = folder / LATEST_DIR
+        tmp = folder / f"{TMP_PREFIX}{LATEST_DIR}"
         if self.env.main:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -566,14 +568,14 @@ class Checkpointer:
         if self.env.main:
             swap_in(tmp, latest)
             if numbered:
-                target = self.folder / f"epoch_{completed_epochs}"
-                copy = self.folder / f"{TMP_PREFIX}{target.name}"
+                target = folder / f"epoch_{completed_epochs}"
+                copy = folder / f"{TMP_PREFIX}{target.name}"
                 if copy.exists():
                     shutil.rmtree(copy)
                 copy_tree(latest, copy)
                 swap_in(copy, target)
                 logger.info("saved %s", target)
-                previous = self.folder / f"epoch_{completed_epochs - 1}"
+                previous = folder / f"epoch_{completed_epochs - 1}"
                 if self.settings.delete_previous_checkpoint and previous.is_dir():
                     shutil.rmtree(previous)
             else:

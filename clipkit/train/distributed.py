@@ -8,7 +8,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,7 @@ class Env:
         return self.rank == 0
 
 
-def _from_environment() -> tuple:
+def _from_environment() -> Tuple[int, int, int]:
     """``(rank, local_rank, world)`` from torchrun's variables, else SLURM's, else one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"])
@@ -136,7 +136,7 @@ class StopSignals:
         self.defer = False
         self._on_first, self._on_second = on_first, on_second
         self._saved: Dict[int, Any] = {}
-        self._fds: Optional[tuple] = None
+        self._fds: Optional[Tuple[int, int]] = None
         self._wakeup = -1
 
     def install(self) -> bool:

@@ -9,15 +9,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import ArgsError, DataError
 from .data import data_source, eval_loader, eval_type, read_list
 from .loss import clip_metrics
+
+if TYPE_CHECKING:
+    from ..zero_shot import Template
+    from .data import DataSource
 
 logger = logging.getLogger("clipkit.train")
 
@@ -27,11 +30,12 @@ class EvalContext:
     """What evaluation runs on: the bare model (never its DDP or compiled wrapper), the validation
     preprocess and tokenizer, the device, and the run's number formats."""
 
-    model: nn.Module
-    preprocess: Callable
-    tokenizer: Callable
+    # a CLIP model, clipkit's or OpenCLIP's (duck-typed: called with output_dict=True, and encode_image)
+    model: Any
+    preprocess: Callable[[Any], torch.Tensor]
+    tokenizer: Callable[[List[str]], torch.Tensor]
     device: torch.device
-    autocast: Callable[[], ContextManager]
+    autocast: Callable[[], ContextManager[Any]]
     input_dtype: Optional[torch.dtype]
     seed: int
 
@@ -113,7 +117,7 @@ class ZeroShotCounts:
         return (self.top1[present].double() / self.samples[present].double()).mean().item()
 
 
-def zero_shot_classifier(ctx: EvalContext, classnames: Sequence[str], templates: Sequence[Any]) -> torch.Tensor:
+def zero_shot_classifier(ctx: EvalContext, classnames: Sequence[str], templates: Sequence[Template]) -> torch.Tensor:
     """The ``[embed_dim, classes]`` fp32 classifier; string templates may write the class as ``{}`` or ``{c}``."""
     from ..zero_shot import build_zero_shot_classifier
 
@@ -149,7 +153,7 @@ def zero_shot_counts(ctx: EvalContext, batches: Iterable[Dict[str, Any]], classi
     return counts
 
 
-def zero_shot(ctx: EvalContext, data: Any, spec: str, classnames: Sequence[str], templates: Sequence[str],
+def zero_shot(ctx: EvalContext, data: Any, spec: str, classnames: Sequence[str], templates: Sequence[Template],
               prefix: str, flag: str) -> Dict[str, Any]:
     """Top-1/top-5 accuracy of the text-derived classifier over labelled images (from ``flag``)."""
     classifier = zero_shot_classifier(ctx, classnames, templates)
@@ -197,13 +201,13 @@ class Evaluator:
 
         data = self.data
 
-        def source(flag: str, spec: str, label: bool):
+        def source(flag: str, spec: str, label: bool) -> DataSource:
             try:
                 return data_source(spec, eval_type(spec, data), data, flag=flag, label=label)
             except ArgsError as exc:  # a --dataset-type that names no registered data source
                 raise DataError(f"{flag} {spec!r}: {exc}") from exc
 
-        def classes_fit(flag: str, spec: str, found, names: Sequence[str], named_by: str) -> None:
+        def classes_fit(flag: str, spec: str, found: DataSource, names: Sequence[str], named_by: str) -> None:
             if found.classes and len(found.classes) > len(names):  # a source that names its classes: folders
                 raise DataError(f"{flag} {spec}: {len(found.classes)} class folders, but {named_by} has "
                                 f"{len(names)} class names")

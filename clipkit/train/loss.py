@@ -5,7 +5,7 @@ Logits are computed in fp32 whatever the autocast dtype: the logit scale reaches
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -38,12 +38,12 @@ class _ScaleGrad(torch.autograd.Function):
     """Identity forward; the gradient multiplied by ``factor`` on the way back."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
         ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
         return grad * ctx.factor, None
 
 
@@ -83,7 +83,8 @@ class ClipLoss(nn.Module):
         return per_image, per_text
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: Optional[torch.Tensor] = None, output_dict: bool = False):
+                logit_bias: Optional[torch.Tensor] = None, output_dict: bool = False
+                ) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
         per_image, per_text = self.logits(image_features, text_features, logit_scale, logit_bias)
         n = per_image.shape[0]
         labels = torch.arange(n, device=per_image.device)
@@ -122,7 +123,8 @@ class SigLipLoss(nn.Module):
         return -F.logsigmoid(labels * logits).sum() / n
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: Optional[torch.Tensor] = None, output_dict: bool = False):
+                logit_bias: Optional[torch.Tensor] = None, output_dict: bool = False
+                ) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
         image, text = image_features.float(), text_features.float()
         loss = self._block(image, text, logit_scale, logit_bias, positive=True)
         if self.world > 1 and self.dist_impl in ("shift", "bidir"):
@@ -154,12 +156,12 @@ class _RingPass(torch.autograd.Function):
     """Send a tensor to the next process and receive the previous one's; gradients go the other way."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
         ctx.rank, ctx.world = rank, world
         return _exchange(x, (rank + 1) % world, (rank - 1) % world)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
         return _exchange(grad, (ctx.rank - 1) % ctx.world, (ctx.rank + 1) % ctx.world), None, None
 
 

@@ -6,7 +6,7 @@ The trainer asks its strategy, never ``--fsdp``; :func:`parallelism_for` picks o
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,11 @@ def local_part(t: torch.Tensor) -> torch.Tensor:
 def whole(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor (a collective for a sharded one: every process must call it)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _logit_scale(model: nn.Module) -> torch.Tensor:
+    # a parameter of every CLIP model; nn.Module types unknown attributes as Tensor | Module
+    return cast(torch.Tensor, model.logit_scale)
 
 
 class SingleProcess:
@@ -58,7 +63,7 @@ class SingleProcess:
 
     def logit_scale(self, model: nn.Module) -> torch.Tensor:
         """The temperature's value (every process calls it: for a sharded model it is a collective)."""
-        return model.logit_scale.detach()
+        return _logit_scale(model).detach()
 
     def load_whole(self, model: nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
         """A whole ``state_dict`` (a ``.pt`` checkpoint's) into the model."""
@@ -151,13 +156,14 @@ class FullySharded(SingleProcess):
         params = [p for p in model.parameters() if p.grad is not None]
         sharded = [p for p in params if id(p) not in replicated]
         kept = [p for p in params if id(p) in replicated]
-        norms = [whole(get_total_norm([p.grad for p in group])) for group in (sharded, kept) if group]
+        norms = [whole(get_total_norm([p.grad for p in group if p.grad is not None]))
+                 for group in (sharded, kept) if group]
         total = torch.stack([n.to(torch.float32) for n in norms]).norm()
         clip_grads_with_norm_(sharded, max_norm, total)
         clip_grads_with_norm_(kept, max_norm, total)
 
     def logit_scale(self, model: nn.Module) -> torch.Tensor:
-        return whole(model.logit_scale.detach())
+        return whole(_logit_scale(model).detach())
 
     def load_whole(self, model: nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
         # every process reads the whole file and keeps its shards

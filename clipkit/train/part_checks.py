@@ -73,6 +73,9 @@ def _outputs(entry: Entry, objective: Any, seed: int = 0, contract: str = "terms
            "logit_scale": torch.tensor(math.log(10.0)).exp().detach().requires_grad_()}
     if "logit_bias" in tuple(objective.needs):
         out["logit_bias"] = torch.tensor(-1.0, requires_grad=True)
+    example_outputs = getattr(objective, "example_outputs", None)
+    if callable(example_outputs):  # outputs a model family adds (a decoder's logits), for objectives that read them
+        out.update(example_outputs(BATCH, g))
     try:
         with torch.no_grad():
             extras = objective.extra_forward(_batch(seed))
@@ -155,7 +158,8 @@ def _check_accumulation(entry: Entry, section: Any) -> None:
                                                    f"batch's: a term must depend only on the concatenated outputs")
         _total(terms).backward()
     for key, leaf in leaves.items():
-        if not torch.allclose(leaf.grad, whole[key].grad, atol=1e-5, rtol=1e-4):
+        got, want = leaf.grad, whole[key].grad
+        if got is None or want is None or not torch.allclose(got, want, atol=1e-5, rtol=1e-4):
             raise _fail(entry, "accumulation", f"the gradient of {key} over two accumulation passes differs from "
                                                f"the whole batch's")
 

@@ -59,6 +59,7 @@ def fetch(url: str, folder: Path) -> Path:
     """
     import fsspec
 
+    path: str  # fsspec is untyped: the path inside its filesystem
     fs, path = fsspec.core.url_to_fs(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"--resume {url}: no such remote checkpoint")

@@ -30,7 +30,7 @@ def setup_logging(log_file: Optional[Path], debug: bool, rank: int, all_ranks: b
     root = logging.getLogger("clipkit")
     saved = (root.level, root.propagate)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    handlers = [logging.StreamHandler(sys.stderr)]
+    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))

@@ -8,7 +8,9 @@ from typing import Any
 def learning_rate(optimization: Any, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """OpenCLIP's schedules: linear warmup over ``--warmup`` steps, then cosine, constant, or constant
     with a final ``--epochs-cooldown`` decay to ``--lr-cooldown-end`` shaped by ``--lr-cooldown-power``."""
-    base, warmup = optimization.lr, optimization.warmup
+    # resolved settings: lr and the cooldown are set by the time a schedule runs
+    base: float = optimization.lr
+    warmup: int = optimization.warmup
     if step < warmup:
         return base * (step + 1) / warmup
     if optimization.lr_scheduler == "cosine":
@@ -20,5 +22,6 @@ def learning_rate(optimization: Any, step: int, total_steps: int, steps_per_epoc
     if step < cooldown_start:
         return base
     span = max(1, total_steps - cooldown_start)
-    decay = (1 - (step - cooldown_start) / span) ** optimization.lr_cooldown_power
-    return decay * (base - optimization.lr_cooldown_end) + optimization.lr_cooldown_end
+    decay: float = (1 - (step - cooldown_start) / span) ** optimization.lr_cooldown_power
+    end: float = optimization.lr_cooldown_end
+    return decay * (base - end) + end

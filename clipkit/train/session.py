@@ -7,6 +7,7 @@ reported as well as one while training.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shlex
@@ -14,7 +15,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Iterator, List, Optional, Type
+from typing import Any, Callable, Iterator, List, Literal, Optional, Type
 
 import torch
 
@@ -73,7 +74,8 @@ class Session:
     def __enter__(self) -> "Session":
         return self
 
-    def __exit__(self, kind: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]) -> bool:
+    def __exit__(self, kind: Optional[Type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> Literal[False]:
         try:
             error = self._explained(exc) if exc is not None else None
             if error is not None:
@@ -227,10 +229,11 @@ def _guard_log_files() -> None:
     on the terminal, instead of a "--- Logging error ---" traceback for every line."""
     for handler in logging.getLogger("clipkit").handlers:
         if isinstance(handler, logging.FileHandler) and getattr(handler, "_clipkit_train", False):
-            handler.handleError = lambda record, handler=handler: _log_file_failed(handler)
+            # this handler's own handleError: an instance attribute, as logging allows
+            handler.handleError = functools.partial(_log_file_failed, handler)  # type: ignore[method-assign]
 
 
-def _log_file_failed(handler: logging.FileHandler) -> None:
+def _log_file_failed(handler: logging.FileHandler, record: Optional[logging.LogRecord] = None) -> None:
     import sys
 
     error = sys.exc_info()[1]

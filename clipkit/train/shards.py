@@ -13,7 +13,7 @@ import posixpath
 import tarfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger("clipkit.train")
 
@@ -58,12 +58,13 @@ def _split_name(name: str) -> Tuple[str, str]:
     return posixpath.join(folder, stem) if folder else stem, ext.lower() if dot else ""
 
 
-def open_url(url: str):
+def open_url(url: str) -> BinaryIO:
     """A readable binary stream for a local path, ``file:``, ``pipe:`` command or URL."""
     if url.startswith("pipe:") or "://" in url:
         import webdataset
 
-        return webdataset.gopen(url, "rb")
+        stream: BinaryIO = webdataset.gopen(url, "rb")
+        return stream
     return open(url.removeprefix("file:"), "rb")
 
 
@@ -75,11 +76,13 @@ class _Member(tarfile.TarInfo):
     """
 
     @classmethod
-    def fromtarfile(cls, tar):
+    def fromtarfile(cls, tar: tarfile.TarFile) -> _Member:
         try:
             return super().fromtarfile(tar)
-        except tarfile.EOFHeaderError:
-            tar.clipkit_end_seen = True
+        # defined by tarfile but missing from typeshed's stubs; the one signal of the end-of-archive marker
+        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]
+            # a mark of clipkit's own on the archive, read back by iter_shard
+            tar.clipkit_end_seen = True  # type: ignore[attr-defined]
             raise
 
 
@@ -100,7 +103,8 @@ def iter_shard(url: str, wanted: Sequence[str], counts: Dict[str, int]) -> Itera
                 info = tar.next()
                 if info is None:
                     break
-                tar.members.clear()  # a stream is read once: keep no headers, however many members a shard has
+                # TarFile.members is the header cache tarfile keeps (missing from typeshed's stubs)
+                tar.members.clear()  # type: ignore[attr-defined]  # a stream is read once: keep no headers, however many members a shard has
                 if not info.isreg():
                     continue
                 key, ext = _split_name(info.name)

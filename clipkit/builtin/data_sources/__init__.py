@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Tuple
 
-from ...hookspecs import hookimpl
+from ...hookspecs import Register, hookimpl
 
 _SIDE = 16  # pixels: example images only need to decode
 
@@ -56,7 +56,7 @@ def example_folder(folder: Path) -> str:
 
 
 @hookimpl
-def register_data_sources(register) -> None:
+def register_data_sources(register: Register) -> None:
     register("webdataset", "clipkit.train.data:ShardSource.build", extensions=("tar",), prefixes=("pipe:",),
              yields=("text", "label"), example=example_shards)
     register("csv", "clipkit.train.data:CsvSource.build", extensions=("csv", "tsv"), example=example_csv)

@@ -7,10 +7,10 @@ the model, so new architectures need no table. This module is the plugin and imp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional, Tuple
 
 from ..._typed import option
-from ...hookspecs import Infer, hookimpl
+from ...hookspecs import Infer, Register, hookimpl
 from ...kinds import POOLER
 
 
@@ -30,11 +30,13 @@ class HFTextCfg:
     context_length: int = option(77, "Tokens per text the tokenizer produces (at most the encoder's "
                                      "max_position_embeddings).", gt=0)
     output_tokens: bool = option(False, "forward returns (pooled, token features) instead of pooled.")
+    width: Optional[int] = option(None, "The encoder's hidden size, as OpenCLIP's text configs may state it; "
+                                        "checked against the model when built (null: not stated).", gt=0)
     trust_remote_code: bool = option(False, "A request only, kept for OpenCLIP-era configs: the repo's own code runs "
                                             "only when the caller opts in (trust_remote_code=True, --trust-remote-code "
                                             "or CLIPKIT_TRUST_REMOTE_CODE=1), never because a config says so.")
 
-    def check(self):
+    def check(self) -> Iterator[Tuple[str, str]]:
         from ...registry import registry
 
         if not registry.has(POOLER, self.hf_pooler_type):
@@ -42,10 +44,10 @@ class HFTextCfg:
 
 
 @hookimpl
-def register_text_towers(register) -> None:
+def register_text_towers(register: Register) -> None:
     register("hf", "clipkit.builtin.hf.model:build_hf_text", config=HFTextCfg, infer=Infer("hf_model_name"))
 
 
 @hookimpl
-def register_freezers(register) -> None:
+def register_freezers(register: Register) -> None:
     register("hf", "clipkit.builtin.hf.model:lock_hf_text")

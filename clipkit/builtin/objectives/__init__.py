@@ -3,10 +3,10 @@
 Registered through the same hook, with the same lazy targets, as a third party's objective; the
 objectives themselves are in :mod:`clipkit.train.objectives`. No torch here.
 """
-from ...hookspecs import hookimpl
+from ...hookspecs import Register, hookimpl
 from ...train.objectives import register_builtin_objectives
 
 
 @hookimpl
-def register_objectives(register) -> None:
+def register_objectives(register: Register) -> None:
     register_builtin_objectives(register)

@@ -4,10 +4,10 @@
 Registered through the same hook as a third party's reporter; the reporters are in
 :mod:`clipkit.train.report`. No torch here.
 """
-from ...hookspecs import hookimpl
+from ...hookspecs import Register, hookimpl
 from ...train.report import register_builtin_reporters
 
 
 @hookimpl
-def register_reporters(register) -> None:
+def register_reporters(register: Register) -> None:
     register_builtin_reporters(register)

@@ -8,10 +8,10 @@ config class and hookimpls import neither torch nor timm; ``model.py`` beside it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Literal, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Literal, Optional, Tuple, Union
 
 from ..._typed import option
-from ...hookspecs import Infer, hookimpl
+from ...hookspecs import Infer, Register, hookimpl
 
 Size = Union[int, Tuple[int, int]]
 
@@ -59,7 +59,7 @@ class TimmCfg:
     def adds_projection(self) -> bool:
         return self.timm_proj in ("linear", "mlp")
 
-    def check(self):
+    def check(self) -> Iterator[Tuple[str, str]]:
         if not self.timm_model_name.strip():
             yield "timm_model_name", "must name a timm model"
         if self.timm_pool == "" and not self.adds_projection:
@@ -75,12 +75,12 @@ class TimmCfg:
 
 
 @hookimpl
-def register_vision_towers(register) -> None:
+def register_vision_towers(register: Register) -> None:
     # timm's test_vit: a tiny ViT in timm's registry, built in milliseconds without downloads
     register("timm", "clipkit.builtin.timm.model:build_timm", config=TimmCfg, infer=Infer("timm_model_name"),
              example={"timm_model_name": "test_vit", "timm_pool": "avg", "timm_proj": "linear", "image_size": 32})
 
 
 @hookimpl
-def register_freezers(register) -> None:
+def register_freezers(register: Register) -> None:
     register("timm", "clipkit.builtin.timm.model:lock_timm")

@@ -3,11 +3,11 @@ HuggingFace tokenizer). Selected by ``text_cfg.tokenizer`` or inferred (``hf_tok
 
 This module is the plugin and imports no torch; the tokenizers live beside it.
 """
-from ...hookspecs import Infer, hookimpl
+from ...hookspecs import Infer, Register, hookimpl
 
 
 @hookimpl
-def register_tokenizers(register) -> None:
+def register_tokenizers(register: Register) -> None:
     register("clip", "clipkit.builtin.tokenizers.clip_bpe:build_clip_tokenizer",
              options=("clean", "reduction_mask", "additional_special_tokens", "vocab_path"), example={})
     # any further keyword goes to transformers.AutoTokenizer.from_pretrained, so no closed list

@@ -6,10 +6,10 @@ holds the ``nn.Module``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal, Tuple
 
 from ..._typed import option
-from ...hookspecs import hookimpl
+from ...hookspecs import Register, hookimpl
 from .._block_cfg import TransformerBlockCfg
 
 
@@ -35,7 +35,7 @@ class TextTransformerCfg(TransformerBlockCfg):
     proj_bias: bool = option(False, "Give the projection a bias (an nn.Linear instead of a bare matrix).")
     output_tokens: bool = option(False, "forward returns (pooled, token features) instead of pooled.")
 
-    def check(self):
+    def check(self) -> Iterator[Tuple[str, str]]:
         if self.width % self.heads:
             yield "width", f"must be divisible by heads ({self.width} % {self.heads} != 0)"
         if self.pad_id >= self.vocab_size:
@@ -46,12 +46,12 @@ class TextTransformerCfg(TransformerBlockCfg):
 
 
 @hookimpl
-def register_text_towers(register) -> None:
+def register_text_towers(register: Register) -> None:
     register("transformer", "clipkit.builtin.transformer.model:build_text_transformer", config=TextTransformerCfg,
              flat_state_dict=True,
              example={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2})
 
 
 @hookimpl
-def register_freezers(register) -> None:
+def register_freezers(register: Register) -> None:
     register("transformer", "clipkit.freeze:lock_layer_groups")

@@ -6,10 +6,10 @@ holds the ``nn.Module``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Tuple, Union
+from typing import Iterator, Literal, Tuple, Union
 
 from ..._typed import option
-from ...hookspecs import hookimpl
+from ...hookspecs import Register, hookimpl
 from .._block_cfg import TransformerBlockCfg
 
 Size = Union[int, Tuple[int, int]]
@@ -40,7 +40,7 @@ class ViTCfg(TransformerBlockCfg):
         image, patch = _pair(self.image_size), _pair(self.patch_size)
         return image[0] // patch[0], image[1] // patch[1]
 
-    def check(self):
+    def check(self) -> Iterator[Tuple[str, str]]:
         if self.width % self.head_width:
             yield "width", f"must be divisible by head_width ({self.width} % {self.head_width} != 0)"
         if min(self.grid()) < 1:
@@ -57,11 +57,11 @@ def _pair(value: Size) -> Tuple[int, int]:
 
 
 @hookimpl
-def register_vision_towers(register) -> None:
+def register_vision_towers(register: Register) -> None:
     register("vit", "clipkit.builtin.vit.model:build_vit", config=ViTCfg,
              example={"image_size": 32, "patch_size": 8, "layers": 2, "width": 32, "head_width": 16})
 
 
 @hookimpl
-def register_freezers(register) -> None:
+def register_freezers(register: Register) -> None:
     register("vit", "clipkit.freeze:lock_layer_groups")

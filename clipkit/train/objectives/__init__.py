@@ -28,14 +28,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Literal, Mapping, Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Literal, Mapping, Optional, Protocol, Tuple
 
 from ..._typed import option
 from ...errors import ClipkitError, TrainingError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
-    from torch import nn
+
+    from ...model import ClipModel
 
 logger = logging.getLogger("clipkit.train")
 
@@ -64,16 +65,17 @@ class ObjectiveContext:
     cache_dir: Optional[str] = None
     trust_remote_code: bool = False
 
-    def create_model(self, name: str, pretrained: str, *, what: str = "model") -> "nn.Module":
+    def create_model(self, name: str, pretrained: str, *, what: str = "model") -> ClipModel:
         """A model built by clipkit's factory (any name ``create_model`` takes), its pretrained
         weights required, on this context's device and in its precision, returning dicts from
         ``forward``. Errors are :class:`TrainingError` lines that start with ``what`` and the name."""
         from ...factory import create_model
 
         try:
-            return create_model(name, pretrained, precision=self.precision, device=self.device,
-                                cache_dir=self.cache_dir, output_dict=True, require_pretrained=True,
-                                trust_remote_code=self.trust_remote_code)
+            model: ClipModel = create_model(name, pretrained, precision=self.precision, device=self.device,
+                                            cache_dir=self.cache_dir, output_dict=True, require_pretrained=True,
+                                            trust_remote_code=self.trust_remote_code)
+            return model
         except ClipkitError as exc:
             raise TrainingError(f"{what} {name!r} (pretrained {pretrained!r}): {exc}") from exc
 
@@ -171,7 +173,7 @@ class DistillOptions:
     local_loss: bool = option(False, "As for the clip objective (--local-loss).")
     gather_with_grad: bool = option(False, "As for the clip objective (--gather-with-grad).")
 
-    def check(self):
+    def check(self) -> Iterator[Tuple[str, str]]:
         for key in ("model", "pretrained"):
             if not getattr(self, key).strip():
                 yield key, "must not be empty"

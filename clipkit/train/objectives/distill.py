@@ -5,13 +5,13 @@ batch: each row of the student's logits is pulled towards the teacher's softmax 
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ...errors import TrainingError
+from ...model import ClipModel
 from ..loss import ClipLoss
 from . import FEATURES, BaseObjective
 
@@ -31,9 +31,9 @@ class DistillObjective(BaseObjective):
     """
 
     name = "distill"
-    needs = FEATURES + ("teacher_image_features", "teacher_text_features")
+    needs: Tuple[str, ...] = FEATURES + ("teacher_image_features", "teacher_text_features")
 
-    def __init__(self, teacher: nn.Module, *, teacher_name: str = "teacher", local_loss: bool = False,
+    def __init__(self, teacher: ClipModel, *, teacher_name: str = "teacher", local_loss: bool = False,
                  gather_with_grad: bool = False, rank: int = 0, world: int = 1) -> None:
         teacher.eval()
         teacher.requires_grad_(False)
@@ -43,7 +43,7 @@ class DistillObjective(BaseObjective):
 
     def extra_forward(self, batch: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         images, texts = batch["images"], batch["texts"]
-        size = self.teacher.visual.image_size
+        size: Any = self.teacher.visual.image_size  # an int or (height, width), by the tower contract
         size = (size, size) if isinstance(size, int) else tuple(size)
         if tuple(images.shape[-2:]) != size or texts.shape[-1] != self.teacher.context_length:
             raise TrainingError(
