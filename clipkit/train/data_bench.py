@@ -93,7 +93,7 @@ def row_line(row: BenchRow) -> str:
     rate = row.samples_per_s
     kinds = ", ".join(f"{k} {v}" for k, v in row.bad.items())
     return (f"{row.workers:7d} {row.samples:8d} {row.batches:7d} {sum(row.bad.values()):5d} "
-            f"{row.first_batch_s:13.2f} {format(rate, '10.1f') if rate is not None else '-'.rjust(10)}  {kinds}")
+            f"{row.first_batch_s:13.2f} {format(rate, '10.1f') if rate is not None else '-'.rjust(10)}  {kinds}").rstrip()
 
 
 def advice(rows: List[BenchRow]) -> str:
