@@ -17,7 +17,7 @@ from torch import nn
 from . import kinds
 from .config import TOKENIZER_KEYS, get_model_config, infer_tokenizer, validate_model_config
 from .errors import ClipkitError, ContractError
-from .kinds import FREEZER, MODEL_CONFIG, TEXT_TOWER, VISION_TOWER, spec
+from .kinds import FREEZER, MODEL_CONFIG, MODEL_FAMILY, TEXT_TOWER, VISION_TOWER, spec
 from .registry import Entry, import_target, registry
 
 EMBED_DIM = 24
@@ -529,11 +529,91 @@ def _imports_without_torch(name: str) -> None:
                     f"register factories as 'package.module:attr' strings")
 
 
+# -- model families -------------------------------------------------------------------------------------
+
+def _family_model(entry: Entry, section: Optional[Mapping[str, Any]], contract: str) -> nn.Module:
+    """The family's example config (or ``section``, a whole model config) built, with dict outputs."""
+    from .factory import build_model
+
+    example = section if section is not None else entry.meta.get("example")
+    if example is None:
+        raise _fail(entry.where, contract, "it registered no example= config to build it from; pass example={...} "
+                                           "(a whole small model config of the family) to register()")
+    try:
+        config = validate_model_config({**example, spec(MODEL_FAMILY).select_key: entry.name}, source="its example")
+        torch.manual_seed(0)
+        return build_model(config, output_dict=True)
+    except ClipkitError as exc:
+        raise _fail(entry.where, contract, str(exc)) from exc
+    except Exception as exc:
+        raise _fail(entry.where, contract, f"building raised {exc!r}") from exc
+
+
+def _family_outputs(entry: Entry, model: nn.Module, contract: str) -> Dict[str, torch.Tensor]:
+    tower = _Tower.__new__(_Tower)  # only its input maker is wanted: the towers are the model's
+    image, text = tower.inputs(model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(image, text)
+    except Exception as exc:
+        raise _fail(entry.where, contract, f"forward(image, text) raised {exc!r}") from exc
+    if not isinstance(out, Mapping):
+        raise _fail(entry.where, contract, f"with output_dict, forward returned {type(out).__name__}, not a dict")
+    return dict(out)
+
+
+def _family_builds(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
+    _family_model(entry, section, "builds")  # the model protocol is checked by every build
+
+
+def _family_forward(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
+    model = _family_model(entry, section, "forward")
+    out = _family_outputs(entry, model, "forward")
+    missing = [key for key in ("image_features", "text_features", "logit_scale") if out.get(key) is None]
+    if missing:
+        raise _fail(entry.where, "forward", f"forward's dict lacks {', '.join(missing)}")
+    for key in ("image_features", "text_features"):
+        if out[key].shape[0] != BATCH or not torch.isfinite(out[key]).all():
+            raise _fail(entry.where, "forward", f"{key} has shape {list(out[key].shape)} for a batch of {BATCH}, "
+                                                f"or non-finite values")
+    image, text = _Tower.inputs(_Tower.__new__(_Tower), model)
+    with torch.no_grad():
+        encoded = model.encode_image(image, normalize=True)
+    if not torch.allclose(encoded, out["image_features"], rtol=1e-4, atol=1e-5):
+        raise _fail(entry.where, "forward", "forward's image_features differ from encode_image(image, normalize=True)")
+    model.output_dict = False
+    with torch.no_grad():
+        first = model(image, text)
+    # a family may return its dict always (as OpenCLIP's own model of that family does)
+    first = tuple(first.values()) if isinstance(first, Mapping) else first
+    if not isinstance(first, tuple) or not torch.equal(first[0], out["image_features"]):
+        raise _fail(entry.where, "forward", "without output_dict, forward must return a tuple starting with "
+                                            "image_features, text_features, logit_scale (or the dict)")
+
+
+def _family_save_load(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
+    model = _family_model(entry, section, "save-load")
+    again = _family_model(entry, section, "save-load")
+    with torch.no_grad():
+        for param in again.parameters():
+            param.add_(1.0)
+    try:
+        again.load_state_dict(model.state_dict(), strict=True)
+    except Exception as exc:
+        raise _fail(entry.where, "save-load", f"its own state dict does not load strictly: {exc}") from exc
+    first, second = _family_outputs(entry, model, "save-load"), _family_outputs(entry, again, "save-load")
+    for key, value in first.items():
+        if isinstance(value, torch.Tensor) and not torch.equal(value, second[key]):
+            raise _fail(entry.where, "save-load", f"after loading its state dict, output {key!r} differs")
+
+
 # the checks of the other kinds, by contract (clipkit.kinds names each mapping as its kind's checks)
 TOKENIZER_CHECKS = {"token-ids": _token_ids, "special-ids": _special_ids}
 POOLER_CHECKS = {"pooled-shape": _pooled_shape, "attention-mask": _attention_mask}
 MODEL_CONFIG_CHECKS = {"validates": _validates}
 FREEZER_CHECKS = {"freezer": _freezer_alone}
+MODEL_FAMILY_CHECKS = {"builds": _family_builds, "forward": _family_forward, "save-load": _family_save_load}
 
 
 def run(case: Any, section: Optional[Mapping[str, Any]] = None) -> None:

@@ -12,7 +12,7 @@ import functools
 import inspect
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, ParamSpec, TypeVar, Union
 
 from . import kinds
 from .config import HF_CONFIG_NAME, ModelConfig, infer_part, load_json
@@ -35,7 +35,7 @@ def _part_types(config: Union[ModelConfig, Mapping[str, Any]]) -> Dict[str, Any]
     names: Dict[str, Any] = {}
     for key, kind, keyed_by in kinds.recorded_parts():
         selector = keyed_by or kind
-        section = raw.get(selector.section) if selector.section else None
+        section = raw if selector.section == kinds.TOP_LEVEL else raw.get(selector.section) if selector.section else None
         if isinstance(section, Mapping):
             names[key] = infer_part(selector.name, section)
     return names
@@ -45,7 +45,7 @@ def parts_provenance(config: Union[ModelConfig, Mapping[str, Any]]) -> Dict[str,
     """Who provides each part of a model config, from the registry as it is now.
 
     Returns ``{"vision_tower": {"type", "plugin", "distribution", "version"}, "text_tower": ...,
-    "tokenizer": ...}``, plus ``vision_freezer`` / ``text_freezer`` for tower types that registered a
+    "tokenizer": ..., "model_family": ...}``, plus ``vision_freezer`` / ``text_freezer`` for tower types that registered a
     freezer. ``config`` is a validated :class:`~clipkit.config.ModelConfig` (``model.model_config``)
     or a raw config mapping. Every value is a plain string, so the dict goes into JSON files and
     ``torch.load(weights_only=True)`` checkpoints as it is.
@@ -178,15 +178,19 @@ def naming_missing_parts(checkpoint: Union[str, Path, None]) -> Iterator[None]:
         raise
 
 
-def names_missing_parts(argument: str) -> Callable[[Callable], Callable]:
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def names_missing_parts(argument: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
     """Decorate a loader so its :class:`ClipkitError` notes what the checkpoint in its ``argument`` records
     and is not installed (:func:`note_missing_parts`)."""
 
-    def decorate(function: Callable) -> Callable:
+    def decorate(function: Callable[_P, _R]) -> Callable[_P, _R]:
         signature = inspect.signature(function)
 
         @functools.wraps(function)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
             try:
                 return function(*args, **kwargs)
             except ClipkitError as exc:  # the call bound its arguments, so binding them again succeeds

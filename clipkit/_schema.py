@@ -9,12 +9,14 @@ No torch here.
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Any, Dict, List, Optional, Tuple
 
 from ._typed import json_schema
 from .config import SCHEMA_VERSION, ModelCfg, TokenizerCfg
 from .hookspecs import Infer
-from .kinds import TOKENIZER, Kind, spec, towers
+from .kinds import MODEL_FAMILY, TOKENIZER, Kind, spec, towers
 from .registry import FIRST_PARTY, FIRST_PARTY_INFER, registry
 
 _NOT_ALLOWED = {"type": "null"}  # a key that does not apply may be absent or null, as the validator accepts
@@ -97,6 +99,24 @@ def _tokenizer_rules() -> List[Dict[str, Any]]:
     return rules
 
 
+def _family_keys() -> Dict[str, Any]:
+    """``model_family`` and the top-level keys the installed model families add (a dataclass field: a section)."""
+    family = spec(MODEL_FAMILY)
+    keys: Dict[str, Any] = {family.select_key: {
+        "anyOf": [{"enum": registry.names(MODEL_FAMILY)}, {"type": "null"}],
+        "description": f"Registered model family; inferred when absent, else {family.default!r}."}}
+    for entry in registry.entries(MODEL_FAMILY):
+        cls = entry.config_class()
+        if cls is None:
+            continue
+        hints = typing.get_type_hints(cls)
+        plain = json_schema(cls, f"model family {entry.name}")["properties"]
+        for f in dataclasses.fields(cls):
+            keys[f.name] = (json_schema(hints[f.name], f"{entry.name} {f.name}") if dataclasses.is_dataclass(hints[f.name])
+                            else plain[f.name])
+    return keys
+
+
 def model_config_schema() -> Dict[str, Any]:
     """JSON Schema of a model config, reflecting the tower types and tokenizers installed now."""
     tokenizer = json_schema(TokenizerCfg, "tokenizer keys")["properties"]
@@ -109,6 +129,7 @@ def model_config_schema() -> Dict[str, Any]:
         defs.update(_tower_defs(kind.name, tokenizer if kind.section == spec(TOKENIZER).section else None))
         sections[kind.section] = _section(kind.name)
     sections[spec(TOKENIZER).section]["allOf"] = _tokenizer_rules()
+    sections.update(_family_keys())
     top = json_schema(ModelCfg, "clipkit model config", sections)
     top["properties"]["schema_version"]["maximum"] = SCHEMA_VERSION  # a newer file needs a newer clipkit
     top["required"] = ["embed_dim", "vision_cfg", "text_cfg"]

@@ -10,12 +10,14 @@ Validation binds each section to the config class its tower type registered, col
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import logging
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -23,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from ._size import size_problems
 from ._typed import option, validate
 from .errors import ClipkitError, ConfigError, Problem
-from .kinds import MODEL_CONFIG, TEXT_TOWER, TOKENIZER, VISION_TOWER, Kind, spec
+from .kinds import MODEL_CONFIG, MODEL_FAMILY, TEXT_TOWER, TOKENIZER, VISION_TOWER, Kind, spec
 from .registry import FIRST_PARTY_INFER, FIRST_PARTY_MODELS, registry
 
 logger = logging.getLogger("clipkit")
@@ -81,6 +83,8 @@ class ModelConfig:
     tokenizer: TokenizerCfg
     name: Optional[str] = None
     source: Optional[str] = None
+    family: str = "clip"
+    family_cfg: Any = None
 
     @property
     def embed_dim(self) -> int:
@@ -200,6 +204,56 @@ def _tokenizer_problems(tok: TokenizerCfg, text_cfg: Mapping[str, Any]) -> List[
     return problems
 
 
+def _family(cfg: Dict[str, Any], fail: Any) -> Tuple[str, Optional[type], Tuple[str, ...]]:
+    """``(family, its config class, the top-level keys it owns)`` of a config mapping.
+
+    A family that is not installed ends validation at once, in one line naming what selected it and,
+    for a first-party one, the ``pip install`` line: its keys would otherwise all read as unknown keys.
+    """
+    key = spec(MODEL_FAMILY).select_key
+    if key in cfg and not (isinstance(cfg[key], str) and cfg[key]):
+        raise fail([Problem(key, f"expected a registered model family name, got {cfg[key]!r}")])
+    name, note = _selection(MODEL_FAMILY, cfg)
+    if not registry.has(MODEL_FAMILY, name):
+        where = key if cfg.get(key) is not None else next(
+            (rule.key for (k, n), rule in FIRST_PARTY_INFER.items() if k == MODEL_FAMILY and n == name), "")
+        raise fail([Problem(where, registry.unknown_message(MODEL_FAMILY, name, note=note))])
+    try:
+        cls = registry.get(MODEL_FAMILY, name).config_class()
+    except ClipkitError as exc:
+        raise fail([Problem(key, str(exc))]) from exc
+    owned = tuple(f.name for f in dataclasses.fields(cls) if f.init) if cls is not None else ()
+    return name, cls, (key, *owned)
+
+
+def _bind_family(cls: Optional[type], cfg: Mapping[str, Any], name: str, problems: List[Problem]) -> Any:
+    """The family's config: its class bound to its top-level keys; a field typed by a dataclass is a
+    section, validated key by key like a tower's."""
+    if cls is None:
+        return None
+    what = f"{spec(MODEL_FAMILY).title} {name!r}"
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    sections = {k for k in fields if dataclasses.is_dataclass(hints[k])}
+    plain = {k: cfg[k] for k in fields if k in cfg and k not in sections}
+    try:
+        instance, found = validate(cls, plain, "", what, extra_known=sections)
+        problems.extend(found)
+        for key in sorted(sections & set(cfg)):
+            if not isinstance(cfg[key], dict):
+                problems.append(Problem(key, f"expected an object, got {type(cfg[key]).__name__}"))
+                continue
+            section, found = validate(hints[key], cfg[key], key, f"{what} section {key!r}")
+            problems.extend(found)
+            if instance is not None and section is not None:
+                setattr(instance, key, section)
+    except Exception as exc:  # the plugin's config class itself is broken: name it, do not crash
+        problems.append(Problem(spec(MODEL_FAMILY).select_key,
+                                f"config class of {registry.get(MODEL_FAMILY, name).where} failed: {exc!r}"))
+        return None
+    return instance
+
+
 def validate_model_config(cfg: Any, source: Optional[str] = None, name: Optional[str] = None) -> ModelConfig:
     """Validate a model config mapping; raise :class:`ConfigError` listing every problem.
 
@@ -210,16 +264,16 @@ def validate_model_config(cfg: Any, source: Optional[str] = None, name: Optional
 
     if not isinstance(cfg, dict):
         raise fail([Problem("", f"a model config must be a JSON object, got {type(cfg).__name__}")])
-    if "multimodal_cfg" in cfg:
-        raise fail([Problem("multimodal_cfg", "CoCa models (multimodal_cfg) are not supported by clipkit")])
+    family, family_class, family_keys = _family(cfg, fail)
     version = cfg.get("schema_version", SCHEMA_VERSION)
     if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
         raise fail([Problem("schema_version", f"this config needs a newer clipkit (schema_version {version}, "
                                               f"this clipkit reads up to {SCHEMA_VERSION}); upgrade clipkit-torch")])
     problems: List[Problem] = []
     top, found = validate(ModelCfg, {k: v for k, v in cfg.items() if k not in ("vision_cfg", "text_cfg")},
-                          "", "a model config", extra_known=("vision_cfg", "text_cfg"))
+                          "", "a model config", extra_known=("vision_cfg", "text_cfg", *family_keys))
     problems.extend(found)
+    family_cfg = _bind_family(family_class, cfg, family, problems)
     vision_type, vision = _tower(VISION_TOWER, cfg.get("vision_cfg"), (), problems)
     text_type, text = _tower(TEXT_TOWER, cfg.get("text_cfg"), TOKENIZER_KEYS, problems)
     tokenizer = TokenizerCfg()
@@ -235,7 +289,8 @@ def validate_model_config(cfg: Any, source: Optional[str] = None, name: Optional
     if problems:  # refused before anything is built: building would run until memory runs out
         raise fail(problems)
     return ModelConfig(raw=copy.deepcopy(cfg), top=top, vision_type=vision_type, vision=vision,
-                       text_type=text_type, text=text, tokenizer=tokenizer, name=name, source=source)
+                       text_type=text_type, text=text, tokenizer=tokenizer, name=name, source=source,
+                       family=family, family_cfg=family_cfg)
 
 
 # -- the named-config store ---------------------------------------------------------------------------
@@ -490,6 +545,5 @@ def unknown_model_message(model_name: str) -> str:
     from .pretrained import list_pretrained_tags_by_model
 
     if list_pretrained_tags_by_model(model_name):
-        message += ("; it is an OpenCLIP model with pretrained tags whose config clipkit does not ship "
-                    "(CoCa models are not supported)")
+        message += "; it is an OpenCLIP model with pretrained tags whose config clipkit does not ship"
     return message + "; see `clipkit models` for the list, or add_model_config() for your own"

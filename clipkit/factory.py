@@ -19,8 +19,8 @@ from ._sources import folder_preprocess, hub_weights, match_activation, resolve_
 from ._trust import caller_trust, warn_ignored_requests
 from .config import ModelConfig, parse_model_name, validate_model_config
 from .errors import ClipkitError, TowerContractError
-from .hookspecs import TowerContext
-from .kinds import FREEZER, TEXT_TOWER, VISION_TOWER, spec
+from .hookspecs import ModelContext, TowerContext
+from .kinds import FREEZER, MODEL_FAMILY, TEXT_TOWER, VISION_TOWER, spec
 from .model import ClipModel
 from .pretrained import get_pretrained_cfg, preprocess_of
 from .registry import PLUGIN_FAILURES, Entry, registry
@@ -65,10 +65,27 @@ def _check_tower(tower: Any, entry: Entry, embed_dim: int) -> None:
                                  f"{embed_dim}; give it a projection to embed_dim")
 
 
+#: What every assembled model has (the model family protocol of docs/plugins.md).
+MODEL_ATTRS = ("visual", "text", "output_dict", "encode_image", "encode_text", "lock_image_tower", "lock_text_tower",
+               "set_grad_checkpointing")
+
+
+def _check_model(model: Any, entry: Entry, ctx: ModelContext) -> None:
+    """The model family protocol, checked on every build so a broken plugin is named, not a traceback."""
+    if not isinstance(model, nn.Module):
+        raise TowerContractError(f"{entry.where}: factory returned {type(model).__name__}, not a torch.nn.Module")
+    missing = [name for name in MODEL_ATTRS if not hasattr(model, name)]
+    if missing:
+        raise TowerContractError(f"{entry.where}: the model lacks {', '.join(missing)} (see docs/plugins.md)")
+    if model.visual is not ctx.visual or model.text is not ctx.text:
+        raise TowerContractError(f"{entry.where}: the model's visual and text must be the towers it was given")
+
+
 def build_model(config: ModelConfig, *, precision: str = "fp32", output_dict: bool = False,
                 pretrained_image: bool = False, pretrained_text: bool = False,
-                cache_dir: Optional[str] = None) -> ClipModel:
-    """Build a :class:`ClipModel` from a validated config, in fp32 on the CPU (or meta device in context)."""
+                cache_dir: Optional[str] = None) -> nn.Module:
+    """Build the model a validated config describes (a :class:`ClipModel` unless its model family is another),
+    in fp32 on the CPU (or the meta device in context)."""
     top = config.top
     cast = precision if precision in ("fp16", "bf16") else None
     towers = {}
@@ -92,11 +109,17 @@ def build_model(config: ModelConfig, *, precision: str = "fp32", output_dict: bo
         if registry.has(FREEZER, tower_type):
             freezers[key] = registry.get(FREEZER, tower_type).load()
     text_entry = towers["text"][1]
-    model = ClipModel(towers["visual"][0], towers["text"][0], embed_dim=top.embed_dim,
-                      init_logit_scale=top.init_logit_scale, init_logit_bias=top.init_logit_bias,
-                      nonscalar_logit_scale=top.nonscalar_logit_scale, output_dict=output_dict,
-                      flat_text=bool(text_entry.meta.get("flat_state_dict")) and not top.custom_text,
-                      freezers=freezers)
+    family = registry.get(MODEL_FAMILY, config.family, where=spec(MODEL_FAMILY).select_key)
+    ctx = ModelContext(towers["visual"][0], towers["text"][0], config, output_dict=output_dict, cast_dtype=cast,
+                       flat_text=bool(text_entry.meta.get("flat_state_dict")) and not top.custom_text,
+                       freezers=freezers)
+    try:
+        model = family.load()(config.family_cfg, ctx)
+    except ClipkitError:
+        raise
+    except PLUGIN_FAILURES as exc:
+        raise ClipkitError(f"{family.where}: building the model failed: {exc!r}") from exc
+    _check_model(model, family, ctx)
     model.model_config = config
     model.vision_type, model.text_type = config.vision_type, config.text_type
     return model

@@ -17,7 +17,7 @@ Plugin authors import all of this, and the rest of what they need, from :mod:`cl
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Literal, Mapping, Optional, Protocol, Tuple, Union
 
 import pluggy
@@ -102,6 +102,53 @@ class Freezer(Protocol):
 
     def __call__(self, tower: "nn.Module", unlocked: int = 0, *, freeze_layer_norm: bool = True,
                  freeze_bn_stats: bool = False) -> None: ...
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What :func:`clipkit.create_model` hands a model family's factory: the built towers and the config.
+
+    Attributes:
+        visual, text: the built image and text towers (each already held to the tower protocol).
+        config: the validated :class:`~clipkit.config.ModelConfig` (``config.raw`` is the JSON mapping,
+            ``config.top`` its typed top-level keys).
+        output_dict: whether ``forward`` returns a dict rather than a tuple.
+        cast_dtype: ``"fp16"``, ``"bf16"`` or ``None``, as for towers.
+        flat_text: the text tower's keys sit at the top level of the state dict (OpenCLIP's ``CLIP`` layout).
+        freezers: the registered freezers of the two towers, by attribute (``"visual"``, ``"text"``).
+    """
+
+    visual: Any
+    text: Any
+    config: Any
+    output_dict: bool = False
+    cast_dtype: Optional[str] = None
+    flat_text: bool = False
+    freezers: Mapping[str, Any] = field(default_factory=dict)
+
+    def clip_kwargs(self) -> Dict[str, Any]:
+        """The keyword arguments of :class:`clipkit.model.ClipModel` besides the towers, from the config:
+        a family whose model subclasses it passes them on unchanged."""
+        top = self.config.top
+        return {"embed_dim": top.embed_dim, "init_logit_scale": top.init_logit_scale,
+                "init_logit_bias": top.init_logit_bias, "nonscalar_logit_scale": top.nonscalar_logit_scale,
+                "output_dict": self.output_dict, "flat_text": self.flat_text, "freezers": dict(self.freezers)}
+
+
+class ModelFamilyFactory(Protocol):
+    """``register_model_families`` factories: ``factory(cfg, ctx)`` assembles the model from the built towers.
+
+    ``cfg`` is an instance of the config class registered with the family, bound to the config's
+    top-level keys that the family adds (``None`` when it registered none); ``ctx`` is a
+    :class:`ModelContext`. The returned ``nn.Module`` has ``visual`` and ``text`` (the towers it was
+    given), ``output_dict``, ``encode_image(x, normalize=False)``, ``encode_text(t, normalize=False)``,
+    ``forward(image, text)`` (a dict with ``image_features``, ``text_features`` and ``logit_scale`` when
+    ``output_dict``, else those as a tuple, first), ``lock_image_tower``, ``lock_text_tower`` and
+    ``set_grad_checkpointing``; subclassing :class:`clipkit.model.ClipModel` gives all of them.
+    clipkit checks this on every build.
+    """
+
+    def __call__(self, cfg: Any, ctx: ModelContext) -> "nn.Module": ...
 
 
 #: A named model config a plugin ships: the JSON mapping itself, or a path to a ``.json`` file.

@@ -35,7 +35,7 @@ from .train import report as _report
 #: The name of a kind of part. Every :class:`KindSpec` of :data:`KINDS` has one of these names
 #: (``tests/test_kinds.py`` holds the two together).
 Kind = Literal["vision_tower", "text_tower", "pooler", "tokenizer", "freezer", "model_config", "objective",
-               "reporter", "data_source", "exporter"]
+               "reporter", "data_source", "exporter", "model_family"]
 
 VISION_TOWER: Kind = "vision_tower"
 TEXT_TOWER: Kind = "text_tower"
@@ -47,6 +47,10 @@ OBJECTIVE: Kind = "objective"
 REPORTER: Kind = "reporter"
 DATA_SOURCE: Kind = "data_source"
 EXPORTER: Kind = "exporter"
+MODEL_FAMILY: Kind = "model_family"
+
+#: The ``section`` of a kind whose parts are selected at the top level of a model config.
+TOP_LEVEL = ""
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,8 @@ class KindSpec:
         checks: ``"package.module:attr"`` of a mapping contract -> ``check(entry, section)``, imported
             when a case runs (the checks import torch; this table must not).
         data: registered targets are data (a model config), never imported.
-        section: the model-config section a part of this kind is selected in, if any.
+        section: the model-config section a part of this kind is selected in, if any (:data:`TOP_LEVEL`:
+            the config's top level).
         select_key: the key of ``section`` that names the part; without it the part is inferred from
             the ``infer=`` rules its registrations declare, else it is ``default``.
         default: the part a section that names none and matches no rule gets.
@@ -247,8 +252,11 @@ declare(KindSpec(
                       "freezer")))
 declare(KindSpec(
     MODEL_CONFIG, "model_config", "register_model_configs", "model config",
-    "Ship named model configs: ``register(model_name, source: ModelConfigSource)``.",
-    contracts=("validates",), checks="clipkit._contract:MODEL_CONFIG_CHECKS", data=True))
+    "Ship named model configs: ``register(model_name, source: ModelConfigSource, pretrained={...})``.\n\n"
+    "``pretrained`` maps the config's pretrained tags to their entries, as in clipkit's pretrained table "
+    "(``hf_hub``, ``mean``, ``std``, ``interpolation``, ``resize_mode``, ``quick_gelu``).",
+    keywords=frozenset({"pretrained"}), contracts=("validates",), checks="clipkit._contract:MODEL_CONFIG_CHECKS",
+    data=True))
 declare(KindSpec(
     OBJECTIVE, "objective", "register_objectives", "objective",
     "Register training objectives, selected by ``clipkit-train --objective NAME``: "
@@ -302,3 +310,15 @@ declare(KindSpec(
     "``export(model, out) -> report lines``, which writes the folder ``out`` and checks it.",
     protocol=_exporters.ExporterFactory, contracts=("builds", "supports"),
     checks="clipkit.exporters.checks:EXPORTER_CHECKS"))
+declare(KindSpec(
+    MODEL_FAMILY, "family", "register_model_families", "model family",
+    "Register how a model is assembled from its two towers (and modules of its own): "
+    "``register(name, factory: ModelFamilyFactory, config=ConfigClass, infer=..., example={...})``.\n\n"
+    "A config selects its family by the top-level key ``model_family``, else by the ``infer=`` rules (a "
+    "top-level key the family adds), else it is ``clip`` (:class:`clipkit.model.ClipModel`). ``config`` "
+    "types the top-level keys the family adds (each field one key); the factory gets an instance of it and "
+    "a ``ModelContext`` with the built towers. ``example`` is a whole small model config of the family "
+    "(its towers included) that its contract cases build.",
+    protocol=hookspecs.ModelFamilyFactory, keywords=frozenset({"infer", "example"}),
+    contracts=("builds", "forward", "save-load"), checks="clipkit._contract:MODEL_FAMILY_CHECKS",
+    section=TOP_LEVEL, select_key="model_family", default="clip", recorded=True))

@@ -118,7 +118,9 @@ def _flatten_text_keys(module: ClipModel, state_dict: Dict[str, Any], prefix: st
 
 def _nest_text_keys(module: ClipModel, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
     """Load hook: accept flat (``CLIP``) keys for the text tower in either layout."""
-    own = {prefix + "visual.", prefix + "text.", prefix + "logit_scale", prefix + "logit_bias"}
+    # the model's own modules and parameters (a model family's extra modules too) keep their keys
+    own = {prefix + name + "." for name, _ in module.named_children()}
+    own |= {prefix + name for name, _ in module.named_parameters(recurse=False)} | {prefix + "logit_bias"}
     for key in [k for k in state_dict if k.startswith(prefix)]:
         if not any(key == o or key.startswith(o) for o in own):
             state_dict[prefix + "text." + key[len(prefix):]] = state_dict.pop(key)

@@ -36,6 +36,8 @@ from .hookspecs import (
                      Freezer,
                      Infer,
                      ModelConfigSource,
+                     ModelContext,
+                     ModelFamilyFactory,
                      PoolerFactory,
                      Register,
                      Target,
@@ -49,6 +51,7 @@ from .kinds import (
                      FREEZER,
                      KINDS,
                      MODEL_CONFIG,
+                     MODEL_FAMILY,
                      POOLER,
                      TEXT_TOWER,
                      TOKENIZER,
@@ -64,10 +67,11 @@ __all__ = [
     "hookimpl", "Register", "Target", "Infer", "option",
     # what factories receive and return
     "TowerContext", "TowerFactory", "PoolerFactory", "TokenizerFactory", "Freezer", "ModelConfigSource",
+    "ModelContext", "ModelFamilyFactory",
     "DataSourceFactory", "DataSourceContext", "DataSource",
     # kinds of part
     "Kind", "KindSpec", "KINDS", "VISION_TOWER", "TEXT_TOWER", "POOLER", "TOKENIZER", "FREEZER",
-    "MODEL_CONFIG", "DATA_SOURCE",
+    "MODEL_CONFIG", "MODEL_FAMILY", "DATA_SOURCE",
     # errors
     "ClipkitError", "ConfigError", "Problem", "PluginError", "PluginWarning", "UnknownPartError", "ContractError",
     "TowerContractError",

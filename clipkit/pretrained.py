@@ -1,4 +1,4 @@
-"""Pretrained tags (OpenCLIP's table, as data) and where their weights come from.
+"""Pretrained tags (OpenCLIP's table, as data, plus the tags plugins ship) and where their weights come from.
 
 A tag names published weights for a model config: ``create_model("ViT-B-32", pretrained="laion2b_s34b_b79k")``.
 Each tag carries the preprocessing its weights were trained with and whether they need QuickGELU.
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .errors import ClipkitError
+from .kinds import MODEL_CONFIG
 
 logger = logging.getLogger("clipkit")
 
@@ -24,8 +25,28 @@ HF_SAFE_WEIGHTS_NAME = "open_clip_model.safetensors"
 
 
 @lru_cache()
-def _table() -> Dict[str, Dict[str, Dict[str, Any]]]:
+def _builtin_table() -> Dict[str, Dict[str, Dict[str, Any]]]:
     return json.loads(TAGS_FILE.read_text(encoding="utf-8"))["models"]
+
+
+@lru_cache()
+def _merged(generation: int) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    from .registry import registry
+
+    table = dict(_builtin_table())
+    for entry in registry.entries(MODEL_CONFIG):  # tags a plugin ships with its config (``pretrained=``)
+        tags = entry.meta.get("pretrained")
+        if isinstance(tags, dict):
+            table[entry.name] = {**table.get(entry.name, {}), **{_clean_tag(t): dict(c) for t, c in tags.items()}}
+    return table
+
+
+def _table() -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Model -> tag -> entry: clipkit's table and the tags plugins register with their configs."""
+    from .registry import registry
+
+    registry.names(MODEL_CONFIG)  # load the plugins first, so the generation is that of the loaded set
+    return _merged(registry.generation)
 
 
 def _clean_tag(tag: str) -> str:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import os
 import threading
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import pluggy
@@ -28,7 +30,7 @@ import pluggy
 from . import hookspecs, kinds
 from .errors import PluginError, PluginWarning, UnknownPartError  # noqa: F401 (re-exported)
 from .hookspecs import Infer
-from .kinds import VISION_TOWER, Kind
+from .kinds import Kind
 
 ENTRY_POINT_GROUP = "clipkit"
 BUILTIN_DIST = "clipkit-torch"
@@ -42,19 +44,34 @@ def _builtin_plugins() -> Tuple[str, ...]:
                  if m.ispkg and not m.name.startswith("_"))
 
 
+#: What first-party plugin distributions provide, as data: ``{distribution: {"parts": [{kind, name, infer}],
+#: "models": [name pattern, ...]}}``. The core names no plugin in code; this table only lets a request for
+#: a part or config of one that is not installed end in its ``pip install`` line.
+FIRST_PARTY_FILE = Path(__file__).with_name("first_party.json")
+
+
+def _first_party() -> Tuple[Dict[Tuple[str, str], str], Dict[Tuple[str, str], Infer], Dict[str, str]]:
+    table = json.loads(FIRST_PARTY_FILE.read_text(encoding="utf-8"))
+    parts: Dict[Tuple[str, str], str] = {}
+    rules: Dict[Tuple[str, str], Infer] = {}
+    models: Dict[str, str] = {}
+    for dist, provides in table.items():
+        if dist.startswith("_"):
+            continue
+        for part in provides.get("parts", []):
+            key = (part["kind"], part["name"])
+            parts[key] = dist
+            if "infer" in part:
+                rules[key] = Infer(part["infer"]["key"], part["infer"].get("test", "set"))
+        models.update({pattern: dist for pattern in provides.get("models", [])})
+    return parts, rules, models
+
+
 #: Parts that first-party plugin distributions provide, for the "pip install" hint.
-FIRST_PARTY: Dict[Tuple[str, str], str] = {
-    (VISION_TOWER, "resnet"): "clipkit-plugin-resnet",
-}
-#: How a section would select a first-party part that is not installed. A hint only: it names the part
-#: in the "not installed" error when no installed registration's ``infer=`` rule claims the section.
-FIRST_PARTY_INFER: Dict[Tuple[str, str], Infer] = {
-    (VISION_TOWER, "resnet"): Infer("layers", "list"),
-}
+#: How a section would select a first-party part that is not installed: a hint only, naming the part in the
+#: "not installed" error when no installed registration's ``infer=`` rule claims the section.
 #: Model names (regular expressions) whose configs first-party plugins ship.
-FIRST_PARTY_MODELS: Dict[str, str] = {
-    r"RN(50|101|50x4|50x16|50x64)(-quickgelu)?": "clipkit-plugin-resnet",
-}
+FIRST_PARTY, FIRST_PARTY_INFER, FIRST_PARTY_MODELS = _first_party()
 
 
 #: What a plugin's import or hook may raise and still only fail itself: a stray ``sys.exit()`` in a

@@ -72,9 +72,11 @@ def test_inferred_types_are_named_in_errors(tiny_cfg, without_plugins):
     assert any(p.startswith("text_cfg.hf_pooler_type: unknown pooler 'nosuch'") for p in problems(tiny_cfg))
 
 
-def test_coca_rejected_in_one_line(tiny_cfg):
+def test_a_model_family_whose_plugin_is_missing_is_one_line_with_its_pip_install(tiny_cfg, without_plugins):
+    without_plugins("clipkit-plugin-coca")
     tiny_cfg["multimodal_cfg"] = {"width": 512}
-    assert problems(tiny_cfg) == ["multimodal_cfg: CoCa models (multimodal_cfg) are not supported by clipkit"]
+    assert problems(tiny_cfg) == ["multimodal_cfg: unknown model family 'coca' (inferred from multimodal_cfg); "
+                                  "installed: clip; it is provided by a plugin: pip install clipkit-plugin-coca"]
 
 
 def test_newer_schema_version_fails_clearly(tiny_cfg):

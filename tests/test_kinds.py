@@ -41,7 +41,7 @@ def test_the_kind_literal_names_every_declared_kind_and_each_kind_has_its_checks
     assert list(kinds.scaffolds())[:5] == ["vision", "text", "pooler", "tokenizer", "freezer"]
     assert {kinds.OBJECTIVE, kinds.REPORTER} <= set(kinds.scaffolds())  # the trainer's kinds: short name = kind
     assert [key for key, _, _ in kinds.recorded_parts()] == ["vision_tower", "text_tower", "tokenizer",
-                                                             "vision_freezer", "text_freezer"]
+                                                             "vision_freezer", "text_freezer", "model_family"]
 
 
 class WidgetFactory(Protocol):

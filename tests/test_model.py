@@ -211,7 +211,8 @@ def test_bad_preprocessing_override_fails_before_building(make, tiny_cfg, monkey
         make(tiny_cfg, force_preprocess_cfg={"interpolation": "nearest"})
 
 
-def test_unknown_tagged_openclip_model_says_why():
-    with pytest.raises(KeyError, match="OpenCLIP model with pretrained tags whose config clipkit does not ship "
-                                       "\\(CoCa models are not supported\\)"):
+def test_a_model_whose_plugin_is_missing_names_the_pip_install(without_plugins):
+    without_plugins("clipkit-plugin-coca")
+    with pytest.raises(KeyError, match="^unknown model 'coca_ViT-B-32' .*; coca_ViT-B-32 comes with a plugin: "
+                                       "pip install clipkit-plugin-coca$"):
         clipkit.create_model("coca_ViT-B-32")

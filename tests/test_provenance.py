@@ -23,7 +23,7 @@ def _builtin(part_type, plugin):
 def test_record_names_plugin_distribution_and_version_of_each_part(tiny_cfg):
     expected = {"vision_tower": _builtin("vit", "vit"), "text_tower": _builtin("transformer", "transformer"),
                 "tokenizer": _builtin("clip", "tokenizers"), "vision_freezer": _builtin("vit", "vit"),
-                "text_freezer": _builtin("transformer", "transformer")}
+                "text_freezer": _builtin("transformer", "transformer"), "model_family": _builtin("clip", "families")}
     assert parts_provenance(validate_model_config(tiny_cfg)) == expected
     assert parts_provenance(tiny_cfg) == expected  # a raw config: the types clipkit infers
     resnet = parts_provenance(RESNET)["vision_tower"]

@@ -41,15 +41,9 @@ def test_every_shipped_and_openclip_config_validates(validator):
     files = sorted(BUILTIN_CONFIG_DIR.glob("*.json")) + sorted(RESNET_CONFIGS.glob("*.json"))
     files += sorted(OPENCLIP_CONFIGS.glob("*.json"))
     assert len(files) == 130 + 10 + 144
-    coca = []
-    for file in files:
+    for file in files:  # the 4 of another model family too: its plugin is installed
         errors = [e.message for e in validator.iter_errors(json.loads(file.read_text()))]
-        if file.stem.startswith("coca"):
-            coca.append(file.stem)
-            assert errors, f"{file}: CoCa configs are rejected"
-        else:
-            assert not errors, f"{file}: {errors[:3]}"
-    assert len(coca) == 4
+        assert not errors, f"{file}: {errors[:3]}"
 
 
 MALFORMED = {  # the malformed configs of tests/test_config.py, one change each
@@ -61,7 +55,8 @@ MALFORMED = {  # the malformed configs of tests/test_config.py, one change each
     "no vision_cfg": lambda c: c.pop("vision_cfg"),
     "text_cfg a list": lambda c: c.update(text_cfg=[1]),
     "unknown type": lambda c: c["vision_cfg"].update(type="vitt"),
-    "CoCa": lambda c: c.update(multimodal_cfg={"width": 512}),
+    "unknown model family": lambda c: c.update(model_family="nosuch"),
+    "model family section key": lambda c: c.update(multimodal_cfg={"widht": 512}),
     "newer schema_version": lambda c: c.update(schema_version=99),
     "tokenizer_kwargs a string": lambda c: c["text_cfg"].update(tokenizer_kwargs="canonicalize"),
     "unknown tokenizer": lambda c: c["text_cfg"].update(tokenizer="nosuch"),

@@ -94,6 +94,9 @@ class HFTextTower(nn.Module):
         if limit and cfg.context_length > limit:
             raise ClipkitError(f"text_cfg.context_length {cfg.context_length} exceeds the {limit} positions of "
                                f"{cfg.hf_model_name}")
+        hidden = getattr(self.config, "hidden_size", getattr(self.config, "d_model", None))
+        if cfg.width is not None and cfg.width != hidden:
+            raise ClipkitError(f"text_cfg.width is {cfg.width} but {cfg.hf_model_name} is {hidden} wide")
         self.output_dim = output_dim
         self.output_tokens = cfg.output_tokens
         self._returns_tuple: Optional[bool] = None
