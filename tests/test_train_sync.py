@@ -39,9 +39,9 @@ def _count_reads(monkeypatch, events):
     monkeypatch.setattr(torch.cuda, "synchronize", counting("synchronize", lambda *a, **k: None))
     real_step = Trainer._step
 
-    def step(self, micro, epoch):
+    def step(self, *args, **kwargs):
         events.append("STEP")
-        return real_step(self, micro, epoch)
+        return real_step(self, *args, **kwargs)
     monkeypatch.setattr(Trainer, "_step", step)
 
 
@@ -246,9 +246,9 @@ def test_slow_data_is_reported_and_warned_about_once(data, tmp_path, monkeypatch
 def test_fast_data_is_not_warned_about(data, tmp_path, monkeypatch):
     real = Trainer._step
 
-    def slow_step(self, micro, epoch):
+    def slow_step(self, *args, **kwargs):
         time.sleep(0.3)  # the step, not the data, is what takes the time
-        return real(self, micro, epoch)
+        return real(self, *args, **kwargs)
     monkeypatch.setattr(Trainer, "_step", slow_step)
     args = _synthetic_args(data["model"], tmp_path, "fast", "--workers", "1")
     assert run_inprocess(args) == 0
