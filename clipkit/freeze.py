@@ -5,7 +5,7 @@ A tower lists its parameters in groups, first to last (``tower.layer_groups()``)
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence, Union
+from typing import Iterator, List, Sequence, Union
 
 from torch import nn
 
@@ -78,3 +78,39 @@ def lock_layer_groups(tower: nn.Module, unlocked: int = 0, *, freeze_layer_norm:
                     and "_clipkit_bn_hook" not in module.__dict__:
                 module.eval()
                 module.__dict__["_clipkit_bn_hook"] = module.register_forward_pre_hook(_keep_eval)
+
+
+def _all_frozen(module: nn.Module) -> bool:
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def eval_frozen_parts(tower: nn.Module) -> List[str]:
+    """Put every maximal submodule of ``tower`` whose parameters are all frozen in eval mode (the tower
+    itself when it is wholly frozen); their names (``""`` for the tower).
+
+    Called after ``model.train()``: a locked part then computes without dropout and with BatchNorm on
+    its running statistics, so its output depends on its input alone (and can be computed once).
+    """
+    names: List[str] = []
+
+    def visit(module: nn.Module, name: str) -> None:
+        if _all_frozen(module):
+            module.eval()
+            names.append(name)
+            return
+        for child_name, child in module.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
+
+    visit(tower, "")
+    return names
+
+
+def locked_prefix(tower: nn.Module) -> int:
+    """How many of ``tower.layer_groups()``, from the first, have all their parameters frozen."""
+    count = 0
+    for group in tower.layer_groups():
+        if any(p.requires_grad for item in group for p in _params(item)):
+            break
+        count += 1
+    return count

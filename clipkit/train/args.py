@@ -213,6 +213,10 @@ def validate(args: argparse.Namespace) -> Settings:
          "--lock-text-unlocked-layers/--lock-text-freeze-layer-norm need --lock-text")
     need(args.lock_image_unlocked_groups >= 0 and args.lock_text_unlocked_layers >= 0,
          "--lock-image-unlocked-groups and --lock-text-unlocked-layers must be >= 0")
+    need(not args.lock_image_eval_preprocess or args.lock_image and args.lock_image_unlocked_groups == 0,
+         "--lock-image-eval-preprocess needs a wholly locked image tower (--lock-image, no unlocked groups)")
+    need(not args.lock_train_mode or args.lock_image or args.lock_text, "--lock-train-mode needs --lock-image or "
+                                                                        "--lock-text")
 
     if args.lr_scheduler == "const-cooldown":
         need(args.epochs_cooldown is not None, "--lr-scheduler const-cooldown needs --epochs-cooldown")

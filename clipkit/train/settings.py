@@ -162,6 +162,26 @@ class ModelSettings:
         'layers too',
         details='With `--lock-text`: freeze the norm parameters of locked groups too (without it they stay '
                 "trainable, as in OpenCLIP's CLI).")
+    lock_train_mode: bool = flag(False, 'leave the locked parts of locked towers in train mode (dropout on), as '
+        'OpenCLIP does',
+        details='**Addition.** Leave the locked parts of `--lock-image`/`--lock-text` towers in train mode, as '
+                'OpenCLIP does (dropout on, BatchNorm on batch statistics). Without it, every part of a tower whose '
+                'parameters are all frozen runs in eval mode during training (**≠ OpenCLIP**), which makes it '
+                'deterministic and so cacheable. See [Locked towers are computed once](#locked-towers-are-computed-'
+                'once).')
+    lock_image_eval_preprocess: bool = flag(False, 'with a fully locked image tower, give training images the '
+        'eval preprocessing (LiT), so its outputs can be cached',
+        details='**Addition.** With a fully locked image tower (`--lock-image`, no unlocked groups): training '
+                'images get the evaluation preprocessing (resize and centre crop, no augmentation), as in LiT, so '
+                "the same image gives the same input and the tower's output is computed once.")
+    no_lock_cache: bool = flag(False, 'do not cache the outputs of locked towers (or locked prefixes)',
+        details='**Addition.** Turn off the cache of locked computation: locked towers and locked prefixes are '
+                'then run on every step. The cache is exact (a run with it ends with the same weights), so this '
+                'is for measuring it or saving its memory.')
+    lock_cache_bytes: int = flag(2 ** 31, 'memory for cached locked outputs, per process (default: 2 GiB)',
+        ge=0, shown='2147483648 (2 GiB)',
+        details='**Addition.** Memory (on the training device) the cache of locked outputs may hold per process; '
+                'when it is full, new inputs are computed and not kept. Also bounds its file in the run folder.')
     image_mean: Optional[List[float]] = flag(None, 'override the normalisation mean',
         shown="the model's",
         details='Normalisation mean, one number per channel.')

@@ -24,6 +24,8 @@ from .checkpointer import Checkpointer, fetch_resume, find_resume
 from .data import Progress, train_loader
 from .data_sources import has_training_data
 from .evaluate import EvalContext, Evaluator
+from .lock_cache import LockCache, set_locked_modes, transform_is_random
+from .lock_cache import build as build_lock_cache
 from .objectives import ObjectiveContext
 from .objectives.accumulate import gradcache_outputs
 from .parallel import parallelism_for
@@ -100,7 +102,9 @@ class Trainer:
         self.steps_per_epoch = self.total_steps = 0
         if has_training_data(s.data):
             size = self.model.visual.image_size
-            self.train_data = train_loader(s.data, s.optimization.seed, built.preprocess_train, built.tokenizer,
+            # --lock-image-eval-preprocess: a locked image tower sees each image the same way every epoch (LiT)
+            preprocess = built.preprocess_val if s.model.lock_image_eval_preprocess else built.preprocess_train
+            self.train_data = train_loader(s.data, s.optimization.seed, preprocess, built.tokenizer,
                                            env.rank, env.world, size if isinstance(size, int) else max(size),
                                            pin_memory=env.device.type == "cuda")
             accum = s.optimization.accum_freq
@@ -133,6 +137,17 @@ class Trainer:
             self.start_epoch, self.position.step = resumed.epoch, resumed.step
             self.resumed_data = Progress.from_state(resumed.data) if resumed.data else None
 
+        # locked computation done once: the locked towers' outputs cached per sample (see lock_cache)
+        self.locked_sides = [side for side, on in (("image", s.model.lock_image), ("text", s.model.lock_text)) if on]
+        self.lock_cache: Optional[LockCache] = None
+        if self.train_data is not None:
+            random_transform = s.model.lock_image and not s.model.lock_image_eval_preprocess and \
+                transform_is_random(built.preprocess_train)
+            cache_folder = self.folder.path / "lock_cache" if self.folder.path is not None else None
+            self.lock_cache = build_lock_cache(self.model, settings, cache_folder, env.rank, env.world, env.device,
+                                               random_transform, self.parallel.sharded)
+            if self.lock_cache is not None:
+                session.on_close(self.lock_cache.close)
         # what the training step calls: DDP around the model, and torch.compile around that
         self.train_model = self.parallel.wrap(self.model)
         if s.precision.torchcompile:
@@ -170,6 +185,8 @@ class Trainer:
             session.signals.defer = True  # a step and a save are finished before a signal is acted on
             done = self.train_epoch(epoch, progress)
             progress = None
+            if self.lock_cache is not None:
+                self.lock_cache.report(epoch)
             self._epoch_summary(epoch, done)
             # writing and evaluation happen on process 0: the others learn of its failure instead of
             # waiting for it in the next collective. The checkpoint comes first, so that a failed
@@ -198,6 +215,9 @@ class Trainer:
         with self.session.writing("saving a checkpoint"):
             self.checkpointer.save(completed_epochs, self.position.step,
                                    progress.as_state() if progress is not None else None, epoch_end)
+        if self.lock_cache is not None:  # after the checkpoint: entries are valid for any step of the run
+            with self.session.writing("saving the lock cache"):
+                self.lock_cache.save()
 
     def _evaluate(self, completed: int, final: bool) -> Dict[str, Any]:
         if not self.env.main and not self.parallel.sharded:
@@ -219,6 +239,8 @@ class Trainer:
     def train_epoch(self, epoch: int, progress: Optional[Progress]) -> Progress:
         opt, env, session = self.settings.optimization, self.env, self.session
         self.train_model.train()
+        if not self.settings.model.lock_train_mode:  # locked parts compute without dropout (--lock-train-mode)
+            set_locked_modes(self.model, self.locked_sides)
         loader = self.train_data
         accum = opt.accum_freq
         steps = self.steps_per_epoch
@@ -226,6 +248,7 @@ class Trainer:
         save_every = self.settings.checkpoints.save_every_n_steps
         step_in_epoch = (progress.batches // accum) if progress is not None else 0
         micro: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        micro_keys: List[Optional[Dict[str, List[bytes]]]] = []  # the lock cache's, from the CPU batches
         bar = _progress_bar(env.main, steps, step_in_epoch, epoch)
         # nothing here reads a device tensor except on log steps, saves and the epoch's end: see step_log
         logged = LoggedValues(every_n)
@@ -233,6 +256,8 @@ class Trainer:
         # the epoch's data workers stop however it ends (a stop signal, an error): see Loader.epoch
         with contextlib.closing(loader.epoch(epoch, progress)) as batches:
             for item in self._agreed(self.data_wait.batches(batches)):
+                if self.lock_cache is not None:
+                    micro_keys.append(self.lock_cache.keys(item["images"], item["texts"]))
                 images = item["images"].to(env.device, non_blocking=True)
                 texts = item["texts"].to(env.device, non_blocking=True)
                 if self.precision.input_dtype is not None:
@@ -244,8 +269,8 @@ class Trainer:
                     lr = learning_rate(opt, self.position.step, self.total_steps, steps)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                loss, terms = self._step(micro, epoch)
-                micro = []
+                loss, terms = self._step(micro, epoch, micro_keys)
+                micro, micro_keys = [], []
                 self.position.step += 1
                 step_in_epoch += 1
                 logged.add(loss, terms)
@@ -289,10 +314,12 @@ class Trainer:
             yield item
 
     # one step -----------------------------------------------------------------------------------------
-    def _outputs(self, model: Any, images: torch.Tensor, texts: torch.Tensor,
-                 extras: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """What the objective sees: the model's outputs (those it has) merged with the objective's extras."""
-        out = model(images, texts)
+    def _outputs(self, model: Any, images: torch.Tensor, texts: torch.Tensor, extras: Dict[str, torch.Tensor],
+                 keys: Optional[Dict[str, List[bytes]]] = None) -> Dict[str, torch.Tensor]:
+        """What the objective sees: the model's outputs (those it has) merged with the objective's extras.
+        ``keys``: the micro-batch's rows as the lock cache knows them."""
+        with self.lock_cache.batch(keys) if self.lock_cache is not None else contextlib.nullcontext():
+            out = model(images, texts)
         return {**{k: v for k, v in out.items() if isinstance(v, torch.Tensor)}, **extras}
 
     def _terms(self, outputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -346,30 +373,34 @@ class Trainer:
         with torch.no_grad():  # OpenCLIP's clamp: a temperature below 1/100 destabilises training
             self.model.logit_scale.clamp_(0, math.log(100))
 
-    def _step(self, micro: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-              epoch: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def _step(self, micro: Sequence[Tuple[torch.Tensor, torch.Tensor]], epoch: int,
+              keys: Optional[Sequence[Optional[Dict[str, List[bytes]]]]] = None
+              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """One optimizer step over ``accum_freq`` batches (GradCache: the objective sees all of them); the
-        loss and its terms, as logged (averaged over processes for a per-process objective)."""
+        loss and its terms, as logged (averaged over processes for a per-process objective). ``keys``: the
+        lock cache's, one entry per micro-batch."""
         model, autocast = self.train_model, self.precision.autocast
+        keys = list(keys) if keys else [None] * len(micro)
         self.optimizer.zero_grad(set_to_none=True)
         # the objective's extras (a teacher's features): once per micro-batch, constants of the step
         with torch.no_grad(), autocast():
             extras = [self.objective.extra_forward({"images": images, "texts": texts}) for images, texts in micro]
         if len(micro) == 1:
             with autocast():
-                loss, terms = self._terms(self._outputs(model, *micro[0], extras[0]))
+                loss, terms = self._terms(self._outputs(model, *micro[0], extras[0], keys[0]))
             self._check_finite(loss, epoch)
             self._backward(loss)
         else:
             with torch.no_grad(), autocast():
-                cached = [self._outputs(model, images, texts, extra) for (images, texts), extra in zip(micro, extras)]
+                cached = [self._outputs(model, images, texts, extra, key)
+                          for (images, texts), extra, key in zip(micro, extras, keys)]
             last = len(micro) - 1
             for j, (images, texts) in enumerate(micro):
                 # under DDP, gradients are all-reduced once, after the last micro-batch
                 sync = contextlib.nullcontext() if j == last or not hasattr(model, "no_sync") else model.no_sync()
                 with sync:
                     with autocast():
-                        live = self._outputs(model, images, texts, extras[j])
+                        live = self._outputs(model, images, texts, extras[j], keys[j])
                         loss, terms = self._terms(gradcache_outputs(cached, live, j))
                     self._check_finite(loss, epoch)
                     self._backward(loss)
