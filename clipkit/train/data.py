@@ -531,8 +531,9 @@ def data_source(spec: Optional[str], dataset_type: str, data: Any, *, flag: str,
                                                                       seed=seed, image_size=image_size))
 
 
-def train_loader(data: Any, seed: int, transform, tokenizer, rank: int, world: int, image_size: int, *,
-                 pin_memory: bool = False, flag: str = "--train-data") -> Loader:
+def train_loader(data: Any, seed: int, transform: Callable[..., Any], tokenizer: Optional[Callable[..., Any]],
+                 rank: int, world: int, image_size: int, *, pin_memory: bool = False,
+                 flag: str = "--train-data") -> Loader:
     """The training loader from the data settings; the sample count comes from them, or from the source
     (``sizes.json``/``__len__`` or counting for shards, one per row for a CSV). ``pin_memory``: batches in
     page-locked memory, so that copies to a CUDA device run asynchronously; ``flag``: what messages call
