@@ -69,6 +69,12 @@ class TowerFactory(Protocol):
     ``forward`` returns ``[B, ctx.embed_dim]`` (or ``(pooled, tokens)`` with ``output_tokens``), and
     it has ``output_dim``, ``image_size`` (vision) or ``context_length`` and ``vocab_size`` (text),
     ``layer_groups()`` and ``set_grad_checkpointing(enable)``. clipkit checks this on every build.
+
+    Optionally, the stage protocol: ``forward_head(x, n)`` returns the state after the first ``n`` layer
+    groups (a tensor or a tuple of tensors, batch first) and ``forward_tail(state, n)`` the output from
+    there, with ``forward_tail(forward_head(x, n), n) == forward(x)`` for every ``n`` (a ``ClipkitError``
+    refuses an ``n``). ``clipkit-train`` then computes a locked prefix once per input (docs/plugins.md,
+    "Stages"; the ``stages`` contract checks it).
     """
 
     def __call__(self, cfg: Any, ctx: TowerContext) -> "nn.Module": ...
