@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from _train_support import synthetic_samples, write_dataset, write_model
+from clipkit.cli import main
 from clipkit.train.data_bench import BenchRow, advice, parse_counts
 
 CLIPKIT = str(Path(sys.executable).parent / "clipkit")
@@ -77,3 +78,11 @@ def test_worker_counts_and_the_closing_advice():
     assert [r.samples_per_s for r in rows] == [40.0, 80.0, None]
     assert advice(rows).startswith("fastest: --workers 2 at 80.0 samples/s")
     assert advice([BenchRow(1, 8, 1)]) == "too few batches to measure a rate: raise --samples"
+
+
+def test_fewer_samples_than_a_batch_is_one_line(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", shards=1, per_shard=8)
+    assert main(["data", "bench", data, "--model", write_model(tmp_path), "--batch-size", "8", "--samples", "4"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "clipkit data bench: --samples 4 is less than one batch (--batch-size 8)\n"

@@ -201,6 +201,16 @@ def test_adamw_kernel_choice():
     assert adamw_kernel({"cpu", "cuda"}, True, True) == "default"
 
 
+def test_pinned_memory_is_passed_to_the_loader():
+    from clipkit.train.data import train_loader
+    from clipkit.train.settings import DataSettings
+
+    data = DataSettings(dataset_type="synthetic", train_num_samples=16, batch_size=4, workers=0)
+    common = (0, lambda image: image, None, 0, 1, 32)
+    assert train_loader(data, *common, pin_memory=True).pin_memory is True
+    assert train_loader(data, *common).pin_memory is False
+
+
 def test_cpu_optimizer_keeps_torchs_default(caplog):
     from types import SimpleNamespace
 
