@@ -264,8 +264,9 @@ declare(KindSpec(
     "``factory(options, ctx)`` gets an instance of ``config`` (fields declared with ``option()``; set with "
     "``--objective-opt key=value``) and an ``ObjectiveContext``; the objective maps the step's outputs to "
     "named 0-d loss terms. ``example`` is the options its contract cases build it with (default: the "
-    "class's defaults).",
-    protocol=_objectives.ObjectiveFactory, keywords=frozenset({"example"}),
+    "class's defaults). ``flags={option: '--flag-name'}`` gives options a ``clipkit-train`` flag of their own "
+    "(OpenCLIP's names, say); giving one selects the objective when ``--objective`` is not given.",
+    protocol=_objectives.ObjectiveFactory, keywords=frozenset({"example", "flags"}),
     contracts=("builds", "terms", "gradients", "accumulation", "state-dict"),
     checks="clipkit.train.part_checks:OBJECTIVE_CHECKS",
     scaffold=Scaffold("a training objective (CLIP loss plus a uniformity term)",
@@ -318,7 +319,8 @@ declare(KindSpec(
     "top-level key the family adds), else it is ``clip`` (:class:`clipkit.model.ClipModel`). ``config`` "
     "types the top-level keys the family adds (each field one key); the factory gets an instance of it and "
     "a ``ModelContext`` with the built towers. ``example`` is a whole small model config of the family "
-    "(its towers included) that its contract cases build.",
-    protocol=hookspecs.ModelFamilyFactory, keywords=frozenset({"infer", "example"}),
+    "(its towers included) that its contract cases build. ``objective='NAME'`` is the objective "
+    "``clipkit-train`` trains the family's models with when no flag selects one.",
+    protocol=hookspecs.ModelFamilyFactory, keywords=frozenset({"infer", "example", "objective"}),
     contracts=("builds", "forward", "save-load"), checks="clipkit._contract:MODEL_FAMILY_CHECKS",
     section=TOP_LEVEL, select_key="model_family", default="clip", recorded=True))

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from ..errors import ArgsError
 from . import data_sources
 from .report import selected_reporters
-from .selection import objective_choice, objective_name
+from .selection import apply_objective_flags, objective_choice, objective_flags, objective_name
 from .settings import GROUPS, SETTINGS_FILE, Settings, flag_names, read_settings_file
 
 # flags of OpenCLIP's trainer for features clipkit does not have: accepted by the parser so that
@@ -28,8 +28,6 @@ UNSUPPORTED = {
     "trace": "TorchScript tracing (--trace) is not supported by clipkit",
     "horovod": "Horovod is not supported by clipkit; launch with torchrun (see docs/training.md)",
     "use_bnb_linear": "bitsandbytes linear layers (--use-bnb-linear) are not supported by clipkit yet",
-    "coca_caption_loss_weight": "CoCa models are not supported by clipkit, so --coca-caption-loss-weight has no meaning",
-    "coca_contrastive_loss_weight": "CoCa models are not supported by clipkit, so --coca-contrastive-loss-weight has no meaning",
 }
 
 
@@ -109,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             _add(group, f, hints[f.name])
+    flags = objective_flags()
+    if flags:
+        group = p.add_argument_group("options of installed objectives (giving one selects its objective)")
+        for flag in flags:
+            kwargs: Dict[str, Any] = {"dest": flag.dest, "default": None, "help": f"{flag.doc} (objective {flag.objective})"}
+            if flag.kind is bool:
+                kwargs["action"] = "store_true"
+            else:
+                kwargs["type"] = flag.kind
+            group.add_argument(flag.flag, **kwargs)
     for action in p._actions:
         if action.dest == "dataset_type":  # its choices are the registered data sources (validate() checks)
             action.metavar = "{" + ",".join(data_sources.choices()) + "}"
@@ -139,6 +147,7 @@ def validate(args: argparse.Namespace) -> Settings:
     for dest, message in UNSUPPORTED.items():
         if given[dest] not in (None, False):
             raise ArgsError(message)
+    apply_objective_flags(args)
     problems = []
 
     def need(cond: bool, message: str) -> None:

@@ -226,10 +226,6 @@ class ModelSettings:
                 '`save_pretrained` folder.')
     use_bnb_linear: Optional[str] = flag(None, '',
         hidden=True)
-    coca_caption_loss_weight: Optional[float] = flag(None, '',
-        hidden=True)
-    coca_contrastive_loss_weight: Optional[float] = flag(None, '',
-        hidden=True)
 
 
 @dataclass

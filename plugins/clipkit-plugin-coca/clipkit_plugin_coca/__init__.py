@@ -103,12 +103,15 @@ EXAMPLE = {
 @clipkit.hookimpl
 def register_model_families(register):
     register("coca", "clipkit_plugin_coca.model:build_coca", config=CocaCfg, infer=Infer("multimodal_cfg"),
-             example=EXAMPLE)
+             example=EXAMPLE, objective="coca")
 
 
 @clipkit.hookimpl
 def register_objectives(register):
-    register("coca", "clipkit_plugin_coca.objective:build_objective", config=CocaOptions)
+    # OpenCLIP's trainer flags for the two weights
+    register("coca", "clipkit_plugin_coca.objective:build_objective", config=CocaOptions,
+             flags={"caption_loss_weight": "--coca-caption-loss-weight",
+                    "contrastive_loss_weight": "--coca-contrastive-loss-weight"})
 
 
 @clipkit.hookimpl

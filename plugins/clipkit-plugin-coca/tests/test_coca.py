@@ -281,3 +281,61 @@ def test_without_the_plugin_a_saved_model_names_the_package(tmp_path, monkeypatc
     assert str(err.value) == (f"local-dir:{tmp_path / 'saved'}: this model needs parts that are not installed: model "
                               f"family 'coca' (provided by clipkit-plugin-coca 0.1.0 when the model was saved; pip "
                               f"install clipkit-plugin-coca)")
+
+
+# -- training ------------------------------------------------------------------------------------------------
+
+TRAIN_MODEL = {**TINY, "text_cfg": {**TINY["text_cfg"], "vocab_size": 49408},  # the CLIP tokenizer's ids
+               "multimodal_cfg": {**TINY["multimodal_cfg"], "vocab_size": 49408}}
+
+
+def _train(tmp_path, name, *extra):
+    from clipkit.train import main as train
+
+    model = tmp_path / "coca-tiny.json"
+    model.write_text(json.dumps(TRAIN_MODEL))
+    args = ["--model", model, "--dataset-type", "synthetic", "--train-num-samples", "32", "--batch-size", "8",
+            "--epochs", "2", "--lr", "1e-3", "--warmup", "2", "--workers", "0", "--precision", "fp32",
+            "--device", "cpu", "--logs", tmp_path / "logs", "--name", name, "--log-every-n-steps", "1",
+            "--seed", "0", *extra]
+    assert train([str(a) for a in args]) == 0
+    return tmp_path / "logs" / name
+
+
+@pytest.mark.slow
+def test_trains_with_openclips_flags_logs_both_terms_and_resumes_bit_identically(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = _train(tmp_path, "straight", "--coca-caption-loss-weight", "0.5", "--report-to", "tensorboard")
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings["optimization"]["objective"] == "coca"
+    assert settings["optimization"]["objective_opt"] == {"caption_loss_weight": 0.5}
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    terms = {tag: [e.value for e in events.Scalars(tag)] for tag in ("train/caption_loss", "train/contrastive_loss",
+                                                                     "train/loss")}
+    assert all(len(values) == 8 for values in terms.values())
+    for caption, contrastive, total in zip(*terms.values()):
+        assert caption > 0 and contrastive > 0 and total == pytest.approx(caption + contrastive, rel=1e-5)
+    resumed = _train(tmp_path, "resumed", "--coca-caption-loss-weight", "0.5",
+                     "--resume", run / "checkpoints" / "epoch_1.pt")
+    ref = torch.load(run / "checkpoints" / "epoch_2.pt", weights_only=True)
+    got = torch.load(resumed / "checkpoints" / "epoch_2.pt", weights_only=True)
+    assert any(key.startswith("text_decoder.") for key in ref["state_dict"])
+    for key, value in ref["state_dict"].items():
+        assert torch.equal(value, got["state_dict"][key]), key
+    model = clipkit.create_model(str(tmp_path / "coca-tiny.json"), pretrained=str(run / "checkpoints" / "epoch_2.pt"))
+    assert type(model) is CoCa
+
+
+def test_the_family_chooses_its_objective_and_a_weight_flag_must_fit_it():
+    from clipkit.errors import ArgsError
+    from clipkit.train.args import parse_args
+
+    assert parse_args(["--model", "coca_ViT-B-32", "--train-data", "x.tar"]).optimization.objective == "coca"
+    assert parse_args(["--model", "ViT-B-32", "--train-data", "x.tar"]).optimization.objective is None
+    weights = parse_args(["--model", "coca_ViT-B-32", "--train-data", "x.tar", "--coca-contrastive-loss-weight", "0"])
+    assert weights.optimization.objective_opt == {"contrastive_loss_weight": 0.0}
+    with pytest.raises(ArgsError, match="^--coca-caption-loss-weight is an option of objective 'coca', not of 'clip'$"):
+        parse_args(["--model", "ViT-B-32", "--train-data", "x.tar", "--objective", "clip",
+                    "--coca-caption-loss-weight", "1"])
