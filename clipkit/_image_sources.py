@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence, Tuple, Union
 
-from .errors import DataError
+from .errors import DataError, explain_os_error
 from .train import shards as wds
 
 #: Images per chunk of a folder or CSV (a shard is always one chunk).
@@ -93,15 +93,13 @@ def open_images(source: Union[str, os.PathLike[str]], *, chunk_size: int = DEFAU
 
 def _csv_images(path: Path, img_key: str, separator: str) -> List[Tuple[str, str]]:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with explain_os_error(str(path), DataError), open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=separator)
             columns = reader.fieldnames or []
             if img_key not in columns:
                 raise DataError(f"{path}: column {img_key!r} not found; columns found with --csv-separator "
                                 f"{separator!r}: {columns} (set --csv-img-key/--csv-separator)")
             written = [row[img_key] or "" for row in reader]
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: not a readable CSV file: {exc}") from exc
     base = path.parent

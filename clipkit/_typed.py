@@ -15,13 +15,12 @@ No torch here: this module runs in ``clipkit config check`` and in every plugin'
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from .errors import Problem
+from .errors import Problem, suggest
 
 _MISSING = dataclasses.MISSING
 
@@ -174,8 +173,7 @@ def validate(cls: type, data: Mapping[str, Any], path: str, what: str,
         if key in extra_known:
             continue
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields) + list(extra_known), n=1, cutoff=0.7)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = suggest(key, [*fields, *extra_known], cutoff=0.7)
             problems.append(Problem(f"{prefix}{key}", f"unknown key for {what}{hint}"))
             continue
         ok, converted = _coerce(value, hints[key])

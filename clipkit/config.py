@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from ._size import size_problems
 from ._typed import option, validate
-from .errors import ClipkitError, ConfigError, Problem
+from .errors import ClipkitError, ConfigError, JSONBoundError, Problem, explain_os_error, suggest
 from .kinds import MODEL_CONFIG, MODEL_FAMILY, TEXT_TOWER, TOKENIZER, VISION_TOWER, Kind, spec
 from .registry import FIRST_PARTY_INFER, FIRST_PARTY_MODELS, registry
 
@@ -197,10 +196,8 @@ def _tokenizer_problems(tok: TokenizerCfg, text_cfg: Mapping[str, Any]) -> List[
     problems = []
     for key in sorted(tok.tokenizer_kwargs or {}):
         if options is not None and key not in options:
-            close = difflib.get_close_matches(key, list(options), n=1)
             problems.append(Problem(f"text_cfg.tokenizer_kwargs.{key}", f"unknown option of tokenizer {name!r}"
-                                    + (f" (did you mean {close[0]!r}?)" if close else "")
-                                    + f"; it takes {', '.join(options)}"))
+                                    + suggest(key, options) + f"; it takes {', '.join(options)}"))
     return problems
 
 
@@ -467,10 +464,6 @@ def read_hub_config(schema: str, ident: str, cache_dir: Optional[str] = None, of
     return read_json_object(path)
 
 
-class JSONBoundError(ValueError):
-    """A config file over :data:`MAX_CONFIG_BYTES` or nested deeper than :data:`MAX_CONFIG_DEPTH`."""
-
-
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _JSON_BRACKETS = re.compile(r"[\[\]{}]")
 
@@ -508,9 +501,8 @@ def _too_deep(data: Any) -> bool:
 def read_json_object(path: Path) -> Dict[str, Any]:
     """A JSON file that must hold an object; any other content is a one-line ClipkitError."""
     try:
-        data = load_json(path)
-    except OSError as exc:
-        raise ClipkitError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        with explain_os_error(str(path)):
+            data = load_json(path)
     except JSONBoundError as exc:
         raise ClipkitError(f"{path}: {exc}") from exc
     except ValueError as exc:
@@ -532,13 +524,7 @@ def get_model_config(model_name: str) -> Optional[Dict[str, Any]]:
 
 def unknown_model_message(model_name: str) -> str:
     """Unknown model name: did-you-mean and, for known plugin families, the pip install line."""
-    import difflib
-
-    names = list_models()
-    message = f"unknown model {model_name!r}"
-    close = difflib.get_close_matches(model_name, names, n=3)
-    if close:
-        message += f" (did you mean {', '.join(repr(c) for c in close)}?)"
+    message = f"unknown model {model_name!r}" + suggest(model_name, list_models(), n=3)
     for pattern, dist in FIRST_PARTY_MODELS.items():
         if re.fullmatch(pattern, model_name):
             return message + f"; {model_name} comes with a plugin: pip install {dist}"

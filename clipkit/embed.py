@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ._image_sources import DEFAULT_CHUNK_SIZE, ImageCollection, open_images
-from .errors import ClipkitError, DataError
+from .errors import ClipkitError, DataError, explain_os_error
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -310,7 +310,8 @@ def read_texts(path: Union[str, os.PathLike[str]], *, text_key: str = "text", id
 
     suffix = path.suffix.lower()
     try:
-        with open(path, newline="" if suffix in (".csv", ".tsv") else None, encoding="utf-8") as f:
+        with explain_os_error(str(path), DataError), \
+                open(path, newline="" if suffix in (".csv", ".tsv") else None, encoding="utf-8") as f:
             if suffix == ".jsonl":
                 for line, text in enumerate(f, 1):
                     if not text.strip():
@@ -335,8 +336,6 @@ def read_texts(path: Union[str, os.PathLike[str]], *, text_key: str = "text", id
             else:
                 for line, text in enumerate(f, 1):
                     add(line, text.rstrip("\r\n"), line)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text: {exc}") from exc
     except csv.Error as exc:

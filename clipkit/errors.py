@@ -5,8 +5,10 @@ one type, and every message says what is wrong, where, and what to do about it.
 """
 from __future__ import annotations
 
+import contextlib
+import difflib
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional, Type
 
 
 class ClipkitError(Exception):
@@ -87,3 +89,44 @@ class DataError(ClipkitError):
 
 class TrainingError(ClipkitError):
     """The run cannot go on (a non-finite loss, a run folder in the way)."""
+
+
+class RunStopped(TrainingError):
+    """A stop signal ended the run at a step boundary, after saving a checkpoint."""
+
+    #: sysexits' EX_TEMPFAIL ("try again later"): stopped on request with a checkpoint, to be continued
+    exit_code = 75
+
+
+class RunFolderInUse(ClipkitError):
+    """Another live process trains in this run folder."""
+
+
+class ExportError(ClipkitError):
+    """A model that a format cannot express, a missing package, or an export that failed its check."""
+
+
+class JSONBoundError(ValueError):
+    """A config file over ``clipkit.config.MAX_CONFIG_BYTES`` or nested deeper than ``MAX_CONFIG_DEPTH``.
+
+    Not a :class:`ClipkitError`: it never reaches a user. It is the JSON reader's signal, and its callers
+    turn it into a ``ClipkitError`` naming the file, or a warning naming it when the file is one of a
+    config folder's.
+    """
+
+
+def suggest(name: str, choices: Iterable[str], n: int = 1, cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` (up to ``n`` close ``choices``, most alike first) to end a message
+    about an unknown ``name``, or ``""`` when nothing is close enough (``cutoff`` as in difflib)."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=cutoff)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+@contextlib.contextmanager
+def explain_os_error(where: str, error: Type[ClipkitError] = ClipkitError, doing: str = "read") -> Iterator[None]:
+    """Turn an ``OSError`` raised inside (a missing file, no permission, a full disk) into ``error``'s one
+    line ``WHERE: cannot DOING: REASON``; ``where`` names the file as the user gave it (``--out x.jsonl``)."""
+    try:
+        yield
+    except OSError as exc:
+        raise error(f"{where}: cannot {doing}: {exc.strerror or exc}") from exc

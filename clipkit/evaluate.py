@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, TypeVar, Union
 
-from .errors import DataError
+from .errors import DataError, explain_os_error
 
 TASKS = ("zeroshot", "retrieval")
 PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16")
@@ -131,12 +131,10 @@ def table(result: Dict[str, Any]) -> str:
 def append_jsonl(path: Union[str, Path], result: Dict[str, Any]) -> None:
     """Append ``result`` as one JSON line to ``path`` (created with its folder when absent)."""
     path = Path(path)
-    try:
+    with explain_os_error(f"--out {path}", DataError, doing="write"):
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(result) + "\n")
-    except OSError as exc:
-        raise DataError(f"--out {path}: cannot write: {exc.strerror or exc}") from exc
 
 
 __all__ = ["evaluate", "table", "append_jsonl", "TASKS"]

@@ -10,14 +10,13 @@ torch, torchvision and timm are imported inside the functions that need them, so
 """
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 import random
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
-from .errors import PreprocessError
+from .errors import PreprocessError, suggest
 
 if TYPE_CHECKING:
     import torch
@@ -43,10 +42,7 @@ DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
 
 
 def _unknown_keys_error(what: str, unknown: Sequence[str], allowed: Sequence[str]) -> PreprocessError:
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, allowed, n=1)
-        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    hints = [repr(key) + suggest(key, allowed) for key in unknown]
     return PreprocessError(f"{what}: unknown key {', '.join(hints)}; allowed keys: {', '.join(allowed)}")
 
 

@@ -9,14 +9,21 @@ express says so in that format's exporter, never in a list here. This module imp
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, List, Optional, Protocol
 
-from ..errors import ClipkitError
+from .. import errors
 
 
-class ExportError(ClipkitError):
-    """A model that a format cannot express, a missing package, or an export that failed its check."""
+def __getattr__(name: str) -> Any:
+    # ExportError lived here until every clipkit exception moved to clipkit.errors; exporter plugins
+    # written against the old place keep working for a release, told where it went
+    if name == "ExportError":
+        warnings.warn("clipkit.exporters.ExportError moved to clipkit.errors.ExportError; the old name goes "
+                      "away in the next release", DeprecationWarning, stacklevel=2)
+        return errors.ExportError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Exporter(Protocol):
@@ -28,7 +35,7 @@ class Exporter(Protocol):
     def export(self, model: Any, out: Path) -> List[str]:
         """Write ``model`` (in eval mode) into the folder ``out`` (which exists, empty) and check what was
         written. Returns the lines to report (files written, the check's result); a failed check raises
-        :class:`ExportError`.
+        :class:`~clipkit.errors.ExportError`.
         """
 
 
@@ -52,8 +59,9 @@ def get_exporter(fmt: str) -> Exporter:
     from ..registry import registry
 
     if not registry.has(EXPORTER, fmt):
-        raise ExportError(f"unknown export format {fmt!r}; registered formats: {', '.join(formats())}")
-    return registry.get(EXPORTER, fmt).load()()
+        raise errors.ExportError(f"unknown export format {fmt!r}; registered formats: {', '.join(formats())}")
+    exporter: Exporter = registry.get(EXPORTER, fmt).load()()
+    return exporter
 
 
 def export_model(model_name: str, fmt: str, out: Path, pretrained: Optional[str] = None) -> List[str]:
@@ -68,9 +76,9 @@ def export_model(model_name: str, fmt: str, out: Path, pretrained: Optional[str]
     model.eval()
     reason = exporter.supports(model)
     if reason is not None:
-        raise ExportError(f"{model_name} cannot be exported as {fmt}: {reason}")
+        raise errors.ExportError(f"{model_name} cannot be exported as {fmt}: {reason}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out}: the export folder must be new or empty")
+        raise errors.ExportError(f"{out}: the export folder must be new or empty")
     out.mkdir(parents=True, exist_ok=True)
     return exporter.export(model, out)

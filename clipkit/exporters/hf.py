@@ -9,8 +9,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..errors import ExportError
 from ..kinds import TEXT_TOWER, TOKENIZER, VISION_TOWER
-from . import ExportError
 
 #: the largest difference from clipkit's fp32 features the written model may show
 TOLERANCE = 1e-5

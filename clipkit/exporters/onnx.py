@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, cast
 
 import torch
 from torch import nn
 
-from . import ExportError
+from ..errors import ExportError
 
 #: the largest difference from torch's fp32 features an export may show
 TOLERANCE = 1e-4
@@ -25,7 +25,10 @@ class _Encoder(nn.Module):
         self.image = image
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(x) if self.image else self.model.encode_text(x)
+        # every assembled model has both encoders; nn.Module types unknown attributes as Tensor | Module
+        encode = cast(Callable[[torch.Tensor], torch.Tensor],
+                      self.model.encode_image if self.image else self.model.encode_text)
+        return encode(x)
 
 
 def _require(module: str) -> Any:

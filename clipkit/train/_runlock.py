@@ -20,7 +20,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..errors import ClipkitError
+from ..errors import RunFolderInUse
 
 logger = logging.getLogger("clipkit.train")
 
@@ -41,10 +41,6 @@ class _Held:
 
 # by run folder: a process that runs twice in the same folder (a notebook resuming) holds its lock once
 _HELD: Dict[Path, _Held] = {}
-
-
-class RunFolderInUse(ClipkitError):
-    """Another live process trains in this run folder."""
 
 
 def lock_run_folder(run_dir: Path, owner: Any) -> None:

@@ -19,20 +19,14 @@ from typing import Any, Callable, Iterator, List, Literal, Optional, Type
 
 import torch
 
-from ..errors import ClipkitError, TrainingError
+from ..errors import ClipkitError, RunStopped, TrainingError
 from . import distributed
 from .report import setup_logging
 
 logger = logging.getLogger("clipkit.train")
 
 # sysexits' EX_TEMPFAIL ("try again later"): stopped on request with a checkpoint, to be continued
-STOPPED_EXIT_CODE = 75
-
-
-class RunStopped(TrainingError):
-    """A stop signal ended the run at a step boundary, after saving a checkpoint."""
-
-    exit_code = STOPPED_EXIT_CODE
+STOPPED_EXIT_CODE = RunStopped.exit_code
 
 
 @dataclass
