@@ -5,7 +5,7 @@ A tower lists its parameters in groups, first to last (``tower.layer_groups()``)
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Sequence, Union
+from typing import Any, Iterator, List, Sequence, Union
 
 from torch import nn
 
@@ -106,7 +106,7 @@ def eval_frozen_parts(tower: nn.Module) -> List[str]:
     return names
 
 
-def locked_prefix(tower: nn.Module) -> int:
+def locked_prefix(tower: Any) -> int:
     """How many of ``tower.layer_groups()``, from the first, have all their parameters frozen."""
     count = 0
     for group in tower.layer_groups():

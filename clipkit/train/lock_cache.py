@@ -92,7 +92,7 @@ class TowerCache:
     """The cache of one tower: its entries and the cached forward installed on it."""
 
     name: str  # "image" or "text"
-    tower: nn.Module
+    tower: Any  # an nn.Module, with forward_head/forward_tail when the prefix is not the whole tower
     prefix: int  # cached: the state after this many layer groups (== groups: the output)
     groups: int
     fingerprint: str
@@ -144,8 +144,9 @@ class TowerCache:
         found = [self.entries.get(k) for k in keys]
         self.lookups += len(keys)
         self.hits += sum(f is not None for f in found)
-        if all(f is not None for f in found):
-            value: Any = tuple(torch.stack([f[j] for f in found]) for j in range(len(found[0])))  # type: ignore[index]
+        hits = [f for f in found if f is not None]
+        if len(hits) == len(found):
+            value: Any = tuple(torch.stack([f[j] for f in hits]) for j in range(len(hits[0])))
             value = value if len(value) > 1 else value[0]
         else:
             with torch.no_grad():  # the whole batch, as an uncached run computes it (exact to the last bit)
@@ -394,7 +395,7 @@ def fingerprint(tower: nn.Module, prefix: int, lock: Dict[str, Any], precision: 
                               "torch": torch.__version__}, sort_keys=True, default=str).encode())
     frozen_modules = [m for m in tower.modules()
                       if not any(p.requires_grad for p in m.parameters())]
-    tensors = [(n, p) for n, p in tower.named_parameters() if not p.requires_grad]
+    tensors: List[Tuple[str, torch.Tensor]] = [(n, p) for n, p in tower.named_parameters() if not p.requires_grad]
     seen = {id(b) for m in frozen_modules for b in m.buffers()}
     tensors += [(n, b) for n, b in tower.named_buffers() if id(b) in seen]
     for name, tensor in tensors:
@@ -421,7 +422,7 @@ def build(model: nn.Module, settings: Any, folder: Optional[Path], rank: int, wo
     towers = []
     configs = getattr(getattr(model, "model_config", None), "raw", {}) or {}
     for side in locks:
-        tower = model.visual if side == "image" else model.text
+        tower: Any = model.visual if side == "image" else model.text
         groups = len(list(tower.layer_groups()))
         frozen = not any(p.requires_grad for p in tower.parameters())
         prefix = groups if frozen else locked_prefix(tower)
@@ -452,10 +453,10 @@ def build(model: nn.Module, settings: Any, folder: Optional[Path], rank: int, wo
         return None
     where = folder if folder is not None else "memory only (--logs none)"
     cache = LockCache(towers, folder, rank, world, device)
-    for tower in towers:
-        loaded = f", {tower.loaded} entries read back" if tower.loaded else ""
+    for part in towers:
+        loaded = f", {part.loaded} entries read back" if part.loaded else ""
         logger.info("lock cache: %s, cached per sample up to %.1f MiB for all towers, kept in %s%s",
-                    tower.describe(), budget.limit / 2 ** 20, where, loaded)
+                    part.describe(), budget.limit / 2 ** 20, where, loaded)
     return cache
 
 

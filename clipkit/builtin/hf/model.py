@@ -6,7 +6,7 @@ state dicts load directly.
 from __future__ import annotations
 
 import inspect
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -143,12 +143,13 @@ class HFTextTower(nn.Module):
         else:
             model.gradient_checkpointing_disable()
 
-    def forward(self, text: torch.Tensor):
+    def forward(self, text: torch.Tensor) -> Any:
+        """``[B, output_dim]``, or ``(pooled, tokens)`` with ``output_tokens``."""
         mask = (text != self.pad_id).long()
         out = self.transformer(input_ids=text, attention_mask=mask)
         return self._head(text, out.last_hidden_state, getattr(out, "pooler_output", None))
 
-    def _head(self, text: torch.Tensor, hidden: torch.Tensor, pooler_output: Optional[torch.Tensor]):
+    def _head(self, text: torch.Tensor, hidden: torch.Tensor, pooler_output: Optional[torch.Tensor]) -> Any:
         mask = (text != self.pad_id).long()
         pooled = self.proj(self.pooler(hidden, mask, pooler_output))
         if not self.output_tokens:
@@ -175,11 +176,11 @@ class HFTextTower(nn.Module):
         self._layer_returns_tuple(layers, text)  # refuses encoders whose layers pass more than hidden states
         captured: List[torch.Tensor] = []
 
-        def stop_before(_module, args, kwargs):
+        def stop_before(_module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
             captured.append(args[0] if args else kwargs["hidden_states"])
             raise _Stop
 
-        def stop_after(_module, _args, output):
+        def stop_after(_module: nn.Module, _args: Tuple[Any, ...], output: Any) -> None:
             captured.append(output[0] if isinstance(output, tuple) else output)
             raise _Stop
 
@@ -193,7 +194,7 @@ class HFTextTower(nn.Module):
             handle.remove()
         return captured[0], text
 
-    def forward_tail(self, state: Any, n: int):
+    def forward_tail(self, state: Any, n: int) -> Any:
         """The output from the state after ``n`` layer groups: ``forward_tail(forward_head(x, n), n) == forward(x)``."""
         layers = _find_layers(self.transformer)
         if n == 0:
@@ -208,15 +209,16 @@ class HFTextTower(nn.Module):
         # replaces the hidden states where it was taken; the embeddings still run (a lookup, cheap)
         skipped = list(layers[: n - 1])
 
-        def passthrough(hidden_states, *_args, **_kwargs):
+        def passthrough(hidden_states: torch.Tensor, *_args: Any, **_kwargs: Any) -> Any:
             return (hidden_states,) if as_tuple else hidden_states
 
-        def put_before(_module, args, kwargs):
+        def put_before(_module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+                       ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
             if args:
                 return (hidden,) + tuple(args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
 
-        def put_after(_module, _args, output):
+        def put_after(_module: nn.Module, _args: Tuple[Any, ...], output: Any) -> Any:
             return ((hidden,) + tuple(output[1:])) if isinstance(output, tuple) else hidden
 
         handle = (layers[n - 1].register_forward_pre_hook(put_before, with_kwargs=True) if n <= len(layers)
@@ -239,7 +241,7 @@ class HFTextTower(nn.Module):
         if self._returns_tuple is None:
             seen: List[Any] = []
 
-            def probe(_module, _args, output):
+            def probe(_module: nn.Module, _args: Tuple[Any, ...], output: Any) -> None:
                 seen.append(output)
                 raise _Stop
 

@@ -92,14 +92,15 @@ class TextTransformer(nn.Module):
             return x
         return x[torch.arange(x.shape[0], device=x.device), index]
 
-    def forward(self, text: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, text: torch.Tensor) -> Any:
+        """``[B, output_dim]``, or ``(pooled, tokens)`` with ``output_tokens``."""
         return self._groups(text, 0, self._group_count())
 
     def forward_head(self, text: torch.Tensor, n: int) -> Any:
         """The state after the first ``n`` layer groups (the optional stage protocol, docs/plugins.md)."""
         return self._groups(text, 0, n)
 
-    def forward_tail(self, state: Any, n: int) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    def forward_tail(self, state: Any, n: int) -> Any:
         """The output from the state after ``n`` layer groups: ``forward_tail(forward_head(x, n), n) == forward(x)``."""
         return self._groups(state, n, self._group_count())
 
@@ -125,7 +126,7 @@ class TextTransformer(nn.Module):
             pooled, tokens = x
             if isinstance(self.text_projection, nn.Linear):
                 pooled = self.text_projection(pooled)
-            else:
+            elif self.text_projection is not None:
                 pooled = pooled @ self.text_projection.to(pooled.dtype)
             x = (pooled, tokens)
         if stop == self._group_count() and start < stop:

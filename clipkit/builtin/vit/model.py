@@ -105,14 +105,15 @@ class VisionTransformer(nn.Module):
             return x[:, 0], x[:, 1:]
         return x, x
 
-    def forward(self, image: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, image: torch.Tensor) -> Any:
+        """``[B, output_dim]``, or ``(pooled, tokens)`` with ``output_tokens``."""
         return self._groups(image, 0, len(self.transformer.resblocks) + 2)
 
     def forward_head(self, image: torch.Tensor, n: int) -> Any:
         """The state after the first ``n`` layer groups (the optional stage protocol, docs/plugins.md)."""
         return self._groups(image, 0, n)
 
-    def forward_tail(self, state: Any, n: int) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    def forward_tail(self, state: Any, n: int) -> Any:
         """The output from the state after ``n`` layer groups: ``forward_tail(forward_head(x, n), n) == forward(x)``."""
         return self._groups(state, n, len(self.transformer.resblocks) + 2)
 
