@@ -100,5 +100,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def __dir__() -> list:
+def __dir__() -> list[str]:
     return sorted(__all__)

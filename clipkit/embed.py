@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ._image_sources import DEFAULT_CHUNK_SIZE, ImageCollection, open_images
+from ._precision import PRECISIONS
 from .errors import ClipkitError, DataError, explain_os_error
 
 if TYPE_CHECKING:
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("clipkit.embed")
 
-#: What ``--precision`` may be: fp16/bf16 cast the model's weights as ``create_model`` does; amp autocasts.
-PRECISIONS = ("fp32", "bf16", "fp16", "amp")
 EMBEDDINGS, IDS, META, PROGRESS, PARTS = "embeddings.npy", "ids.txt", "meta.json", "progress.json", "parts"
 # an id that would break ids.txt's one-id-a-line format (a newline in a file name) is skipped and counted
 BAD_ID = "bad_id"

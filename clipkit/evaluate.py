@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, TypeVar, Union
 
+from ._precision import PRECISIONS
 from .errors import DataError, explain_os_error
 
 TASKS = ("zeroshot", "retrieval")
-PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 #: The metrics of each task the table on stdout shows (the JSON line has every metric).
 TABLE_KEYS = {
