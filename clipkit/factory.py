@@ -24,7 +24,7 @@ from .kinds import FREEZER, MODEL_FAMILY, TEXT_TOWER, VISION_TOWER, spec
 from .model import ClipModel
 from .pretrained import get_pretrained_cfg, preprocess_of
 from .registry import PLUGIN_FAILURES, Entry, registry
-from .transforms import AugmentationCfg, PreprocessCfg, image_transform_v2, merge_preprocess
+from .transforms import AugmentationCfg, ImageTransform, PreprocessCfg, image_transform_v2, merge_preprocess
 
 logger = logging.getLogger("clipkit")
 
@@ -293,7 +293,7 @@ def create_model_and_transforms(
         weights_only: bool = True,
         trust_remote_code: bool = False,
         **model_kwargs: Any,
-):
+) -> Tuple[ClipModel, ImageTransform, ImageTransform]:
     """``(model, preprocess_train, preprocess_val)``; the ``image_*`` arguments override preprocessing."""
     force_preprocess = _image_overrides(image_mean, image_std, image_interpolation, image_resize_mode)
     model = create_model(
@@ -328,7 +328,7 @@ def create_model_from_pretrained(
         weights_only: bool = True,
         trust_remote_code: bool = False,
         **model_kwargs: Any,
-):
+) -> Union[ClipModel, Tuple[ClipModel, ImageTransform]]:
     """A model that must come with weights; returns ``model`` or ``(model, preprocess_val)``."""
     if not pretrained and parse_model_name(model_name)[0] is None:
         raise ClipkitError(f"create_model_from_pretrained({model_name!r}) needs pretrained= (a tag or a checkpoint file) "
