@@ -327,13 +327,21 @@ def _run(trainer: str, python: str, model_flag: str, config: Optional[Path], arg
                 # OpenCLIP logs samples seen, not the step; its rate has 6 significant digits
                 steps.append((t, int(m.group(1)) // args.batch_size, args.batch_size / float(m.group(4)),
                               float(m.group(2))))
+    measure(result, steps, start, proc.returncode == 0, args)
+    return result
+
+
+def measure(result: Result, steps: List[Tuple[float, int, float, float]], start: float, exited_ok: bool,
+            args) -> None:
+    """Fills ``result``'s rates from the step lines ``(arrival time, step, seconds per step as the trainer
+    measured it, data seconds)``: from the last line at or before ``--warmup-steps`` (or the first line)
+    to the last one."""
     result.steps_logged = len(steps)
     if steps:
         result.first_step_s = steps[0][0] - start
-    # from the last line at or before --warmup-steps (or the first line) to the last line
     base = max((i for i, line in enumerate(steps) if line[1] <= args.warmup_steps), default=0)
     measured = steps[base + 1:]
-    result.ok = proc.returncode == 0 and len(measured) >= 2
+    result.ok = exited_ok and len(measured) >= 2
     if len(measured) >= 2:
         (t0, step0, _, _), (t1, step1, _, _) = steps[base], measured[-1]
         result.steps_measured = step1 - step0
@@ -344,7 +352,6 @@ def _run(trainer: str, python: str, model_flag: str, config: Optional[Path], arg
         result.samples_per_s_self = args.batch_size * sum(covered) / sum(n * s for n, s in zip(covered, seconds))
         result.median_step_ms = 1000 * statistics.median(seconds)
         result.data_ms = 1000 * statistics.mean(d for _, _, _, d in measured)
-    return result
 
 
 # -- OpenCLIP's own venv ----------------------------------------------------------------------------

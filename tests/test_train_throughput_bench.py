@@ -68,3 +68,33 @@ def test_dry_run_prints_the_count_and_the_peak(bench, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"FLOPs per step (forward + backward, batch 4): {bench.step_flops(model, 4) / 1e9:.1f} GFLOP" in out
     assert "peak: 100 TFLOP/s" in out
+
+
+def test_rates_from_log_lines_every_n_steps(bench):
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(batch_size=256, warmup_steps=20)
+    # clipkit's lines every 10 steps, 0.1 s a step; OpenCLIP's at steps 1, 11, 21, ...: both measured from
+    # the last line at or before step 20 to the last line
+    for lines in ([(1.0 * k, 10 * k, 0.1, 0.001) for k in range(1, 7)],
+                  [(0.1 + 1.0 * k, 10 * k + 1, 0.1, 0.001) for k in range(0, 6)]):
+        result = bench.Result("t")
+        bench.measure(result, lines, 0.0, True, args)
+        assert result.ok and result.steps_measured == 40
+        assert result.samples_per_s_wall == pytest.approx(2560.0)
+        assert result.samples_per_s_self == pytest.approx(2560.0)
+    short = bench.Result("t")
+    bench.measure(short, [(1.0, 10, 0.1, 0.0), (2.0, 20, 0.1, 0.0), (3.0, 30, 0.1, 0.0)], 0.0, True, args)
+    assert not short.ok  # one line after the warm-up is not a rate
+
+
+def test_utilisation_sets_and_reports_mfu(bench):
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(batch_size=256, precision="amp_bf16", device="cuda")
+    rows = {"clipkit": bench.Result("clipkit", samples_per_s_wall=8000.0),
+            "openclip": bench.Result("openclip", samples_per_s_wall=6000.0)}
+    lines = bench.utilisation(rows, int(11.2899e12), 989.0, args)
+    assert lines == ["FLOPs per step (forward + backward, batch 256): 11289.9 GFLOP",
+                     "MFU against 989 TFLOP/s: clipkit 35.7%, openclip 26.8%"]
+    assert rows["clipkit"].mfu == pytest.approx(11.2899e12 * 8000 / 256 / 989e12)
