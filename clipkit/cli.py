@@ -237,6 +237,8 @@ EPILOG = """examples:
                                         zero-shot top-1/top-5 (or --task retrieval: recall@k)
   clipkit embed MODEL --pretrained W --images photos/ --out emb/
                                         embeddings.npy + ids.txt of a folder, shards or CSV (or --texts FILE)
+  clipkit caption MODEL --pretrained W a.jpg b.png
+                                        a caption per image, from a model that generates text
 """
 
 
@@ -359,6 +361,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-key", help="id field (.jsonl) or column (CSV) of --texts (default: line numbers)")
     p.add_argument("--force", action="store_true", help="start over in an OUT that holds another run or other files")
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("caption", help="caption images with a model that generates text",
+                       epilog="Prints one line per image: PATH, a tab, the caption. The model must generate text (a\n"
+                              "model family with generate(), such as clipkit-plugin-coca's); others are a one-line error.\n\n"
+                              "examples:\n"
+                              "  clipkit caption coca_ViT-B-32 --pretrained mscoco_finetuned_laion2b_s13b_b90k cat.jpg\n"
+                              "  clipkit caption my.json --pretrained logs/run/checkpoints/epoch_5.pt --generation-type top_p "
+                              "photos/*.png",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model name, local-dir:/hf-hub: name, or a .json config file")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--pretrained", metavar="W", help="weights: a pretrained tag, a file, or a training checkpoint")
+    p.add_argument("--generation-type", default="beam_search", choices=("beam_search", "top_k", "top_p"),
+                   help="beam search, or sampling from the top_k / top_p tokens (default: beam_search)")
+    p.add_argument("--seq-len", type=_positive_int, default=30, help="longest caption in tokens (default: 30)")
+    p.add_argument("--top-k", type=_positive_int, default=1, help="with --generation-type top_k (default: 1, greedy)")
+    p.add_argument("--top-p", type=float, default=0.1, help="with --generation-type top_p (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed, for sampling (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.set_defaults(func=_cmd_caption)
 
     p = sub.add_parser("eval", help="zero-shot classification or image-text retrieval metrics of a model",
                        epilog="Metrics are the trainer's (same loaders, classifier and code). --out appends one JSON\n"
@@ -493,6 +515,26 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     print(f"wrote {meta['count']} embeddings of dimension {meta['dim']} to {args.out}"
           + (f" ({skipped} input(s) skipped: {', '.join(f'{k} {n}' for k, n in meta['skipped'].items())})"
              if skipped else ""))
+    return EXIT_OK
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from .caption import _exists, caption_images
+    from .errors import ClipkitError
+
+    missing = _exists(args.images)
+    if missing:
+        print(f"clipkit caption: no such file: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        captions = caption_images(args.model, args.images, pretrained=args.pretrained, device=args.device,
+                                  seed=args.seed, generation_type=args.generation_type, seq_len=args.seq_len,
+                                  top_k=args.top_k, top_p=args.top_p)
+    except ClipkitError as exc:
+        print(f"clipkit caption: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    for path, caption in zip(args.images, captions):
+        print(f"{path}\t{caption}")
     return EXIT_OK
 
 

@@ -339,3 +339,36 @@ def test_the_family_chooses_its_objective_and_a_weight_flag_must_fit_it():
     with pytest.raises(ArgsError, match="^--coca-caption-loss-weight is an option of objective 'coca', not of 'clip'$"):
         parse_args(["--model", "ViT-B-32", "--train-data", "x.tar", "--objective", "clip",
                     "--coca-caption-loss-weight", "1"])
+
+
+# -- clipkit caption -----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_clipkit_caption_prints_the_models_generated_captions(tmp_path):
+    from PIL import Image
+
+    from clipkit.tokenizer import decode
+
+    path = tmp_path / "coca-tiny.json"
+    path.write_text(json.dumps(TRAIN_MODEL))
+    torch.manual_seed(0)
+    model = clipkit.create_model(str(path))
+    clipkit.save_pretrained(model, tmp_path / "saved")
+    images = []
+    for i, colour in enumerate(((200, 30, 30), (20, 90, 220))):
+        images.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (40, 40), colour).save(images[-1])
+    command = [str(Path(sys.executable).with_name("clipkit")), "caption", f"local-dir:{tmp_path / 'saved'}",
+               *map(str, images), "--generation-type", "top_k", "--seq-len", "8"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(p) for p in images]
+
+    model, _, preprocess = clipkit.create_model_and_transforms(f"local-dir:{tmp_path / 'saved'}")
+    batch = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in images])
+    torch.manual_seed(0)
+    ids = model.eval().generate(batch, generation_type="top_k", seq_len=8)
+    for line, row in zip(lines, ids.tolist()):
+        row = row[1:row.index(49407)] if 49407 in row else row[1:]
+        assert line.split("\t")[1] == " ".join(decode(row).split())
