@@ -55,7 +55,8 @@ def test_ci_runs_the_readme_test_command():
     ci = (DOCS.parent / ".ci" / "run").read_text()
     command = "python -m pytest -q --durations=15"
     assert command in readme and ci.strip().splitlines()[-1] == command
-    install = 'python -m pip install -q -c constraints.txt -e ".[dev]" ./plugins/clipkit-plugin-resnet'
+    install = ('python -m pip install -q -c constraints.txt -e ".[dev]" ./plugins/clipkit-plugin-resnet '
+               './plugins/clipkit-plugin-coca')
     assert install in readme and install in ci
 
 

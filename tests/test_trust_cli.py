@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import clipkit
+from _helpers import write_config
 from clipkit.cli import EXIT_BROKEN_PIPE, main
 
 CLIPKIT = Path(sys.executable).parent / "clipkit"  # the console script, as a shell runs it
@@ -25,14 +26,8 @@ def _one_line(err: str) -> str:
 @pytest.fixture
 def saved(tmp_path, tiny_cfg):
     """A tiny model saved with save_pretrained, and the model."""
-    model = clipkit.create_model(tiny_cfg_file(tmp_path, tiny_cfg))
+    model = clipkit.create_model(write_config(tmp_path, tiny_cfg))
     return clipkit.save_pretrained(model, tmp_path / "saved"), model
-
-
-def tiny_cfg_file(folder: Path, cfg) -> str:
-    path = folder / "tiny.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
 
 
 # -- clipkit data digits ------------------------------------------------------------------------------
@@ -151,7 +146,7 @@ def plugin_checkpoint(tmp_path, tiny_cfg):
     and the config it was trained with; the weights are a builtin model's, since the plugin is absent."""
     import torch
 
-    state = clipkit.create_model(tiny_cfg_file(tmp_path, tiny_cfg)).state_dict()
+    state = clipkit.create_model(write_config(tmp_path, tiny_cfg)).state_dict()
     path = tmp_path / "epoch_1.pt"
     torch.save({"epoch": 1, "name": "run", "state_dict": state, "clipkit_parts": {"vision_tower": TINYCONV}}, path)
     tiny_cfg["vision_cfg"]["type"] = "tinyconv"
@@ -338,7 +333,7 @@ def test_the_json_formats_are_documented_key_for_key(tmp_path, tiny_cfg, capsys,
     listed = re.search(r"`clipkit plugins --json` prints the same information as JSON: (.*?)\.\n\n", PLUGINS_MD, re.S)
     assert set(re.findall(r"`(\w+)`", listed.group(1))) == set(doc["plugins"][0])
 
-    assert main(["trainable", tiny_cfg_file(tmp_path, tiny_cfg), "--lock-image", "--json"]) == 0
+    assert main(["trainable", write_config(tmp_path, tiny_cfg), "--lock-image", "--json"]) == 0
     assert keys(json.loads(capsys.readouterr().out)) == keys(documented("`clipkit trainable MODEL --json`"))
 
 
@@ -348,12 +343,14 @@ def test_the_readme_counts_the_configs_that_ship():
     open_clip = Path(importlib.util.find_spec("open_clip").origin).parent  # its files; importing it takes seconds
     shipped = {p.stem for p in (ROOT / "clipkit" / "model_configs").glob("*.json")}
     resnet = {p.stem for p in (ROOT / "plugins").glob("clipkit-plugin-resnet/clipkit_plugin_resnet/model_configs/*.json")}
-    claim = re.search(r"(\d+) configs ship \((\d+) with clipkit, (\d+) ResNet ones with the\s+plugin\): all of "
-                      r"OpenCLIP 3\.3\.0's but CoCa's", README)
+    coca = {p.stem for p in (ROOT / "plugins").glob("clipkit-plugin-coca/clipkit_plugin_coca/model_configs/*.json")}
+    claim = re.search(r"(\d+) configs ship \((\d+) with clipkit, (\d+) ResNet and (\d+) CoCa ones with the\s+"
+                      r"plugins\): all of OpenCLIP 3\.3\.0's;", README)
     assert claim, "README: the sentence counting the shipped configs changed; update this test with it"
-    assert tuple(map(int, claim.groups())) == (len(shipped | resnet), len(shipped), len(resnet)) == (140, 130, 10)
-    theirs = {p.stem for p in (open_clip / "model_configs").glob("*.json")
-              if "multimodal_cfg" not in json.loads(p.read_text())}
+    assert tuple(map(int, claim.groups())) == (len(shipped | resnet | coca), len(shipped), len(resnet),
+                                               len(coca)) == (144, 130, 10, 4)
+    resnet |= coca
+    theirs = {p.stem for p in (open_clip / "model_configs").glob("*.json")}
     assert not theirs - (shipped | resnet), f"OpenCLIP configs not shipped: {sorted(theirs - (shipped | resnet))}"
     assert not (shipped | resnet) - theirs, f"shipped configs OpenCLIP lacks: {sorted((shipped | resnet) - theirs)}"
 
