@@ -363,10 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("caption", help="caption images with a model that generates text",
-                       epilog="Prints one line per image: PATH, a tab, the caption. The model must generate text (a\n"
-                              "model family with generate(), such as clipkit-plugin-coca's); others are a one-line error.\n\n"
+                       epilog="Prints one line per image: PATH, a tab, the caption. The model must generate text (its\n"
+                              "model family gives it generate(), as a captioning plugin's does); others are a one-line\n"
+                              "error. Captions are read back with the model's tokenizer.\n\n"
                               "examples:\n"
-                              "  clipkit caption coca_ViT-B-32 --pretrained mscoco_finetuned_laion2b_s13b_b90k cat.jpg\n"
+                              "  clipkit caption my-captioner.json --pretrained weights.safetensors cat.jpg dog.jpg\n"
                               "  clipkit caption my.json --pretrained logs/run/checkpoints/epoch_5.pt --generation-type top_p "
                               "photos/*.png",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

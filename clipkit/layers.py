@@ -162,7 +162,7 @@ class Transformer(nn.Module):
 
 
 class AttentionalPooler(nn.Module):
-    """Cross-attention of ``n_queries`` learned queries over the tokens (CoCa's pooler)."""
+    """Cross-attention of ``n_queries`` learned queries over the tokens (the contrastive captioners' pooler)."""
 
     def __init__(self, d_model: int, context_dim: int, heads: int = 8, n_queries: int = 256,
                  norm_layer: Callable[[int], nn.Module] = LayerNorm):

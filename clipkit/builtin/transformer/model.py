@@ -141,7 +141,7 @@ class TextTransformer(nn.Module):
         if self.cls_emb is None:
             return None
         # OpenCLIP masks padding keys with the class token's entry placed first, although the token
-        # sits last (its CoCa weights were trained so): key j is hidden when token j-1 is padding
+        # sits last (OpenCLIP's captioner weights were trained so): key j is hidden when token j-1 is padding
         keep = torch.cat([text.new_ones(text.shape[0], 1, dtype=torch.bool), text != self.pad_id], dim=1)
         mask = torch.zeros(keep.shape, dtype=dtype, device=text.device).masked_fill(~keep, float("-inf"))
         return mask[:, None, None, :]  # [B, 1, 1, L]: broadcast over heads and queries
