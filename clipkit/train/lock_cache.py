@@ -106,6 +106,7 @@ class TowerCache:
     hits: int = 0
     lookups: int = 0
     loaded: int = 0
+    held: int = 0  # bytes of this tower's entries
     dirty: bool = False
 
     @property
@@ -175,6 +176,7 @@ class TowerCache:
         for i, (key, _) in enumerate(kept):
             self.entries[key] = tuple(r[i] for r in rows)
         self.budget.used += per_row * len(kept)
+        self.held += per_row * len(kept)
         self.dirty = True
 
     def _tail(self, state: Any, keys: List[bytes]) -> Any:
@@ -233,6 +235,8 @@ class TowerCache:
 
     def _off(self, reason: str) -> None:
         self.enabled = False
+        self.budget.used -= self.held
+        self.held = 0
         self.entries.clear()
         logger.warning("lock cache: %s not cached: %s", self.describe(), reason)
 
@@ -288,6 +292,7 @@ class TowerCache:
         for i, key in enumerate(keys[:count].tolist()):
             self.entries[bytes(key)] = tuple(r[i] for r in rows)
         self.budget.used += per_row * count
+        self.held += per_row * count
         self.loaded = count
 
 
@@ -369,8 +374,9 @@ class LockCache:
             rate = tower.hits / tower.lookups
             rates[tower.name] = rate
             logger.info("epoch %d lock cache: %s tower hit rate %.1f%% (%d of %d lookups); %d entries, %.1f MiB "
-                        "of %.1f MiB in all towers", epoch + 1, tower.name, 100 * rate, tower.hits, tower.lookups,
-                        len(tower.entries), tower.budget.used / 2 ** 20, tower.budget.limit / 2 ** 20)
+                        "(all towers: %.1f of %.1f MiB)", epoch + 1, tower.name, 100 * rate, tower.hits,
+                        tower.lookups, len(tower.entries), tower.held / 2 ** 20, tower.budget.used / 2 ** 20,
+                        tower.budget.limit / 2 ** 20)
             tower.hits = tower.lookups = 0
         return rates
 
