@@ -1,4 +1,3 @@
-import copy
 import os
 
 # no test may touch the network: hub lookups fail fast instead of retrying
@@ -7,19 +6,20 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest
 
+from _helpers import tiny, write_config
 from clipkit.registry import registry
-
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 48, "heads": 4, "layers": 2},
-}
 
 
 @pytest.fixture
 def tiny_cfg():
-    """A fresh copy of a tiny builtin-tower config (32-px images, 16-token texts)."""
-    return copy.deepcopy(TINY)
+    """A fresh copy of a tiny builtin-tower config (32-px images, 16-token texts): ``_helpers.TINY``."""
+    return tiny()
+
+
+@pytest.fixture
+def tiny_model_path(tmp_path, tiny_cfg):
+    """``tiny_cfg`` written as a model config file; its path, which ``create_model`` takes as a name."""
+    return write_config(tmp_path, tiny_cfg)
 
 
 @pytest.fixture(autouse=True)

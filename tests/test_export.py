@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import clipkit
+from _helpers import TINY
 from clipkit.builtin.tokenizers.clip_bpe import ClipTokenizer
 from clipkit.cli import main
 from clipkit.kinds import EXPORTER
 from clipkit.testing import contract_cases
-from tests.conftest import TINY
 
 
 def _model(tmp_path: Path, name: str = "tiny", **changes) -> tuple:

@@ -4,13 +4,14 @@ which package to install. (CI also installs it into the environment, as a user w
 its own suite, plugins/clipkit-plugin-resnet/tests, and the contract tests over its tower.)"""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import open_clip
 import pytest
+
+from _helpers import install_plugin, plugin_env
 
 # pip installs the plugin into a throwaway site
 pytestmark = [pytest.mark.slow, pytest.mark.install]
@@ -30,28 +31,10 @@ print(json.dumps({"module": type(model.visual).__module__, "meta": all(p.is_meta
 """
 
 
-def _pip(*args):
-    done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
-    """The plugin pip-installed into its own folder; processes with it on PYTHONPATH have it installed,
-    the others do not (the shared environment is never modified)."""
-    site = tmp_path_factory.mktemp("site")
-    src = tmp_path_factory.mktemp("build") / "src"
-    # building writes build/ and egg-info beside the sources; leave out any a developer left there
-    shutil.copytree(PLUGIN_DIR, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    _pip("install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--target", str(site), str(src))
-    return site
-
-
-def _env(site=None):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    if site is not None:
-        env["PYTHONPATH"] = str(site)
-    return env
+    """The plugin pip-installed into its own folder (see _helpers.install_plugin)."""
+    return install_plugin(PLUGIN_DIR, tmp_path_factory)
 
 
 def _run(*args, env):
@@ -59,7 +42,7 @@ def _run(*args, env):
 
 
 def test_listed_by_clipkit_plugins(plugin_site):
-    done = _run("-m", "clipkit", "plugins", "--json", env=_env(plugin_site))
+    done = _run("-m", "clipkit", "plugins", "--json", env=plugin_env(plugin_site))
     assert done.returncode == 0, done.stderr
     plugins = {p["name"]: p for p in json.loads(done.stdout)["plugins"]}
     resnet = plugins["resnet"]
@@ -69,7 +52,7 @@ def test_listed_by_clipkit_plugins(plugin_site):
 
 
 def test_shipped_configs_and_openclips_file_check(plugin_site):
-    done = _run("-m", "clipkit", "config", "check", *SHIPPED, str(OPENCLIP_RN50), env=_env(plugin_site))
+    done = _run("-m", "clipkit", "config", "check", *SHIPPED, str(OPENCLIP_RN50), env=plugin_env(plugin_site))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines) == len(SHIPPED) + 1 and all(line.endswith(": ok") for line in lines)
@@ -77,7 +60,7 @@ def test_shipped_configs_and_openclips_file_check(plugin_site):
 
 
 def test_rn50_builds_on_meta_with_openclips_parameter_layout(plugin_site):
-    done = _run("-c", META_BUILD, env=_env(plugin_site))
+    done = _run("-c", META_BUILD, env=plugin_env(plugin_site))
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["module"] == "clipkit_plugin_resnet.model" and out["meta"]
@@ -101,11 +84,11 @@ raise SystemExit(main(sys.argv[1:]))
 
 
 def test_without_the_plugin_openclips_rn50_json_names_the_package():
-    done = _run("-c", WITHOUT_PLUGIN, "config", "check", str(OPENCLIP_RN50), env=_env())
+    done = _run("-c", WITHOUT_PLUGIN, "config", "check", str(OPENCLIP_RN50), env=plugin_env())
     assert done.returncode == 1
     line = done.stderr.strip()
     assert line.startswith(f"{OPENCLIP_RN50}: vision_cfg.type: unknown vision tower type 'resnet' "
                            f"(inferred from a list of layers); installed: ")
     assert line.endswith("it is provided by a plugin: pip install clipkit-plugin-resnet") and "\n" not in line
-    named = _run("-c", WITHOUT_PLUGIN, "config", "check", "RN50", env=_env())
+    named = _run("-c", WITHOUT_PLUGIN, "config", "check", "RN50", env=plugin_env())
     assert named.returncode == 2 and "pip install clipkit-plugin-resnet" in named.stderr

@@ -1,12 +1,13 @@
 """A real plugin distribution, installed with pip, selected from JSON by "type"; then uninstalled."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from _helpers import install_plugin, plugin_env
 
 # pip installs a throwaway distribution
 pytestmark = [pytest.mark.slow, pytest.mark.install]
@@ -27,29 +28,10 @@ print("toy-clip" in clipkit.list_models())
 """
 
 
-def _pip(*args):
-    done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
-    """The plugin pip-installed into its own folder; processes that put it on PYTHONPATH have it
-    installed, the others do not (the shared environment is never modified)."""
-    site = tmp_path_factory.mktemp("site")
-    build = tmp_path_factory.mktemp("build")
-    shutil.copytree(PLUGIN_DIR, build / "src")  # building writes build/ and egg-info beside the sources
-    _pip("install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--target", str(site),
-         str(build / "src"))
-    return site
-
-
-def _env(site=None, **extra):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    if site is not None:
-        env["PYTHONPATH"] = str(site)
-    env.update(extra)
-    return env
+    """The plugin pip-installed into its own folder (see _helpers.install_plugin)."""
+    return install_plugin(PLUGIN_DIR, tmp_path_factory)
 
 
 def _run(code, *args, env=None):
@@ -63,22 +45,22 @@ def _clipkit(*args, env=None):
 def test_installed_plugin_tower_selected_by_type_then_uninstalled(plugin_site, tmp_path):
     path = tmp_path / "toy.json"
     path.write_text(json.dumps(CONFIG))
-    done = _run(BUILD, str(path), env=_env(plugin_site))
+    done = _run(BUILD, str(path), env=plugin_env(plugin_site))
     assert done.returncode == 0, done.stderr
     module, provider, shipped = done.stdout.strip().splitlines()
     assert module == "clipkit_plugin_toyvision.model (2, 16)"
     assert provider == "clipkit-plugin-toyvision 0.0.1 (plugin 'toyvision')"
     assert shipped == "True"
 
-    listing = _clipkit("plugins", "--json", env=_env(plugin_site))
+    listing = _clipkit("plugins", "--json", env=plugin_env(plugin_site))
     plugins = {p["name"]: p for p in json.loads(listing.stdout)["plugins"]}
     assert plugins["toyvision"]["registers"] == {"vision_tower": ["toyvision"], "model_config": ["toy-clip"]}
 
-    disabled = _clipkit("config", "check", str(path), env=_env(plugin_site, CLIPKIT_DISABLE_PLUGINS="toyvision"))
+    disabled = _clipkit("config", "check", str(path), env=plugin_env(plugin_site, CLIPKIT_DISABLE_PLUGINS="toyvision"))
     assert disabled.returncode == 1
     assert "is disabled by CLIPKIT_DISABLE_PLUGINS and may provide it" in disabled.stderr
 
-    check = _clipkit("config", "check", str(path), env=_env())  # not installed
+    check = _clipkit("config", "check", str(path), env=plugin_env())  # not installed
     assert check.returncode == 1
     line = check.stderr.strip()
     assert line.startswith(f"{path}: vision_cfg.type: unknown vision tower type 'toyvision'; installed: ")
@@ -90,7 +72,7 @@ def test_broken_installed_plugin_is_isolated(plugin_site, tmp_path):
     shadow = tmp_path / "shadow"
     (shadow / "clipkit_plugin_toyvision").mkdir(parents=True)
     (shadow / "clipkit_plugin_toyvision" / "__init__.py").write_text("import no_such_dependency_xyz\n")
-    env = _env(plugin_site)
+    env = plugin_env(plugin_site)
     env["PYTHONPATH"] = f"{shadow}{os.pathsep}{plugin_site}"
     listing = _clipkit("plugins", "--json", env=env)
     assert listing.returncode == 0, listing.stderr

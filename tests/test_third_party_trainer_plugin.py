@@ -1,7 +1,6 @@
 """A third-party distribution (own pyproject, entry points) registering an objective, a data source and a
 reporter, installed with pip, then selected by flags of the ``clipkit-train`` console script."""
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests._train_support import subprocess_env, write_model
+from _helpers import install_plugin, plugin_env
+from _train_support import subprocess_env, write_model
 
 # pip installs a throwaway distribution and trains with its parts
 pytestmark = [pytest.mark.slow, pytest.mark.install]
@@ -21,21 +21,12 @@ SAMPLES, BATCH = 24, 8
 
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
-    """The distribution pip-installed (offline) into its own folder, which processes given it on
-    PYTHONPATH see as installed; the shared environment is never modified, so nothing needs uninstalling."""
-    site = tmp_path_factory.mktemp("site")
-    build = tmp_path_factory.mktemp("build")
-    shutil.copytree(PLUGIN_DIR, build / "src")  # building writes build/ and egg-info beside the sources
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--no-index", "--target", str(site), str(build / "src")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return site
+    """The distribution pip-installed (offline) into its own folder (see _helpers.install_plugin)."""
+    return install_plugin(PLUGIN_DIR, tmp_path_factory)
 
 
 def _env(site):
-    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(site)
-    return env
+    return plugin_env(site, base=subprocess_env())
 
 
 def _pairs(folder: Path) -> Path:

@@ -1,7 +1,6 @@
 """Two processes on the CPU (gloo, through torchrun): per-process batch b on 2 ranks trains exactly like
 batch 2b on one, with the full-matrix loss, with --local-loss --gather-with-grad, and with SigLIP."""
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -9,6 +8,7 @@ import time
 import pytest
 import torch
 
+from _helpers import free_port
 from _train_support import (
     base_args,
     read_scalars,
@@ -26,12 +26,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed,
               pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _args(root, name, batch, *extra):
     args = base_args(write_model(root), "", root / "logs", name, "--report-to", "tensorboard", "--epochs", "1",
                      "--dataset-type", "synthetic", "--train-num-samples", "64", "--opt", "timm/momentum",
@@ -44,7 +38,7 @@ def _args(root, name, batch, *extra):
 def _torchrun(args):
     args = ["--logs-dir" if a == "--logs" else a for a in args]  # torchrun takes --logs for its --logs-specs
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "clipkit.train", *map(str, args)]
+           "--master-port", str(free_port()), "-m", "clipkit.train", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
 
 
@@ -90,10 +84,10 @@ def test_a_dead_rank_stops_the_other_with_a_clear_error_and_resume_is_exact(tmp_
     def args(name):
         return base_args(model, data, tmp_path / "logs", name, "--save-every-n-steps", "3", "--workers", "1")
 
-    codes, errs = _wait(_launch(args("whole"), _free_port()))
+    codes, errs = _wait(_launch(args("whole"), free_port()))
     assert codes == [0, 0], errs[0][-3000:]
 
-    procs = _launch(args("broken"), _free_port(), CLIPKIT_DIST_TIMEOUT=60)
+    procs = _launch(args("broken"), free_port(), CLIPKIT_DIST_TIMEOUT=60)
     latest = tmp_path / "logs" / "broken" / "checkpoints" / ckpt.LATEST
     deadline = time.time() + 240
     while not (latest.exists() and ckpt.progress_of(ckpt.read(latest, mmap=True))[0] >= 6):
@@ -107,7 +101,7 @@ def test_a_dead_rank_stops_the_other_with_a_clear_error_and_resume_is_exact(tmp_
     assert "Traceback" not in err
     procs[1].wait()
 
-    codes, errs = _wait(_launch(args("broken") + ["--resume", "latest"], _free_port()))
+    codes, errs = _wait(_launch(args("broken") + ["--resume", "latest"], free_port()))
     assert codes == [0, 0], errs[0][-3000:]
     a = weights(tmp_path / "logs" / "whole" / "checkpoints" / "epoch_2.pt")
     b = weights(tmp_path / "logs" / "broken" / "checkpoints" / "epoch_2.pt")

@@ -3,7 +3,6 @@ batch, its Distributed Checkpoint folders consolidate into one file that create_
 loads, and they resume in 2 processes (exactly) and in 1."""
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -11,17 +10,12 @@ import pytest
 import torch
 
 import clipkit
+from _helpers import free_port
 from _train_support import base_args, run_inprocess, subprocess_env, weights, write_dataset, write_model
 from clipkit.train import checkpointer as ckpt
 from clipkit.train.consolidate import main as consolidate_main
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(model, logs, name, batch, epochs, *extra):
@@ -39,7 +33,7 @@ def _args(model, logs, name, batch, epochs, *extra):
 def _torchrun(args):
     args = ["--logs-dir" if a == "--logs" else a for a in args]  # torchrun takes --logs for its --logs-specs
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "clipkit.train", *map(str, args)]
+           "--master-port", str(free_port()), "-m", "clipkit.train", *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
 

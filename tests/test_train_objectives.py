@@ -4,7 +4,6 @@ and against one process with the global batch."""
 import datetime
 import json
 import math
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _helpers import free_port
 from clipkit._typed import validate
 from clipkit.errors import TrainingError
 from clipkit.registry import import_target
@@ -390,16 +390,10 @@ def _two_process_worker(rank, world, port, folder):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_openclip_and_one_process_with_the_global_batch(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_two_process_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_two_process_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["failures"] for r in results] == [[], []]
     # per mode: each term's value and gradients against OpenCLIP, then the logged loss and global gradients

@@ -278,15 +278,6 @@ def test_remote_sync_never_opens_the_lock_file(trained, tmp_path):
 
 
 # -- 11. weights that would load silently and wrongly -----------------------------------------------
-@pytest.fixture
-def tiny_model_path(tmp_path, tiny_cfg):
-    import json
-
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(tiny_cfg))
-    return str(path)
-
-
 @pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
 def test_integer_or_boolean_weights_are_refused(tiny_model_path, tmp_path, dtype):
     state = clipkit.create_model(tiny_model_path).state_dict()

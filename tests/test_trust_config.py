@@ -10,16 +10,12 @@ import textwrap
 import pytest
 
 import clipkit
+from _helpers import TINY, write_config
 from clipkit import cli
 from clipkit.config import MAX_CONFIG_BYTES, _store
 from clipkit.errors import ClipkitError, ConfigError, PluginWarning
 from clipkit.registry import registry
 
-TINY = {  # as conftest's TINY: a small builtin-tower model
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 48, "heads": 4, "layers": 2},
-}
 VISION = {"image_size": 32, "patch_size": 8, "layers": 1, "width": 32, "head_width": 16}
 
 # a repository with its own code, as on the hub: its modules write a marker when imported
@@ -337,14 +333,8 @@ def test_sys_exit_in_a_hook_or_a_lazy_factory_fails_only_that_plugin(plugin_modu
     tiny_cfg["vision_cfg"] = {"type": "exittower"}
     with pytest.raises(ClipkitError, match="vision tower type 'exittower' from exitfactory.*cannot import "
                                            "'exitfactory_impl': SystemExit"):
-        clipkit.create_model(tiny_cfg_path(tmp_path, tiny_cfg))
+        clipkit.create_model(write_config(tmp_path, tiny_cfg))
     assert clipkit.create_model("ViT-B-32", device="meta").embed_dim == 512
-
-
-def tiny_cfg_path(folder, cfg):
-    path = folder / "model.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
 
 
 # -- sizes a config cannot talk past -----------------------------------------------------------------
@@ -386,7 +376,7 @@ def test_create_model_refuses_an_absurd_size_before_building(tmp_path, monkeypat
 def test_the_estimate_is_the_parameter_count_of_builtin_towers(name, tmp_path):
     from clipkit._size import tower_params
 
-    model = clipkit.create_model(name if name != "tiny" else tiny_cfg_path(tmp_path, TINY), device="meta")
+    model = clipkit.create_model(name if name != "tiny" else write_config(tmp_path, TINY), device="meta")
     config = model.model_config
     for tower, cfg in ((model.visual, config.vision), (model.text, config.text)):
         real = sum(p.numel() for p in tower.parameters())

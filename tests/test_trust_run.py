@@ -3,7 +3,6 @@ before evaluating, stop signals (alone and under torchrun), failed writes, and f
 import errno
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import free_port
 from _train_support import base_args, run_inprocess, subprocess_env, synthetic_samples, write_dataset, write_model
 from clipkit.train import checkpointer as ckpt
 from clipkit.train import distributed, trainer
@@ -294,12 +294,6 @@ def test_stop_signals_second_signal_acts_from_the_thread_and_forked_children_ign
 
 
 # -- item 10 under torchrun -----------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(root: Path, name: str, *extra: str) -> subprocess.Popen:
     args = base_args(write_model(root), "", root / "logs", name, "--dataset-type", "synthetic",
                      "--train-num-samples", "128", "--save-every-n-steps", "2", *extra)
@@ -307,7 +301,7 @@ def _torchrun(root: Path, name: str, *extra: str) -> subprocess.Popen:
     args[args.index("--batch-size") + 1] = "4"
     args = ["--logs-dir" if a == "--logs" else a for a in args]  # torchrun takes --logs for its --logs-specs
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "clipkit.train", *map(str, args)]
+           "--master-port", str(free_port()), "-m", "clipkit.train", *map(str, args)]
     return subprocess.Popen(cmd, env=subprocess_env(CLIPKIT_DIST_TIMEOUT=60), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

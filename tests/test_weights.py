@@ -1,17 +1,9 @@
-import json
 
 import pytest
 import torch
 
 import clipkit
 from clipkit.errors import CheckpointError
-
-
-@pytest.fixture
-def tiny_model_path(tmp_path, tiny_cfg):
-    path = tmp_path / "ck_tiny.json"
-    path.write_text(json.dumps(tiny_cfg))
-    return str(path)
 
 
 def _same(a, b):
