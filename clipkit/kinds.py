@@ -99,7 +99,7 @@ class KindSpec:
         scaffold: the ``clipkit plugin new`` template, if there is one.
     """
 
-    name: str
+    name: Kind
     short: str
     hook: str
     title: str
@@ -113,7 +113,7 @@ class KindSpec:
     select_key: Optional[str] = None
     default: Optional[str] = None
     tower_attrs: Tuple[str, ...] = ()
-    keyed_by: Tuple[str, ...] = ()
+    keyed_by: Tuple[Kind, ...] = ()
     recorded: bool = False
     fallback: Optional[str] = None
     scaffold: Optional[Scaffold] = None
@@ -164,7 +164,7 @@ def towers() -> List[KindSpec]:
     return [s for s in KINDS.values() if s.is_tower]
 
 
-def by_hook() -> Dict[str, str]:
+def by_hook() -> Dict[str, Kind]:
     """Hook name -> the kind it fills."""
     return {s.hook: s.name for s in KINDS.values()}
 

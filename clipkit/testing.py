@@ -122,8 +122,8 @@ def contract_cases(plugin: Optional[str] = None, kinds: Optional[List[str]] = No
         cases += [Case(PLUGIN, p.name, "imports-without-torch") for p in registry.plugins()
                   if p.status == "active" and not p.builtin and p.version != "in-process"]
     declared = _kinds.KINDS
-    mine = {kind: [e for e in registry.entries(kind) if owner is None or e.plugin.name == owner]
-            for kind in declared}
+    mine = {kind: [e for e in registry.entries(spec.name) if owner is None or e.plugin.name == owner]
+            for kind, spec in declared.items()}
     listed: Dict[str, Set[str]] = {kind: {e.name for e in entries} for kind, entries in mine.items()}
     for kind, spec in _in_case_order(declared):
         if kinds is not None and kind not in kinds:
@@ -149,7 +149,8 @@ def check_part(kind: str, name: str, section: Optional[Mapping[str, Any]] = None
     from .registry import registry
 
     if contracts is None:
-        tokens = _kinds.spec(kind).is_tower and _has_output_tokens(registry.get(kind, name))
+        declared = _kinds.spec(kind)
+        tokens = declared.is_tower and _has_output_tokens(registry.get(declared.name, name))
         contracts = [c for c in _kinds.spec(kind).contracts if c != "output-tokens" or tokens]
     for contract in contracts:
         Case(kind, name, contract).run(section)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Protocol,
 from ..errors import ArgsError, DataError, UnknownPartError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..kinds import Kind
     from ..registry import Entry
 
 #: What ``--dataset-type`` takes besides a registered name: infer the source from each path.
@@ -118,7 +119,7 @@ class DataSourceFactory(Protocol):
 
 
 # -- what registrations declare ----------------------------------------------------------------------
-def _kind() -> str:
+def _kind() -> Kind:
     from ..kinds import DATA_SOURCE  # not at import: clipkit.kinds imports this module for its protocol
 
     return DATA_SOURCE
