@@ -568,7 +568,7 @@ def _family_builds(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
 
 
 def _family_forward(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
-    model = _family_model(entry, section, "forward")
+    model: Any = _family_model(entry, section, "forward")  # a family's model: its protocol, not nn.Module's
     out = _family_outputs(entry, model, "forward")
     missing = [key for key in ("image_features", "text_features", "logit_scale") if out.get(key) is None]
     if missing:

@@ -102,7 +102,7 @@ def _tokenizer_rules() -> List[Dict[str, Any]]:
 def _family_keys() -> Dict[str, Any]:
     """``model_family`` and the top-level keys the installed model families add (a dataclass field: a section)."""
     family = spec(MODEL_FAMILY)
-    keys: Dict[str, Any] = {family.select_key: {
+    keys: Dict[str, Any] = {str(family.select_key): {
         "anyOf": [{"enum": registry.names(MODEL_FAMILY)}, {"type": "null"}],
         "description": f"Registered model family; inferred when absent, else {family.default!r}."}}
     for entry in registry.entries(MODEL_FAMILY):

@@ -28,13 +28,14 @@ def caption_images(model_name: str, images: Sequence[str], *, pretrained: Option
     from .train.shards import read_image_file
 
     model, _, preprocess = create_model_and_transforms(model_name, pretrained=pretrained, device=device)
-    if not callable(getattr(model, "generate", None)):
+    generate = getattr(model, "generate", None)
+    if not callable(generate):
         family = getattr(getattr(model, "model_config", None), "family", "?")
         raise ClipkitError(f"{model_name}: a model of family {family!r} does not generate text (it has no "
                            f"generate()); captions need a model family that does")
     tokenizer = get_tokenizer(model_name)
     ids = _special_ids(tokenizer)
-    side = model.visual.image_size
+    side: Any = getattr(model.visual, "image_size", None)
     max_pixels = max_image_pixels(max(side) if isinstance(side, (tuple, list)) else side)
     pixels = []
     for path in images:  # decoded with the trainer's safeguards (size and pixel limits)
@@ -49,7 +50,7 @@ def caption_images(model_name: str, images: Sequence[str], *, pretrained: Option
     for start in range(0, len(pixels), batch_size):
         batch = torch.stack(pixels[start:start + batch_size]).to(device)
         with torch.no_grad():
-            out = model.generate(batch, **ids, **generate_options)
+            out = generate(batch, **ids, **generate_options)
         captions += [_text(tokenizer, row, ids) for row in out.tolist()]
     return captions
 

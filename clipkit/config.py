@@ -207,7 +207,7 @@ def _family(cfg: Dict[str, Any], fail: Any) -> Tuple[str, Optional[type], Tuple[
     A family that is not installed ends validation at once, in one line naming what selected it and,
     for a first-party one, the ``pip install`` line: its keys would otherwise all read as unknown keys.
     """
-    key = spec(MODEL_FAMILY).select_key
+    key = str(spec(MODEL_FAMILY).select_key)
     if key in cfg and not (isinstance(cfg[key], str) and cfg[key]):
         raise fail([Problem(key, f"expected a registered model family name, got {cfg[key]!r}")])
     name, note = _selection(MODEL_FAMILY, cfg)
@@ -245,7 +245,7 @@ def _bind_family(cls: Optional[type], cfg: Mapping[str, Any], name: str, problem
             if instance is not None and section is not None:
                 setattr(instance, key, section)
     except Exception as exc:  # the plugin's config class itself is broken: name it, do not crash
-        problems.append(Problem(spec(MODEL_FAMILY).select_key,
+        problems.append(Problem(str(spec(MODEL_FAMILY).select_key),
                                 f"config class of {registry.get(MODEL_FAMILY, name).where} failed: {exc!r}"))
         return None
     return instance

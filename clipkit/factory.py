@@ -109,20 +109,21 @@ def build_model(config: ModelConfig, *, precision: str = "fp32", output_dict: bo
         if registry.has(FREEZER, tower_type):
             freezers[key] = registry.get(FREEZER, tower_type).load()
     text_entry = towers["text"][1]
-    family = registry.get(MODEL_FAMILY, config.family, where=spec(MODEL_FAMILY).select_key)
-    ctx = ModelContext(towers["visual"][0], towers["text"][0], config, output_dict=output_dict, cast_dtype=cast,
-                       flat_text=bool(text_entry.meta.get("flat_state_dict")) and not top.custom_text,
-                       freezers=freezers)
+    family = registry.get(MODEL_FAMILY, config.family, where=str(spec(MODEL_FAMILY).select_key))
+    parts = ModelContext(towers["visual"][0], towers["text"][0], config, output_dict=output_dict, cast_dtype=cast,
+                         flat_text=bool(text_entry.meta.get("flat_state_dict")) and not top.custom_text,
+                         freezers=freezers)
     try:
-        model = family.load()(config.family_cfg, ctx)
+        model: Any = family.load()(config.family_cfg, parts)  # held to the family protocol just below
     except ClipkitError:
         raise
     except PLUGIN_FAILURES as exc:
         raise ClipkitError(f"{family.where}: building the model failed: {exc!r}") from exc
-    _check_model(model, family, ctx)
+    _check_model(model, family, parts)
     model.model_config = config
     model.vision_type, model.text_type = config.vision_type, config.text_type
-    return model
+    built: nn.Module = model
+    return built
 
 
 def _set_precision(model: nn.Module, precision: str) -> None:

@@ -26,7 +26,8 @@ HF_SAFE_WEIGHTS_NAME = "open_clip_model.safetensors"
 
 @lru_cache()
 def _builtin_table() -> Dict[str, Dict[str, Dict[str, Any]]]:
-    return json.loads(TAGS_FILE.read_text(encoding="utf-8"))["models"]
+    models: Dict[str, Dict[str, Dict[str, Any]]] = json.loads(TAGS_FILE.read_text(encoding="utf-8"))["models"]
+    return models
 
 
 @lru_cache()
@@ -56,7 +57,7 @@ def _clean_tag(tag: str) -> str:
 def list_pretrained(as_str: bool = False) -> List[Union[Tuple[str, str], str]]:
     """Every ``(model, tag)`` pair (or ``"model:tag"`` strings)."""
     pairs = [(model, tag) for model, tags in _table().items() for tag in tags]
-    return [f"{m}:{t}" for m, t in pairs] if as_str else pairs  # type: ignore[misc]
+    return [f"{m}:{t}" for m, t in pairs] if as_str else list(pairs)
 
 
 def list_pretrained_tags_by_model(model: str) -> List[str]:

@@ -25,7 +25,7 @@ class ViTCfg(TransformerBlockCfg):
     width: int = option(768, "Hidden size of the transformer.", gt=0)
     head_width: int = option(64, "Width of each attention head; heads = width // head_width.", gt=0)
     patch_dropout: float = option(0.0, "Fraction of patch tokens dropped during training (FLIP).", ge=0, lt=1)
-    attentional_pool: bool = option(False, "Pool with learned queries by cross-attention (as contrastive captioners do) before ln_post.")
+    attentional_pool: bool = option(False, "Pool with learned queries by cross-attention before ln_post.")
     attn_pooler_queries: int = option(256, "Number of learned queries of the attentional pooler.", gt=0)
     attn_pooler_heads: int = option(8, "Attention heads of the attentional pooler.", gt=0)
     no_ln_pre: bool = option(False, "Skip the LayerNorm before the transformer (CLIPA).")
