@@ -12,7 +12,7 @@ import functools
 import inspect
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, ParamSpec, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, ParamSpec, Tuple, TypeVar, Union
 
 from . import kinds
 from .config import HF_CONFIG_NAME, ModelConfig, infer_part, load_json
@@ -96,7 +96,7 @@ def check_provenance(record: Any, where: str) -> None:
         raise ClipkitError(f"{where}: this model needs parts that are not installed: " + "; ".join(missing))
 
 
-def _parts(record: Any) -> Iterator[tuple]:
+def _parts(record: Any) -> Iterator[Tuple[str, Mapping[str, Any]]]:
     """``(key, part)`` for each well-formed entry of a record; anything else (none, hand-edited) is skipped."""
     if not isinstance(record, Mapping):
         return

@@ -12,12 +12,13 @@ from __future__ import annotations
 import re
 import string
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Dict, List
 
 from . import __version__
 from .errors import ClipkitError
-from .kinds import KindSpec, scaffolds
+from .kinds import KindSpec, Scaffold, scaffolds
 
 #: How a NAME may look: it becomes the registry name, the entry-point name and (with _ for -) the package.
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
@@ -37,16 +38,22 @@ def _version_range(version: str) -> str:
     return f">={major}.{minor},<{major}.{minor + 1}" if major == 0 else f">={major}.{minor},<{major + 1}"
 
 
-def _templates(kind: KindSpec):
+def _templates(kind: KindSpec) -> Traversable:
     return resources.files("clipkit") / "templates" / "plugin" / kind.short
+
+
+def _scaffold(kind: KindSpec) -> Scaffold:
+    if kind.scaffold is None:  # kinds() offers only the kinds that declare one
+        raise ClipkitError(f"clipkit plugin new has no template for kind {kind.name!r}")
+    return kind.scaffold
 
 
 def _fields(name: str, kind: KindSpec) -> Dict[str, str]:
     ident = name.replace("-", "_")
     fields = {"name": name, "pkg": f"clipkit_plugin_{ident}", "dist": f"clipkit-plugin-{name}",
               "cls": "".join(part.capitalize() for part in re.split(r"[-_]", name)),
-              "requirement": kind.scaffold.requirement + _version_range(__version__), "test_file": f"test_{ident}.py"}
-    fields["summary"] = string.Template(kind.scaffold.summary).substitute(fields)
+              "requirement": _scaffold(kind).requirement + _version_range(__version__), "test_file": f"test_{ident}.py"}
+    fields["summary"] = string.Template(_scaffold(kind).summary).substitute(fields)
     usage = (_templates(kind) / "usage.md.tmpl").read_text(encoding="utf-8").rstrip("\n")
     fields["usage"] = string.Template(usage).substitute(fields)
     # what only a plugin that ships a model config (parts used in model configs) can show
@@ -104,7 +111,7 @@ def scaffold_plugin(name: str, kind: str = "vision", output: Path = Path(".")) -
 def _write(root: Path, kind: str, name: str, fields: Dict[str, str]) -> List[Path]:
     templates = resources.files("clipkit") / "templates" / "plugin"
     spec = kinds()[kind]
-    own, module = _templates(spec), spec.scaffold.module
+    own, module = _templates(spec), _scaffold(spec).module
     pkg = root / fields["pkg"]
     layout = {
         templates / "pyproject.toml.tmpl": root / "pyproject.toml",

@@ -29,7 +29,7 @@ def _portable_config(raw: Dict[str, Any]) -> Dict[str, Any]:
             if infer(section) != explicit:
                 section["type"] = explicit  # a plugin tower: keep it, only clipkit can build this one
     text = cfg.get("text_cfg", {})
-    key = spec(TOKENIZER).select_key
+    key = spec(TOKENIZER).select_key or ""
     if key in text and text[key] == infer_tokenizer({**text, key: None}):
         text.pop(key)  # it names the tokenizer that would be inferred anyway
     return cfg

@@ -190,7 +190,7 @@ class Infer:
 
     def json_schema(self) -> Dict[str, Any]:
         """The JSON Schema of a section this rule matches."""
-        value = {"type": "array"} if self.test == "list" else {"not": {"enum": [None, "", 0, False, [], {}]}}
+        value: Dict[str, Any] = {"type": "array"} if self.test == "list" else {"not": {"enum": [None, "", 0, False, [], {}]}}
         return {"required": [self.key], "properties": {self.key: value}}
 
 

@@ -15,6 +15,7 @@ Environment:
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import json
 import os
@@ -23,7 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import pluggy
 
@@ -151,12 +152,14 @@ class Entry:
         """The registered config class, imported on first use (``None`` when none was given)."""
         if isinstance(self.config, str):
             self.config = import_target(self.config, what=f"config class of {self.where}")
-        return self.config
+        cls: Optional[type] = self.config
+        return cls
 
     @property
     def infer(self) -> Tuple[Infer, ...]:
         """The rules by which a config section that names no part selects this one (none: only by name)."""
-        return self.meta.get("infer", ())
+        rules: Tuple[Infer, ...] = self.meta.get("infer", ())
+        return rules
 
 
 def _env_flag(name: str) -> bool:
@@ -168,7 +171,11 @@ def strict_plugins() -> bool:
     return _env_flag("CLIPKIT_STRICT_PLUGINS")
 
 
-def _disabled_names() -> set:
+def _itself(plugin: Any) -> Any:
+    return plugin  # an in-process plugin is loaded already
+
+
+def _disabled_names() -> Set[str]:
     raw = os.environ.get("CLIPKIT_DISABLE_PLUGINS", "")
     return {part.strip() for part in raw.split(",") if part.strip()}
 
@@ -182,7 +189,7 @@ class _Snapshot:
     plugins: Dict[str, PluginInfo] = field(default_factory=dict)
 
 
-_WARNED: set = set()
+_WARNED: Set[str] = set()
 
 
 class _Loader:
@@ -199,11 +206,11 @@ class _Loader:
         pm.add_hookspecs(kinds.hookspec_namespace())
         for module_name in _builtin_plugins():
             info = PluginInfo(module_name.rsplit(".", 1)[-1], BUILTIN_DIST, __version__, module_name, builtin=True)
-            self._add_plugin(pm, info, lambda m=module_name: importlib.import_module(m))
+            self._add_plugin(pm, info, functools.partial(importlib.import_module, module_name))
         self._load_entry_points(pm)
         for plugin, name in self.extra:
             info = PluginInfo(name, getattr(plugin, "__name__", name), "in-process", getattr(plugin, "__name__", name))
-            self._add_plugin(pm, info, lambda p=plugin: p)
+            self._add_plugin(pm, info, functools.partial(_itself, plugin))
         self._collect(pm)
         return self.snap
 
@@ -224,7 +231,7 @@ class _Loader:
                 continue
             self._add_plugin(pm, info, ep.load)
 
-    def _add_plugin(self, pm: pluggy.PluginManager, info: PluginInfo, load) -> None:
+    def _add_plugin(self, pm: pluggy.PluginManager, info: PluginInfo, load: Callable[[], Any]) -> None:
         if info.name in self.snap.plugins:
             info.name = f"{info.name}@{info.distribution}"
         self.snap.plugins[info.name] = info
@@ -279,7 +286,7 @@ class _Loader:
                 info.registered.append(key)
 
     @staticmethod
-    def _register_callback(kind: Kind, info: PluginInfo, bucket: List[Entry]):
+    def _register_callback(kind: Kind, info: PluginInfo, bucket: List[Entry]) -> hookspecs.Register:
         spec = kinds.spec(kind)
 
         def register(name: str, factory: Any, *, config: Any = None, **meta: Any) -> None:
@@ -341,7 +348,7 @@ class Registry:
     def register_plugin(self, plugin: Any, name: Optional[str] = None) -> None:
         """Register a plugin object (a module or instance with hookimpls) in this process only."""
         with self._lock:
-            self._extra.append((plugin, name or getattr(plugin, "__name__", repr(plugin))))
+            self._extra.append((plugin, name or str(getattr(plugin, "__name__", repr(plugin)))))
             self.reload()
 
     def unregister_plugin(self, plugin: Any) -> None:
