@@ -127,8 +127,8 @@ def model_config_schema() -> Dict[str, Any]:
     for kind in towers():
         # the tokenizer's keys sit in the section of the tower that reads its ids
         defs.update(_tower_defs(kind.name, tokenizer if kind.section == spec(TOKENIZER).section else None))
-        sections[kind.section] = _section(kind.name)
-    sections[spec(TOKENIZER).section]["allOf"] = _tokenizer_rules()
+        sections[kind.section or ""] = _section(kind.name)  # a tower kind always has its section
+    sections[spec(TOKENIZER).section or ""]["allOf"] = _tokenizer_rules()
     sections.update(_family_keys())
     top = json_schema(ModelCfg, "clipkit model config", sections)
     top["properties"]["schema_version"]["maximum"] = SCHEMA_VERSION  # a newer file needs a newer clipkit

@@ -19,13 +19,13 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from ._size import size_problems
 from ._typed import option, validate
 from .errors import ClipkitError, ConfigError, JSONBoundError, Problem, explain_os_error, suggest
 from .kinds import MODEL_CONFIG, MODEL_FAMILY, TEXT_TOWER, TOKENIZER, VISION_TOWER, Kind, spec
-from .registry import FIRST_PARTY_INFER, FIRST_PARTY_MODELS, registry
+from .registry import FIRST_PARTY_INFER, FIRST_PARTY_MODELS, Entry, registry
 
 logger = logging.getLogger("clipkit")
 
@@ -106,8 +106,9 @@ def _selection(kind: Kind, section: Mapping[str, Any]) -> Tuple[Any, str]:
     kind's default.
     """
     declared = spec(kind)
-    if section.get(declared.select_key) is not None:
-        return section[declared.select_key], ""
+    key = declared.select_key
+    if key is not None and section.get(key) is not None:
+        return section[key], ""
     for entry in registry.inferring(kind):
         rule = next((rule for rule in entry.infer if rule.matches(section)), None)
         if rule is not None:
@@ -130,25 +131,28 @@ def infer_part(kind: Kind, section: Mapping[str, Any]) -> Any:
 def infer_vision_type(vision_cfg: Mapping[str, Any]) -> str:
     """``type`` if given, else the vision tower type whose ``infer=`` rule matches (``timm_model_name`` ->
     timm, a list of ``layers`` -> resnet), else vit."""
-    return infer_part(VISION_TOWER, vision_cfg)
+    name: str = infer_part(VISION_TOWER, vision_cfg)
+    return name
 
 
 def infer_text_type(text_cfg: Mapping[str, Any]) -> str:
     """``type`` if given, else the text tower type whose ``infer=`` rule matches (``hf_model_name`` -> hf),
     else transformer."""
-    return infer_part(TEXT_TOWER, text_cfg)
+    name: str = infer_part(TEXT_TOWER, text_cfg)
+    return name
 
 
 def infer_tokenizer(text_cfg: Mapping[str, Any]) -> str:
     """The tokenizer a ``text_cfg`` selects: ``tokenizer`` if given, else the tokenizer whose ``infer=`` rule
     matches (``hf_tokenizer_name`` -> hf), else clip. The one place this is decided."""
-    return infer_part(TOKENIZER, text_cfg)
+    name: str = infer_part(TOKENIZER, text_cfg)
+    return name
 
 
 # -- validation -------------------------------------------------------------------------------------
 
 def _tower(kind: Kind, data: Any, extra_known: Tuple[str, ...], problems: List[Problem]) -> Tuple[Optional[str], Any]:
-    section_key = spec(kind).section
+    section_key = spec(kind).section or ""  # a tower kind always has its section
     if data is None:
         problems.append(Problem(section_key, "missing required section"))
         return None, None
@@ -273,7 +277,7 @@ def validate_model_config(cfg: Any, source: Optional[str] = None, name: Optional
     family_cfg = _bind_family(family_class, cfg, family, problems)
     vision_type, vision = _tower(VISION_TOWER, cfg.get("vision_cfg"), (), problems)
     text_type, text = _tower(TEXT_TOWER, cfg.get("text_cfg"), TOKENIZER_KEYS, problems)
-    tokenizer = TokenizerCfg()
+    tokenizer: Optional[TokenizerCfg] = TokenizerCfg()
     if isinstance(cfg.get("text_cfg"), dict):
         tok_data = {k: v for k, v in cfg["text_cfg"].items() if k in TOKENIZER_KEYS}
         tokenizer, found = validate(TokenizerCfg, tok_data, "text_cfg", "a tokenizer")
@@ -282,6 +286,8 @@ def validate_model_config(cfg: Any, source: Optional[str] = None, name: Optional
             problems.extend(_tokenizer_problems(tokenizer, cfg["text_cfg"]))
     if problems:
         raise fail(problems)
+    # no problems: every part was bound
+    assert top is not None and tokenizer is not None and vision_type is not None and text_type is not None
     problems = size_problems(top.embed_dim, [("vision_cfg", vision), ("text_cfg", text)])
     if problems:  # refused before anything is built: building would run until memory runs out
         raise fail(problems)
@@ -306,7 +312,7 @@ class _Store:
         self.user_paths: List[Path] = []
         self._configs: Optional[Dict[str, Tuple[Dict[str, Any], str]]] = None
         self._generation = -1  # the registry load the cache was built from
-        self._reported: set = set()  # scan messages already logged, so rescans stay quiet
+        self._reported: Set[str] = set()  # scan messages already logged, so rescans stay quiet
         self.replaced: Dict[str, str] = {}  # builtin config name -> the plugin whose config replaced it
 
     def invalidate(self) -> None:
@@ -348,7 +354,7 @@ class _Store:
             self._reported.add(message)
             logger.log(level, message)
 
-    def _plugin_config(self, entry) -> Tuple[Optional[Dict[str, Any]], str]:
+    def _plugin_config(self, entry: Entry) -> Tuple[Optional[Dict[str, Any]], str]:
         target = entry.target
         where = f"{entry.plugin.label}"
         if isinstance(target, Mapping):
@@ -397,7 +403,7 @@ class _Store:
 _store = _Store()
 
 
-def add_model_config(path: Union[str, os.PathLike]) -> None:
+def add_model_config(path: Union[str, os.PathLike[str]]) -> None:
     """Register a folder of model config JSON files, or one file; the file stem is the model name.
 
     JSON files that are not model configs (no ``embed_dim``/``vision_cfg``/``text_cfg``) are skipped
@@ -468,7 +474,7 @@ _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _JSON_BRACKETS = re.compile(r"[\[\]{}]")
 
 
-def load_json(path: Union[str, os.PathLike]) -> Any:
+def load_json(path: Union[str, os.PathLike[str]]) -> Any:
     """Parse a model config file within the size and depth bounds (:class:`JSONBoundError` past them).
 
     Read errors are ``OSError``; invalid JSON is ``ValueError``. The one way clipkit reads config files.
@@ -517,7 +523,8 @@ def get_model_config(model_name: str) -> Optional[Dict[str, Any]]:
     schema, ident = parse_model_name(model_name)
     if schema is not None:
         data = read_hub_config(schema, ident)
-        return copy.deepcopy(data.get("model_cfg", data) if isinstance(data, dict) else data)
+        found: Dict[str, Any] = data.get("model_cfg", data)
+        return copy.deepcopy(found)
     item = _store.configs.get(model_name)
     return copy.deepcopy(item[0]) if item else None
 
