@@ -61,6 +61,30 @@ def test_a_cached_prefix_gives_the_outputs_and_gradients_of_the_tower(tmp_path):
     assert "forward" not in tower.__dict__
 
 
+def test_a_tower_that_refuses_its_split_is_run_whole_and_says_why(tmp_path, caplog):
+    from clipkit.errors import ClipkitError
+
+    caplog.set_level(logging.INFO, logger="clipkit.train")
+    model = _tiny(tmp_path)
+    model.lock_text_tower(2, freeze_layer_norm=True)
+    tower = model.text
+
+    def refuse(x, n):
+        raise ClipkitError("no split here")
+
+    tower.forward_head = refuse
+    cache = TowerCache("text", tower, 2, 4, "fp", Budget(2 ** 30))
+    cache.install()
+    x = torch.randint(1, 1000, (4, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = tower(x)
+        cache.keys = row_keys(x)
+        cached = tower(x)
+    assert torch.equal(plain, cached) and not cache.enabled and not cache.entries
+    assert "text tower (TextTransformer): the state after 2 of 4 layer groups not cached: computing it apart " \
+           "failed: no split here" in caplog.text
+
+
 def test_the_budget_stops_insertion_when_full(tmp_path):
     model = _tiny(tmp_path)
     model.lock_text_tower(0, freeze_layer_norm=True)

@@ -58,6 +58,14 @@ def row_keys(batch: torch.Tensor) -> List[bytes]:
     return [hashlib.blake2b(head + row.tobytes(), digest_size=16).digest() for row in flat]
 
 
+def _index(rows: List[int], device: torch.device) -> torch.Tensor:
+    """Row numbers on the device without waiting for it: built on the host, copied from pinned memory."""
+    index = torch.tensor(rows, dtype=torch.long)
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
+
+
 def _parts(value: Any) -> Rows:
     return value if isinstance(value, tuple) else (value,)
 
@@ -170,7 +178,7 @@ class TowerCache:
         if room <= 0:
             return
         kept = list(new.items())[:room]
-        index = torch.tensor([row for _, row in kept], device=parts[0].device)
+        index = _index([row for _, row in kept], parts[0].device)
         # one compact copy, so an entry holds its own row and not the whole batch
         rows = [p.detach().index_select(0, index).unbind(0) for p in parts]
         for i, (key, _) in enumerate(kept):
@@ -188,8 +196,8 @@ class TowerCache:
                 position = {key: i for i, key in enumerate(first)}
                 inverse = [position[key] for key in keys]
                 device = _parts(state)[0].device
-                unique = torch.tensor(list(first.values()), device=device)
-                back = torch.tensor(inverse, device=device)
+                unique = _index(list(first.values()), device)
+                back = _index(inverse, device)
                 parts = tuple(p.index_select(0, unique) for p in _parts(state))
                 out = self.tower.forward_tail(parts if isinstance(state, tuple) else parts[0], self.prefix)
                 expanded = tuple(o.index_select(0, back) for o in _parts(out))
@@ -199,39 +207,34 @@ class TowerCache:
     # the start-of-run checks, on the first batch's first rows ---------------------------------------
     def _check(self, original: Callable[..., Any], x: torch.Tensor) -> None:
         self.checked = True
-        probe = x[:_PROBE_ROWS]
-        with _untouched(self.tower, x.device):
-            if self.full:
-                deterministic = _same(original(probe), original(probe))
-            else:
-                deterministic = _same(self.tower.forward_head(probe, self.prefix),
-                                      self.tower.forward_head(probe, self.prefix))
-        if not deterministic:
-            return self._off("the locked computation gives different results for the same input in training "
-                             "(dropout or other randomness in train mode; see --lock-train-mode)")
-        if self.full:
-            return self._on()
-        with _untouched(self.tower, x.device):
-            self.tower.eval()
-            try:
-                split = self.tower.forward_tail(self.tower.forward_head(probe, self.prefix), self.prefix)
-            except Exception as exc:  # a tower may refuse a split (the hf tower for T5-like encoders)
-                return self._off(f"forward_head/forward_tail at {self.prefix} groups failed: {exc}")
-            exact = _same(split, original(probe))
-        if not exact:
-            return self._off(f"forward_tail(forward_head(x, {self.prefix}), {self.prefix}) differs from "
-                             f"forward(x)")
-        with _untouched(self.tower, x.device):
-            state = self.tower.forward_head(probe, self.prefix)
-            self.merge = _same(self.tower.forward_tail(state, self.prefix),
-                               self.tower.forward_tail(state, self.prefix))
-        self._on()
-
-    def _on(self) -> None:
+        try:
+            problem = self._problem(original, x[:_PROBE_ROWS])
+        except Exception as exc:  # a tower may refuse a split (the hf tower for T5-like encoders)
+            problem = f"computing it apart failed: {exc}"
+        if problem is not None:
+            return self._off(problem)
         merge = ("" if self.full else "; identical inputs in a batch run the trainable rest once" if self.merge
                  else "; identical inputs in a batch are not merged: the trainable rest is random in training "
                       "(dropout)")
         logger.info("lock cache: %s cached per sample%s", self.describe(), merge)
+
+    def _problem(self, original: Callable[..., Any], probe: torch.Tensor) -> Optional[str]:
+        """Why the locked computation cannot be cached, or ``None``; decides ``merge`` on the way."""
+        head = original if self.full else (lambda x: self.tower.forward_head(x, self.prefix))
+        with _untouched(self.tower, probe.device):
+            if not _same(head(probe), head(probe)):
+                return ("the locked computation gives different results for the same input in training "
+                        "(dropout or other randomness in train mode; see --lock-train-mode)")
+        if self.full:
+            return None
+        with _untouched(self.tower, probe.device):
+            self.tower.eval()
+            if not _same(self.tower.forward_tail(head(probe), self.prefix), original(probe)):
+                return f"forward_tail(forward_head(x, {self.prefix}), {self.prefix}) differs from forward(x)"
+        with _untouched(self.tower, probe.device):
+            state = head(probe)
+            self.merge = _same(self.tower.forward_tail(state, self.prefix), self.tower.forward_tail(state, self.prefix))
+        return None
 
     def _off(self, reason: str) -> None:
         self.enabled = False
