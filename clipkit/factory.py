@@ -9,7 +9,7 @@ import contextlib
 import copy
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -219,9 +219,11 @@ def create_model(
         raise ClipkitError("device='meta' builds shapes only; it cannot load the weights of a checkpoint")
     warn_ignored_requests(config.raw, source.label, trust_remote_code)
     with torch.device("meta") if on_meta else contextlib.nullcontext(), caller_trust(trust_remote_code):
-        model = build_model(config, precision=precision, output_dict=bool(output_dict),
+        built = build_model(config, precision=precision, output_dict=bool(output_dict),
                             pretrained_image=pretrained_image and tower_weights and not on_meta,
                             pretrained_text=pretrained_text and tower_weights and not on_meta, cache_dir=cache_dir)
+    # a family's model need not subclass ClipModel, but it has ClipModel's interface (_check_model)
+    model = cast(ClipModel, built)
     if checkpoint is not None:
         from .weights import load_checkpoint
 
@@ -237,8 +239,8 @@ def create_model(
     _set_precision(model, precision)
     if not any(p.is_meta for p in model.parameters()):  # a model built under a meta context stays there
         model.to(device)
-    preprocess = PreprocessCfg(size=tuple(model.visual.image_size) if not isinstance(model.visual.image_size, int)
-                               else model.visual.image_size).as_dict()
+    size: Any = model.visual.image_size  # an int or (height, width): the tower contract
+    preprocess = PreprocessCfg(size=size if isinstance(size, int) else tuple(size)).as_dict()
     # precedence: defaults < the tower's own (a timm model's pretrained config) < saved/tag < arguments
     tower_defaults = getattr(model.visual, "preprocess_defaults", None)
     if callable(tower_defaults):
@@ -248,18 +250,21 @@ def create_model(
     return model
 
 
-def _image_overrides(mean, std, interpolation, resize_mode) -> Dict[str, Any]:
+def _image_overrides(mean: Optional[Tuple[float, ...]], std: Optional[Tuple[float, ...]],
+                     interpolation: Optional[str], resize_mode: Optional[str]) -> Dict[str, Any]:
     """The ``image_*`` arguments of the factory functions as preprocess overrides (None = keep)."""
     return {"mean": mean, "std": std, "interpolation": interpolation, "resize_mode": resize_mode}
 
 
 def set_model_preprocess_cfg(model: nn.Module, preprocess_cfg: Dict[str, Any]) -> None:
     """Attach the preprocessing a model expects; saved with it and used by its transforms."""
-    model.preprocess_cfg = dict(preprocess_cfg)
+    # plain attributes, which nn.Module's typed __setattr__ (tensors and modules) does not describe
+    holder: Any = model
+    holder.preprocess_cfg = dict(preprocess_cfg)
     # where OpenCLIP code looks for it, legacy attributes included
-    model.visual.preprocess_cfg = model.preprocess_cfg
-    model.visual.image_mean = model.preprocess_cfg.get("mean")
-    model.visual.image_std = model.preprocess_cfg.get("std")
+    holder.visual.preprocess_cfg = holder.preprocess_cfg
+    holder.visual.image_mean = holder.preprocess_cfg.get("mean")
+    holder.visual.image_std = holder.preprocess_cfg.get("std")
 
 
 def get_model_preprocess_cfg(model: nn.Module) -> Dict[str, Any]:

@@ -32,7 +32,7 @@ def _modules(group: Sequence[Union[nn.Module, nn.Parameter]]) -> Iterator[nn.Mod
             yield from item.modules()
 
 
-def _keep_eval(module: nn.Module, _inputs) -> None:
+def _keep_eval(module: nn.Module, _inputs: Any) -> None:
     module.eval()
 
 
@@ -56,7 +56,7 @@ def lock_layer_groups(tower: nn.Module, unlocked: int = 0, *, freeze_layer_norm:
     """
     if not isinstance(unlocked, int) or unlocked < 0:
         raise ClipkitError(f"unlocked layer groups must be an int >= 0, got {unlocked!r}")
-    groups = list(tower.layer_groups())
+    groups = list(tower.layer_groups())  # type: ignore[operator]  # the tower contract; nn.Module types it Tensor | Module
     _release_bn_stats(tower)
     if unlocked >= len(groups):  # everything unlocked, parameters outside any group included
         for param in tower.parameters():
