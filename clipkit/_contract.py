@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ BATCH = 2
 CONTEXT = 12
 TEXTS = ["a photo of a cat", "", "a diagram of a bicycle " * 40, "Übergrößenträger, 日本語の文, 😀"]
 HEAVY = ("torch", "timm", "transformers")
+# A model or tower under test, duck-typed on purpose: the contract cases are where its attributes
+# (image_size, layer_groups, forward_head, ...) are checked, so nothing may assume them statically.
+Built = Any
 
 
 def _fail(where: str, contract: str, detail: str) -> ContractError:
@@ -37,6 +40,13 @@ def _names(names: List[str], limit: int = 5) -> str:
 
 
 # -- towers ---------------------------------------------------------------------------------------
+
+def _tower_keys(kind: kinds.KindSpec) -> Tuple[str, str, str]:
+    """``(section, select key, default part)`` of a tower kind, which declares all three."""
+    if kind.section is None or kind.select_key is None or kind.default is None:
+        raise ValueError(f"kind {kind.name!r} is not a tower kind")
+    return kind.section, kind.select_key, kind.default
+
 
 class _Tower:
     """A tower under test: its entry, the section it is built from, and builders for models around it."""
@@ -53,12 +63,13 @@ class _Tower:
     def config(self, **overrides: Any) -> Dict[str, Any]:
         kind = spec(self.entry.kind)
         partner_kind = next(other for other in kinds.towers() if other.name != kind.name)  # the builtin default
-        partner = registry.get(partner_kind.name, partner_kind.default)
+        (section, key, _), (partner_section, partner_key, default) = _tower_keys(kind), _tower_keys(partner_kind)
+        partner = registry.get(partner_kind.name, default)
         return {"embed_dim": EMBED_DIM,
-                kind.section: {kind.select_key: self.entry.name, **self.section, **overrides},
-                partner_kind.section: {partner_kind.select_key: partner.name, **partner.meta["example"]}}
+                section: {key: self.entry.name, **self.section, **overrides},
+                partner_section: {partner_key: partner.name, **partner.meta["example"]}}
 
-    def model(self, **overrides: Any) -> nn.Module:
+    def model(self, **overrides: Any) -> Built:
         from .factory import build_model
 
         try:
@@ -70,10 +81,10 @@ class _Tower:
         except Exception as exc:
             raise _fail(self.entry.where, "builds", f"building raised {exc!r}") from exc
 
-    def tower(self, model: nn.Module) -> nn.Module:
+    def tower(self, model: Built) -> Built:
         return model.visual if self.entry.kind == VISION_TOWER else model.text
 
-    def inputs(self, model: nn.Module, batch: int = BATCH) -> Tuple[torch.Tensor, torch.Tensor]:
+    def inputs(self, model: Built, batch: int = BATCH) -> Tuple[torch.Tensor, torch.Tensor]:
         """An image batch and a text batch the model's towers accept."""
         size = model.visual.image_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -83,7 +94,7 @@ class _Tower:
         return (torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1)),
                 torch.randint(low, vocab, (batch, length), generator=torch.Generator().manual_seed(2)))
 
-    def forward(self, model: nn.Module, batch: int = BATCH):
+    def forward(self, model: Built, batch: int = BATCH) -> Any:
         image, text = self.inputs(model, batch)
         return self.tower(model)(image if self.entry.kind == VISION_TOWER else text)
 
@@ -101,11 +112,11 @@ def _pooled(where: str, contract: str, out: Any, batch: int = BATCH) -> torch.Te
     return pooled
 
 
-def _builds(t: _Tower, model: nn.Module) -> None:
+def _builds(t: _Tower, model: Built) -> None:
     pass  # t.model() raised already if the tower does not build or breaks the protocol checked at build
 
 
-def _output_shape(t: _Tower, model: nn.Module) -> None:
+def _output_shape(t: _Tower, model: Built) -> None:
     where = t.entry.where
     model.eval()
     with torch.no_grad():
@@ -119,7 +130,7 @@ def _output_shape(t: _Tower, model: nn.Module) -> None:
         raise _fail(where, "output-shape", f"the model's encode method returned shape {list(encoded.shape)}")
 
 
-def _output_tokens(t: _Tower, model: nn.Module) -> None:
+def _output_tokens(t: _Tower, model: Built) -> None:
     where = t.entry.where
     model = t.model(output_tokens=True).eval()
     with torch.no_grad():
@@ -134,7 +145,7 @@ def _output_tokens(t: _Tower, model: nn.Module) -> None:
         raise _fail(where, "output-tokens", f"tokens must be a tensor [B, tokens, width], got {shape}")
 
 
-def _layer_groups(t: _Tower, model: nn.Module) -> None:
+def _layer_groups(t: _Tower, model: Built) -> None:
     where = t.entry.where
     tower = t.tower(model)
     names = {id(p): n for n, p in tower.named_parameters()}
@@ -158,7 +169,7 @@ def _layer_groups(t: _Tower, model: nn.Module) -> None:
                                            f"{_names(outside)}")
 
 
-def _gradients(where: str, contract: str, tower: nn.Module) -> Dict[str, torch.Tensor]:
+def _gradients(where: str, contract: str, tower: Built) -> Dict[str, torch.Tensor]:
     grads, missing = {}, []
     for name, param in tower.named_parameters():
         if not param.requires_grad:
@@ -176,7 +187,7 @@ def _gradients(where: str, contract: str, tower: nn.Module) -> Dict[str, torch.T
     return grads
 
 
-def _step(t: _Tower, model: nn.Module, seed: int = 0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def _step(t: _Tower, model: Built, seed: int = 0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Forward and backward in train mode; dropout draws the same masks for the same seed."""
     model.train()
     model.zero_grad(set_to_none=True)
@@ -186,11 +197,11 @@ def _step(t: _Tower, model: nn.Module, seed: int = 0) -> Tuple[torch.Tensor, Dic
     return pooled.detach(), _gradients(t.entry.where, "backward", t.tower(model))
 
 
-def _backward(t: _Tower, model: nn.Module) -> None:
+def _backward(t: _Tower, model: Built) -> None:
     _step(t, model)
 
 
-def _grad_checkpointing(t: _Tower, model: nn.Module) -> None:
+def _grad_checkpointing(t: _Tower, model: Built) -> None:
     where, tower = t.entry.where, t.tower(model)
     plain_out, plain = _step(t, model)
     try:
@@ -214,7 +225,7 @@ def _grad_checkpointing(t: _Tower, model: nn.Module) -> None:
         raise _fail(where, "grad-checkpointing", f"checkpointing changes the gradients of {_names(differ)}")
 
 
-def _autocast(t: _Tower, model: nn.Module) -> None:
+def _autocast(t: _Tower, model: Built) -> None:
     where = t.entry.where
     model.train()
     try:
@@ -228,7 +239,7 @@ def _autocast(t: _Tower, model: nn.Module) -> None:
     _gradients(where, "autocast", t.tower(model))
 
 
-def _save_load(t: _Tower, model: nn.Module) -> None:
+def _save_load(t: _Tower, model: Built) -> None:
     from .export import save_pretrained
     from .factory import create_model
 
@@ -256,7 +267,7 @@ def _freezer_where(t: _Tower) -> str:
     return f"{t.entry.where}, locked by clipkit's default freezer (lock_layer_groups over its layer_groups())"
 
 
-def _freezer(t: _Tower, model: nn.Module) -> None:
+def _freezer(t: _Tower, model: Built) -> None:
     where = _freezer_where(t)
     tower = t.tower(model)
     vision = t.entry.kind == VISION_TOWER
@@ -265,7 +276,7 @@ def _freezer(t: _Tower, model: nn.Module) -> None:
     groups = list(tower.layer_groups())
     last = {id(p) for item in groups[-1] for p in ([item] if isinstance(item, nn.Parameter) else item.parameters())}
 
-    def trainable(unlocked: int) -> set:
+    def trainable(unlocked: int) -> Set[str]:
         try:
             lock(unlocked)
         except Exception as exc:
@@ -292,7 +303,7 @@ def _freezer(t: _Tower, model: nn.Module) -> None:
         _bn_stats_frozen(t, model, where, last)
 
 
-def _bn_stats_frozen(t: _Tower, model: nn.Module, where: str, last: set) -> None:
+def _bn_stats_frozen(t: _Tower, model: Built, where: str, last: Set[int]) -> None:
     """freeze_bn_stats keeps the running statistics of locked BatchNorms, across model.train() too."""
     tower = t.tower(model)
     norms = [(n, m) for n, m in tower.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -301,16 +312,17 @@ def _bn_stats_frozen(t: _Tower, model: nn.Module, where: str, last: set) -> None
         return
     model.lock_image_tower(0, freeze_bn_stats=True)
     model.train()
-    before = {n: m.running_mean.clone() for n, m in norms}
+    # track_running_stats (checked above) means the buffers exist
+    before = {n: torch.as_tensor(m.running_mean).clone() for n, m in norms}
     with torch.no_grad():
         t.forward(model)
-    moved = [n for n, m in norms if not torch.equal(m.running_mean, before[n])]
+    moved = [n for n, m in norms if not torch.equal(torch.as_tensor(m.running_mean), before[n])]
     if moved:
         raise _fail(where, "freezer", f"with freeze_bn_stats the running statistics of locked BatchNorms "
                                       f"{_names(moved)} still change in train mode")
 
 
-def _stages(t: _Tower, model: nn.Module) -> None:
+def _stages(t: _Tower, model: Built) -> None:
     """The optional stage protocol: ``forward_tail(forward_head(x, n), n)`` is ``forward(x)`` for every ``n``,
     and each state is a tensor or a tuple of tensors with the batch first (the trainer caches it per sample)."""
     where, tower = t.entry.where, t.tower(model)
@@ -342,7 +354,7 @@ def _stages(t: _Tower, model: nn.Module) -> None:
                                              f"in eval mode")
 
 
-def _on_tower(check: Callable[[_Tower, nn.Module], None]) -> Callable[[Entry, Any], None]:
+def _on_tower(check: Callable[[_Tower, Built], None]) -> Callable[[Entry, Any], None]:
     """A tower check as a contract check: build the tower (in a model) from ``section``, then check it."""
     def run(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
         tower = _Tower(entry, section)
@@ -360,7 +372,8 @@ TOWER_CHECKS: Dict[str, Callable[[Entry, Any], None]] = {name: _on_tower(check) 
 
 # -- tokenizers, poolers, model configs, freezers alone, plugins --------------------------------------
 
-def _tokenizer(entry: Entry, text_cfg: Optional[Mapping[str, Any]], contract: str):
+def _tokenizer(entry: Entry, text_cfg: Optional[Mapping[str, Any]], contract: str
+               ) -> Tuple[Callable[..., torch.Tensor], Mapping[str, Any]]:
     text_cfg = entry.meta.get("example") if text_cfg is None else text_cfg
     if text_cfg is None:
         raise _fail(entry.where, contract, "it registered no example= text_cfg to build it from; pass "
@@ -393,16 +406,17 @@ def _special_ids(entry: Entry, section: Optional[Mapping[str, Any]]) -> None:
     from .tokenizer import _check_special_ids, get_tokenizer
 
     tokenizer, text_cfg = _tokenizer(entry, section, "special-ids")
-    vision, text = spec(VISION_TOWER), spec(TEXT_TOWER)
-    vit, transformer = registry.get(VISION_TOWER, vision.default), registry.get(TEXT_TOWER, text.default)
-    default = {"embed_dim": EMBED_DIM, vision.section: {"type": vit.name, **vit.meta["example"]},
-               text.section: {"type": transformer.name, **transformer.meta["example"],
+    (vision, _, vit_name), (text_section, _, text_name) = _tower_keys(spec(VISION_TOWER)), _tower_keys(spec(TEXT_TOWER))
+    vit, transformer = registry.get(VISION_TOWER, vit_name), registry.get(TEXT_TOWER, text_name)
+    default: Dict[str, Any] = {
+        "embed_dim": EMBED_DIM, vision: {"type": vit.name, **vit.meta["example"]},
+        text_section: {"type": transformer.name, **transformer.meta["example"],
                             **{k: v for k, v in text_cfg.items() if k in TOKENIZER_KEYS}, "tokenizer": entry.name}}
     checks: List[Tuple[str, Dict[str, Any], Any]] = [("a builtin text transformer", default, tokenizer)]
     for model in registry.entries(MODEL_CONFIG):  # the plugin's own configs that use this tokenizer
         data = get_model_config(model.name) if model.plugin is entry.plugin else None
-        text = data.get("text_cfg") if isinstance(data, dict) else None
-        if isinstance(text, dict) and infer_tokenizer(text) == entry.name:
+        own = data.get("text_cfg") if isinstance(data, dict) else None
+        if data is not None and isinstance(own, dict) and infer_tokenizer(own) == entry.name:
             try:
                 checks.append((f"model config {model.name!r}", data, get_tokenizer(model.name)))
             except ClipkitError as exc:
