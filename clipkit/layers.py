@@ -99,7 +99,8 @@ class Attention(nn.Module):
         if self.head_scale is not None:
             out = out * self.head_scale
         out = out.transpose(1, 2).reshape(batch, length, dim)
-        return self.out_proj(self.ln_inner(out))
+        projected: torch.Tensor = self.out_proj(self.ln_inner(out))
+        return projected
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -130,7 +131,8 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         x = x + self.ls_1(self.ln_attn(self.attn(self.ln_1(x), attn_mask, is_causal)))
-        return x + self.ls_2(self.mlp(self.ln_2(x)))
+        mlp: torch.Tensor = self.ls_2(self.mlp(self.ln_2(x)))
+        return x + mlp
 
 
 class Transformer(nn.Module):
@@ -146,7 +148,9 @@ class Transformer(nn.Module):
     @property
     def cast_dtype(self) -> torch.dtype:
         """The dtype activations enter the blocks in: that of the blocks' matmul weights."""
-        return self.resblocks[0].mlp.c_fc.weight.dtype
+        block: Any = self.resblocks[0]  # a ResidualAttentionBlock (nn.ModuleList indexes as Module)
+        dtype: torch.dtype = block.mlp.c_fc.weight.dtype
+        return dtype
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                 start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
@@ -175,4 +179,5 @@ class AttentionalPooler(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln_k(x)
         q = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
-        return self.attn(q, x, x, need_weights=False)[0]
+        pooled: torch.Tensor = self.attn(q, x, x, need_weights=False)[0]
+        return pooled

@@ -42,7 +42,7 @@ def model_inputs(model: str, cache_dir: Optional[str] = None) -> Tuple[Callable[
 
     built, preprocess_train, _ = create_model_and_transforms(model, device="meta", load_weights=False,
                                                              cache_dir=cache_dir)
-    size = built.visual.image_size
+    size: Any = built.visual.image_size  # an int or (height, width): the tower contract
     return preprocess_train, get_tokenizer(model, cache_dir=cache_dir), size if isinstance(size, int) else max(size)
 
 

@@ -244,4 +244,5 @@ def build(entry: "Entry", spec: str, ctx: DataSourceContext) -> DataSource:
     if not (callable(getattr(source, "units", None)) and callable(getattr(source, "read", None))):
         raise DataError(f"{ctx.flag} {spec!r}: {entry.where} returned {type(source).__name__}, not a DataSource "
                         f"(units() and read(units, counts))")
-    return source
+    checked: DataSource = source
+    return checked

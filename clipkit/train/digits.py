@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 from ..errors import ClipkitError
 from .shards import write_shards
@@ -23,14 +23,14 @@ IMAGE_SIZE = 32
 TEST_FRACTION = 0.2
 
 
-def _png(pixels) -> bytes:
+def _png(pixels: Any) -> bytes:
     """An 8x8 digit (values 0..16) as a 32x32 RGB PNG, white ink on black as in the dataset."""
     import numpy as np
     from PIL import Image
 
     img = Image.fromarray((np.asarray(pixels) * (255 / 16)).astype("uint8"), mode="L")
     buf = io.BytesIO()
-    img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR).convert("RGB").save(buf, format="PNG")
+    img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR).convert("RGB").save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -80,7 +80,7 @@ def write_digits(out: Path, per_shard: int = 256, seed: int = 0, force: bool = F
     n_test = int(len(order) * TEST_FRACTION)
     test, train = order[:n_test], order[n_test:]
 
-    def samples(indices, with_label: bool) -> Iterator[Dict[str, Any]]:
+    def samples(indices: Iterable[int], with_label: bool) -> Iterator[Dict[str, Any]]:
         for n, i in enumerate(indices):
             label = int(digits.target[i])
             sample = {"__key__": f"digit{int(i):05d}", "png": _png(digits.images[i]),

@@ -12,7 +12,8 @@ class MeanPooler(nn.Module):
 
     cls_token_position: Optional[int] = None
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, pooler_output: Optional[torch.Tensor] = None):
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, pooler_output: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
         mask = mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1)
 
@@ -22,7 +23,8 @@ class MaxPooler(nn.Module):
 
     cls_token_position: Optional[int] = None
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, pooler_output: Optional[torch.Tensor] = None):
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, pooler_output: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
         return hidden.masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).max(dim=1).values
 
 
@@ -35,7 +37,8 @@ class ClsPooler(nn.Module):
         super().__init__()
         self.use_pooler_output = use_pooler_output
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, pooler_output: Optional[torch.Tensor] = None):
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, pooler_output: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
         if self.use_pooler_output and pooler_output is not None:
             return pooler_output
         return hidden[:, 0]

@@ -79,8 +79,8 @@ class HFTokenizer:
         texts = [clean_text(t, self.clean) for t in texts]
         if self.tokenizer_mode == "clips":
             return self._clips(texts, length)
-        ids = self.tokenizer(list(texts), return_tensors="pt", max_length=length, padding="max_length",
-                             truncation=True).input_ids
+        ids: torch.Tensor = self.tokenizer(list(texts), return_tensors="pt", max_length=length,
+                                           padding="max_length", truncation=True).input_ids
         if self.strip_sep_token:
             ids = ids.masked_fill(ids == self.tokenizer.sep_token_id, 0)
         return ids

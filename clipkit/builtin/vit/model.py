@@ -1,7 +1,7 @@
 """The builtin Vision Transformer: patches -> class token + positions -> transformer -> pool -> project."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -95,7 +95,7 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def no_weight_decay(self) -> set:
+    def no_weight_decay(self) -> Set[str]:
         return {"positional_embedding", "class_embedding"}
 
     def _pool(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
