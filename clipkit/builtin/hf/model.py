@@ -57,7 +57,7 @@ def _load_encoder(cfg: HFTextCfg, pretrained: bool, cache_dir: Any) -> Tuple[nn.
     return model, config
 
 
-def _model_class(config: Any):
+def _model_class(config: Any) -> Any:  # the model class (or None); transformers types its table loosely
     from transformers import AutoModel
 
     try:
@@ -80,6 +80,10 @@ def _find_layers(encoder: nn.Module) -> nn.ModuleList:
 
 
 class HFTextTower(nn.Module):
+    # a transformers model: get_input_embeddings, gradient checkpointing and its config are transformers' API,
+    # which torch's nn.Module typing (unknown attributes are Tensor | Module) cannot describe
+    transformer: Any
+
     def __init__(self, cfg: HFTextCfg, output_dim: int, pretrained: bool, cache_dir: Any = None):
         super().__init__()
         self.cfg = cfg
@@ -88,7 +92,7 @@ class HFTextTower(nn.Module):
         self.vocab_size = self.config.vocab_size
         self.context_length = cfg.context_length
         limit = getattr(self.config, "max_position_embeddings", None)
-        embeddings = getattr(self.transformer, "embeddings", None)
+        embeddings: Any = getattr(self.transformer, "embeddings", None)
         if limit and isinstance(getattr(embeddings, "padding_idx", None), int):
             limit -= embeddings.padding_idx + 1  # RoBERTa-style positions start after the padding index
         if limit and cfg.context_length > limit:

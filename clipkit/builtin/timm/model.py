@@ -81,6 +81,10 @@ def _create(cfg: TimmCfg, pretrained: bool, cache_dir: Optional[str], **kwargs: 
 class TimmTower(nn.Module):
     """A timm image model as a CLIP vision tower, in OpenCLIP ``TimmModel``'s parameter layout."""
 
+    # a timm model: reset_classifier, num_features, pretrained_cfg, group_matcher are timm's API, which
+    # torch's nn.Module typing (unknown attributes are Tensor | Module) cannot describe
+    trunk: Any
+
     def __init__(self, cfg: TimmCfg, embed_dim: int, pretrained: bool = False, cache_dir: Optional[str] = None):
         super().__init__()
         _check_model_name(cfg.timm_model_name)
@@ -153,7 +157,8 @@ class TimmTower(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         # in fp16/bf16 models the trunk's matmul weights are low precision and its norms fp32
         dtype = next((p.dtype for p in self.trunk.parameters() if p.dim() > 1), image.dtype)
-        return self.head(self.trunk(image.to(dtype)))
+        features: torch.Tensor = self.head(self.trunk(image.to(dtype)))
+        return features
 
     # -- tower protocol ------------------------------------------------------------------------
     def layer_groups(self) -> List[List[Union[nn.Module, nn.Parameter]]]:
@@ -191,12 +196,12 @@ class TimmTower(nn.Module):
         return out
 
 
-def _feature_width(trunk: nn.Module) -> int:
+def _feature_width(trunk: Any) -> int:
     """Width of what the trunk returns once its classifier is removed (pre-logits layers included)."""
     return int(getattr(trunk, "head_hidden_size", None) or trunk.num_features)
 
 
-def _trunk_groups(trunk: nn.Module) -> List[List[Union[nn.Module, nn.Parameter]]]:
+def _trunk_groups(trunk: Any) -> List[List[Union[nn.Module, nn.Parameter]]]:
     try:
         matcher = trunk.group_matcher(coarse=False)
     except (AttributeError, NotImplementedError):

@@ -1,7 +1,7 @@
 """The builtin text transformer: tokens + positions -> transformer -> final norm -> pool -> project."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -52,6 +52,7 @@ class TextTransformer(nn.Module):
         if self.cls_emb is not None:
             nn.init.normal_(self.cls_emb, std=0.01)
         proj_std = width ** -0.5 * (2 * depth) ** -0.5
+        block: Any  # a ResidualAttentionBlock (nn.ModuleList iterates as Module)
         for block in self.transformer.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
@@ -66,7 +67,8 @@ class TextTransformer(nn.Module):
     def layer_groups(self) -> List[Sequence[Union[nn.Module, nn.Parameter]]]:
         """OpenCLIP's lock groups: embeddings, each block but the last, last block + ln_final, projection."""
         blocks = list(self.transformer.resblocks)
-        stem = [self.token_embedding, self.positional_embedding] + ([self.cls_emb] if self.cls_emb is not None else [])
+        stem: List[Union[nn.Module, nn.Parameter]] = [self.token_embedding, self.positional_embedding]
+        stem += [self.cls_emb] if self.cls_emb is not None else []
         groups: List[Sequence[Union[nn.Module, nn.Parameter]]] = [stem, *[[b] for b in blocks[:-1]],
                                                                   [blocks[-1], self.ln_final]]
         if self.text_projection is not None:
@@ -76,7 +78,7 @@ class TextTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def no_weight_decay(self) -> set:
+    def no_weight_decay(self) -> Set[str]:
         return {"positional_embedding"} | ({"cls_emb"} if self.cls_emb is not None else set())
 
     def _pool(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
