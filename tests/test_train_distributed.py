@@ -129,3 +129,44 @@ def test_process_layout_from_torchrun_or_slurm(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert _from_environment() == (1, 0, 2)  # torchrun's variables win
+
+
+def test_per_step_agreements_are_decided_on_the_cpu_beside_a_gpu_backend(monkeypatch):
+    # a stop signal and the end of the data are agreed every step: beside NCCL they must not make the
+    # device copy, reduce and be waited for (no GPU here: the process group calls are recorded instead)
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from clipkit.train import distributed as d
+
+    monkeypatch.setattr(d, "_control", None)  # restored after the test
+    calls = []
+    monkeypatch.setattr(d, "_from_environment", lambda: (0, 0, 2))
+    monkeypatch.setattr(d.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(d.dist, "init_process_group", lambda **kw: calls.append(("init", kw["backend"])))
+    monkeypatch.setattr(d.dist, "new_group", lambda **kw: calls.append(("group", kw["backend"])) or "control")
+    settings = SimpleNamespace(device="cpu", dist_backend="nccl", dist_url=None, no_set_device_rank=False,
+                               fsdp=False)
+    env = d.init(settings)
+    assert calls == [("init", "nccl"), ("group", "gloo")]
+
+    reduced = []
+
+    def all_reduce(tensor, op, group):
+        reduced.append((tensor.device.type, group))
+        tensor.fill_(3)
+
+    monkeypatch.setattr(d.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(d.dist, "get_backend", lambda: "nccl")
+    env = replace(env, device=torch.device("meta"))  # a tensor made on the run's device could not be read
+    assert d.all_max(1, env) == 3 and d.all_agree(False, env) is True
+    assert reduced == [("cpu", "control")] * 2
+
+    # the run's own group is gloo: no second group, the same CPU reduction on it
+    monkeypatch.setattr(d, "_control", None)
+    calls.clear()
+    reduced.clear()
+    d.init(SimpleNamespace(device="cpu", dist_backend=None, dist_url=None, no_set_device_rank=False, fsdp=False))
+    monkeypatch.setattr(d.dist, "get_backend", lambda: "gloo")
+    assert calls == [("init", "gloo")]
+    assert d.all_max(2, env) == 3 and reduced == [("cpu", None)]

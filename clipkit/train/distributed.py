@@ -15,6 +15,10 @@ import torch.distributed as dist
 
 logger = logging.getLogger("clipkit.train")
 
+# a CPU (gloo) process group beside a GPU backend's, for the host-side agreements of all_max; None
+# when the run's own group is already gloo, or there is none
+_control: Optional["dist.ProcessGroup"] = None
+
 
 @dataclass
 class Env:
@@ -63,8 +67,15 @@ def init(settings: Any) -> Env:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = settings.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
+        timeout = timedelta(seconds=int(os.environ.get("CLIPKIT_DIST_TIMEOUT", "600")))
         dist.init_process_group(backend=backend, init_method=settings.dist_url or "env://", world_size=world, rank=rank,
-                                timeout=timedelta(seconds=int(os.environ.get("CLIPKIT_DIST_TIMEOUT", "600"))))
+                                timeout=timeout)
+        global _control
+        if backend != "gloo":
+            # the per-step agreements (a stop signal, the end of the data) are host values: on a GPU
+            # backend each would copy to the device, all-reduce there and wait for the device to read it
+            # back, every step. A CPU group next to it decides them without touching the device
+            _control = dist.new_group(backend="gloo", timeout=timeout)
     elif world == 1 and settings.fsdp and not dist.is_initialized():
         # FSDP2 shards over a device mesh, which needs a process group: a group of one, in memory
         backend = settings.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
@@ -78,11 +89,14 @@ def all_agree(flag: bool, env: Env) -> bool:
 
 
 def all_max(value: int, env: Env) -> int:
-    """The largest of every process's ``value`` (a small non-negative integer), on every process."""
+    """The largest of every process's ``value`` (a small non-negative integer), on every process.
+
+    Decided on the CPU (the gloo control group beside a GPU backend): the device is never waited for."""
     if not env.distributed:
         return value
-    t = torch.tensor([float(value)], device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    on_cpu = _control is not None or dist.get_backend() == "gloo"
+    t = torch.tensor([float(value)], device="cpu" if on_cpu else env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
     return int(t.item())
 
 
@@ -100,8 +114,10 @@ def barrier(env: Env) -> None:
 
 
 def shutdown(env: Env) -> None:
+    global _control
     if (env.distributed or env.group) and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the control group included
+    _control = None
 
 
 # -- stop signals ----------------------------------------------------------------------------------
