@@ -170,6 +170,22 @@ def test_a_random_image_transform_leaves_a_locked_image_tower_uncached_and_says_
     cache.close()
 
 
+def test_the_log_says_when_trainable_norms_end_the_locked_prefix(tmp_path, caplog):
+    from clipkit.train.args import parse_args
+    from clipkit.train.lock_cache import build
+
+    caplog.set_level(logging.INFO, logger="clipkit.train")
+    model = _tiny(tmp_path)
+    model.lock_text_tower(1, freeze_layer_norm=False)  # OpenCLIP's CLI default: locked layers' norms train
+    settings = parse_args(["--model", str(tmp_path / "tiny.json"), "--dataset-type", "synthetic",
+                           "--train-num-samples", "8", "--lock-text", "--lock-text-unlocked-layers", "1"])
+    cache = build(model, settings, None, 0, 1, torch.device("cpu"), False, False)
+    assert cache is not None and cache.towers["text"].prefix == 1  # the embeddings only
+    assert "the locked prefix ends at 1 of 4 layer groups because --lock-text leaves the norms of locked layers " \
+           "trainable; --lock-text-freeze-layer-norm freezes them" in caplog.text
+    cache.close()
+
+
 def test_frozen_parts_run_in_eval_mode(tmp_path):
     model = _tiny(tmp_path)
     model.lock_text_tower(1, freeze_layer_norm=True)

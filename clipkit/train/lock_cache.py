@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from ..freeze import eval_frozen_parts, locked_prefix
+from ..freeze import _is_norm, _params, eval_frozen_parts, locked_prefix
 
 logger = logging.getLogger("clipkit.train")
 
@@ -388,6 +388,18 @@ class LockCache:
             tower.uninstall()
 
 
+def _only_norms_train(tower: Any, index: int) -> bool:
+    """Whether the trainable parameters of layer group ``index`` all belong to norm layers."""
+    groups = list(tower.layer_groups())
+    if index >= len(groups):
+        return False
+    group = groups[index]
+    trainable = {id(p) for item in group for p in _params(item) if p.requires_grad}
+    norms = {id(p) for item in group if isinstance(item, nn.Module) for module in item.modules() if _is_norm(module)
+             for p in module.parameters(recurse=False)}
+    return bool(trainable) and trainable <= norms
+
+
 def set_locked_modes(model: nn.Module, sides: Sequence[str]) -> None:
     """After ``model.train()``: the frozen parts of the locked towers back in eval mode."""
     for side in sides:
@@ -437,8 +449,9 @@ def build(model: nn.Module, settings: Any, folder: Optional[Path], rank: int, wo
         prefix = groups if frozen else locked_prefix(tower)
         label = f"{side} tower ({type(tower).__name__})"
         if prefix == 0:
-            hint = (" (--lock-text leaves the norms of locked groups trainable; --lock-text-freeze-layer-norm "
-                    "freezes them)" if side == "text" and not m.lock_text_freeze_layer_norm else "")
+            hint = (" (--lock-text leaves the norms of locked layers trainable; --lock-text-freeze-layer-norm "
+                    "freezes them)" if side == "text" and not m.lock_text_freeze_layer_norm
+                    and _only_norms_train(tower, 0) else "")
             logger.info("lock cache: %s not cached: its first layer group has trainable parameters%s", label, hint)
             continue
         if not frozen and not (callable(getattr(tower, "forward_head", None))
@@ -451,6 +464,10 @@ def build(model: nn.Module, settings: Any, folder: Optional[Path], rank: int, wo
                         "gives the same input twice; --lock-image-eval-preprocess gives training images the eval "
                         "preprocessing (LiT) and computes the tower once per image", label)
             continue
+        if side == "text" and not m.lock_text_freeze_layer_norm and _only_norms_train(tower, prefix):
+            logger.info("lock cache: %s: the locked prefix ends at %d of %d layer groups because --lock-text leaves "
+                        "the norms of locked layers trainable; --lock-text-freeze-layer-norm freezes them, so that "
+                        "every locked layer is computed once", label, prefix, groups)
         lock = ({"unlocked": m.lock_image_unlocked_groups, "bn": m.lock_image_freeze_bn_stats} if side == "image"
                 else {"unlocked": m.lock_text_unlocked_layers, "norm": m.lock_text_freeze_layer_norm})
         lock["train_mode"] = m.lock_train_mode
