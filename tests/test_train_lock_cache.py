@@ -168,6 +168,9 @@ def test_a_random_image_transform_leaves_a_locked_image_tower_uncached_and_says_
     cache = build(model, settings, None, 0, 1, torch.device("cpu"), False, False)
     assert cache is not None and cache.wants("image") and not cache.wants("text")
     cache.close()
+    model.lock_image_tower(1)  # a locked prefix is no more cacheable with random inputs
+    assert build(model, settings, None, 0, 1, torch.device("cpu"), True, False) is None
+    assert "a wholly locked image tower can use --lock-image-eval-preprocess" in caplog.text
 
 
 def test_the_log_says_when_trainable_norms_end_the_locked_prefix(tmp_path, caplog):

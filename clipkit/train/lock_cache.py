@@ -459,10 +459,12 @@ def build(model: nn.Module, settings: Any, folder: Optional[Path], rank: int, wo
             logger.info("lock cache: %s not cached: %d of %d layer groups are locked and the tower has no "
                         "forward_head/forward_tail (docs/plugins.md) to compute them apart", label, prefix, groups)
             continue
-        if side == "image" and frozen and train_transform_random:
+        if side == "image" and train_transform_random:
+            advice = ("--lock-image-eval-preprocess gives training images the eval preprocessing (LiT) and computes "
+                      "the tower once per image" if frozen else "a wholly locked image tower can use "
+                      "--lock-image-eval-preprocess")
             logger.info("lock cache: %s not cached: the training transform is random, so the same image never "
-                        "gives the same input twice; --lock-image-eval-preprocess gives training images the eval "
-                        "preprocessing (LiT) and computes the tower once per image", label)
+                        "gives the same input twice; %s", label, advice)
             continue
         if side == "text" and not m.lock_text_freeze_layer_norm and _only_norms_train(tower, prefix):
             logger.info("lock cache: %s: the locked prefix ends at %d of %d layer groups because --lock-text leaves "
