@@ -180,6 +180,51 @@ def test_sampling_gives_openclips_ids_under_the_same_seed(tiny_pair, openclip_sa
     assert (got[:, 0] == SOT).all() and got.shape[1] <= 10
 
 
+GOLDEN = Path(__file__).with_name("golden") / "openclip_beam_search.json"
+BEAM_CASES = [dict(num_beams=6, num_beam_groups=3, seq_len=10, min_seq_len=3),
+              dict(num_beams=4, num_beam_groups=1, seq_len=9, min_seq_len=2),
+              dict(num_beams=4, num_beam_groups=2, seq_len=12, min_seq_len=5)]
+
+
+def fill_weights(model, seed):
+    """Every weight from one seeded generator, by sorted state-dict key: the same values in OpenCLIP's model
+    and clipkit's, whatever either initialises; the end token's logits are made likely, so captions end at
+    different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    state = model.state_dict()
+    with torch.no_grad():
+        for key in sorted(state):
+            value = torch.randn(state[key].shape, generator=g)
+            if value.dim() >= 2:  # a matrix: scaled to keep activations in range
+                value = value / value.shape[-1] ** 0.5
+            elif key.endswith("weight") and ("ln" in key or "norm" in key):
+                value = 1 + 0.1 * value
+            else:
+                value = 0.02 * value
+            state[key].copy_(value)
+        state["text_decoder.text_projection"][:, EOS] *= 4
+    return model
+
+
+def test_beam_search_gives_openclips_ids(tmp_path):
+    """OpenCLIP's own beam search needs transformers' BeamSearchScorer, which transformers 5 removed, so it
+    cannot run here: its ids were recorded once, with transformers 4.56.2's scorer, for these weights
+    (``fill_weights``) and cases, in tests/golden/openclip_beam_search.json."""
+    golden = json.loads(GOLDEN.read_text())
+    assert len(golden) == 2 * len(BEAM_CASES)
+    path = tmp_path / "coca-beam.json"
+    path.write_text(json.dumps(TINY))
+    ended = 0
+    for record in golden:
+        model = fill_weights(clipkit.create_model(str(path)), record["seed"]).eval()
+        images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(record["seed"]))
+        ids = model.generate(images, generation_type="beam_search", sot_token_id=SOT, eos_token_id=EOS,
+                             **BEAM_CASES[record["case"]])
+        assert ids.tolist() == record["ids"], record
+        ended += sum(EOS in row for row in record["ids"])
+    assert ended >= 3  # the cases exercise captions that end before seq_len
+
+
 def test_beam_search_with_one_beam_follows_the_greedy_path(tiny_pair):
     """OpenCLIP's beam search needs transformers' BeamSearchScorer (gone in transformers 5), so it is not run
     here. With one beam the search must follow the greedy path; a caption cut at seq_len gets no end token."""
