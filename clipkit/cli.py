@@ -8,7 +8,9 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+from ._precision import PRECISIONS
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 #: The status a shell reports for a command stopped by SIGPIPE (128 + 13).
@@ -46,7 +48,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _load_target(target: str) -> tuple:
+def _load_target(target: str) -> Tuple[Any, str, str, Optional[Dict[str, Any]]]:
     """(config dict, source label, name, parts record) for a file path or a model name; raises _Usage
     when neither. The record (which plugin provided each part) comes with saved models only.
 
@@ -141,8 +143,8 @@ def _full_config(cfg: Dict[str, Any], source: str, name: str) -> Dict[str, Any]:
 
     config = validate_model_config(cfg, source=source, name=name)
     out = {f.name: getattr(config.top, f.name) for f in dataclasses.fields(config.top)}
-    vision = dataclasses.asdict(config.vision) if dataclasses.is_dataclass(config.vision) else dict(config.vision)
-    text = dataclasses.asdict(config.text) if dataclasses.is_dataclass(config.text) else dict(config.text)
+    vision, text = (dataclasses.asdict(part) if dataclasses.is_dataclass(part) and not isinstance(part, type)
+                    else dict(part) for part in (config.vision, config.text))
     text.update({k: v for k, v in dataclasses.asdict(config.tokenizer).items()})
     out["vision_cfg"] = {"type": config.vision_type, **vision}
     out["text_cfg"] = {"type": config.text_type, **text}
@@ -242,6 +244,21 @@ EPILOG = """examples:
 """
 
 
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """MODEL and --pretrained, as every command that loads a model with its weights takes them."""
+    p.add_argument("model", help="model name, local-dir:/hf-hub: name, or a .json config file")
+    p.add_argument("--pretrained", metavar="W", help="weights: a pretrained tag, a file, or a training checkpoint")
+
+
+def _compute_arguments(p: argparse.ArgumentParser, *, batch: str, workers: str) -> None:
+    """--batch-size, --workers, --device and --precision of the commands that run a model over data."""
+    p.add_argument("--batch-size", type=_positive_int, default=64, help=f"{batch} (default: 64)")
+    p.add_argument("--workers", type=_nonnegative_int, default=4, help=f"{workers} (default: 4)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="as clipkit-train's --precision: fp16/bf16 weights, amp autocast (default: fp32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .kinds import scaffolds  # the kinds table imports nothing heavy, so parsing stays fast
@@ -299,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "  pip install -e ./clipkit-plugin-tinyconv && pytest clipkit-plugin-tinyconv\n"
                                "  clipkit plugin new bytes --kind tokenizer --output ~/src\n\n"
                                "kinds:\n" + "".join(f"  {short:<10s} {kind.scaffold.blurb}\n"
-                                                      for short, kind in scaffolds().items()),
+                                                      for short, kind in scaffolds().items() if kind.scaffold),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", metavar="NAME", help="registry and entry-point name; the distribution is "
                                                 "clipkit-plugin-NAME and the package clipkit_plugin_NAME")
@@ -338,20 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "      --images 'shards/{00000..00009}.tar' --out emb --workers 8 --device cuda\n"
                               "  clipkit embed ViT-B-32 --pretrained laion2b_s34b_b79k --texts captions.jsonl --out text-emb",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model name, local-dir:/hf-hub: name, or a .json config file")
-    p.add_argument("--pretrained", metavar="W", help="weights: a pretrained tag, a file, or a training checkpoint")
+    _model_arguments(p)
     p.add_argument("--images", metavar="SRC", help="an image folder (recursive; ids: relative paths), WebDataset "
                                                    "shards 'dir/{00000..00009}.tar' (ids: SHARD:KEY) or a .csv/.tsv")
     p.add_argument("--texts", metavar="FILE", help=".txt (a text a line), .jsonl (field --text-key) or .csv/.tsv "
                                                    "(column --csv-caption-key); ids: line numbers or --id-key")
     p.add_argument("--out", required=True, metavar="OUT", help="folder to write (new, or an interrupted run's)")
     p.add_argument("--raw", action="store_true", help="write the embeddings as the model gives them, not L2-normalised")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="inputs per forward pass (default: 64)")
-    p.add_argument("--workers", type=_nonnegative_int, default=4,
-                   help="image decoding processes; 0 decodes in this one (default: 4)")
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "amp"),
-                   help="fp16/bf16 weights as clipkit-train's --precision, or amp autocast (default: fp32)")
+    _compute_arguments(p, batch="inputs per forward pass", workers="image decoding processes; 0 decodes in this one")
     p.add_argument("--chunk-size", type=_positive_int, default=1024,
                    help="inputs per resumable part (a shard is always one part; default: 1024)")
     p.add_argument("--csv-img-key", default="filepath", help="image path column of a CSV (default: filepath)")
@@ -371,9 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "  clipkit caption my.json --pretrained logs/run/checkpoints/epoch_5.pt --generation-type top_p "
                               "photos/*.png",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model name, local-dir:/hf-hub: name, or a .json config file")
+    _model_arguments(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--pretrained", metavar="W", help="weights: a pretrained tag, a file, or a training checkpoint")
     p.add_argument("--generation-type", default="beam_search", choices=("beam_search", "top_k", "top_p"),
                    help="beam search, or sampling from the top_k / top_p tokens (default: beam_search)")
     p.add_argument("--seq-len", type=_positive_int, default=30, help="longest caption in tokens (default: 30)")
@@ -392,8 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  clipkit eval my.json --pretrained logs/run/checkpoints/epoch_5.pt --task retrieval "
                               "--data 'val/{00000..00003}.tar'",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model name, local-dir:/hf-hub: name, or a .json config file")
-    p.add_argument("--pretrained", metavar="W", help="weights: a pretrained tag, a file, or a training checkpoint")
+    _model_arguments(p)
     p.add_argument("--task", required=True, choices=("zeroshot", "retrieval"), help="what to measure")
     p.add_argument("--data", required=True, metavar="SRC",
                    help="zeroshot: a folder of class sub-folders or shards with 'cls'; retrieval: shards with "
@@ -403,11 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", metavar="FILE", help="prompt templates with {} or {c}: a JSON list or one per line "
                                                        "(default: 'a photo of a {}.')")
     p.add_argument("--out", metavar="FILE", help="append the result as one JSON line to FILE")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: 64)")
-    p.add_argument("--workers", type=int, default=4, help="data loader processes; 0 loads in this one (default: 4)")
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp_bf16", "bf16", "fp16"),
-                   help="as clipkit-train's --precision (default: fp32)")
+    _compute_arguments(p, batch="images per batch", workers="data loader processes; 0 loads in this one")
     p.add_argument("--cache-dir", metavar="DIR", help="where pretrained weights and tokenizers are cached")
     p.set_defaults(func=_cmd_eval)
 
@@ -453,8 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  clipkit export ViT-B-32 --pretrained laion2b_s34b_b79k --format onnx --out vit-b-32-onnx\n"
                               "  clipkit export my.json --pretrained logs/run/checkpoints/epoch_5.pt --format hf --out my-hf",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model name, local-dir:/hf-hub: name, or a .json config file")
-    p.add_argument("--pretrained", metavar="W", help="weights: a pretrained tag, a file, or a training checkpoint")
+    _model_arguments(p)
     p.add_argument("--format", required=True, type=_export_format, metavar="FORMAT",
                    help="a registered export format: onnx, hf, or one a plugin adds")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write (new or empty)")
@@ -649,7 +653,8 @@ def _main(argv: Optional[List[str]]) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except ClipkitError as exc:
         print(f"clipkit: {exc}", file=sys.stderr)
         return EXIT_INVALID

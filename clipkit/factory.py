@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Tuple, Union, cast
 import torch
 from torch import nn
 
+from ._precision import PRECISIONS
 from ._provenance import names_missing_parts
 from ._sources import folder_preprocess, hub_weights, match_activation, resolve_model, resolve_pretrained
 from ._trust import caller_trust, warn_ignored_requests
@@ -28,7 +29,6 @@ from .transforms import AugmentationCfg, ImageTransform, PreprocessCfg, image_tr
 
 logger = logging.getLogger("clipkit")
 
-PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16", "amp_bfloat16")
 _LOW = {"fp16": torch.float16, "bf16": torch.bfloat16, "pure_fp16": torch.float16, "pure_bf16": torch.bfloat16}
 _KEEP_FP32_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
 _KEEP_FP32_NAMES = {"positional_embedding", "class_embedding", "cls_emb"}

@@ -14,7 +14,6 @@ Environment:
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib
 import json
@@ -29,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import pluggy
 
 from . import hookspecs, kinds
-from .errors import PluginError, PluginWarning, UnknownPartError  # noqa: F401 (re-exported)
+from .errors import PluginError, PluginWarning, UnknownPartError, suggest  # noqa: F401 (re-exported)
 from .hookspecs import Infer
 from .kinds import Kind
 
@@ -244,10 +243,7 @@ class _Loader:
         unknown = [hc.name for hc in pm.get_hookcallers(plugin) or [] if not hc.has_spec()]
         if unknown:
             pm.unregister(plugin)
-            hints = []
-            for name in unknown:
-                close = difflib.get_close_matches(name, list(kinds.by_hook()), n=1)
-                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hints = [repr(name) + suggest(name, kinds.by_hook()) for name in unknown]
             self._fail(info, "unknown hook " + ", ".join(hints))
 
     @staticmethod
@@ -416,10 +412,7 @@ class Registry:
         """
         snap = self._snapshot()
         known = self.names(kind)
-        parts = [f"unknown {kinds.title(kind)} {name!r}{note}"]
-        close = difflib.get_close_matches(str(name), known, n=1)
-        if close:
-            parts[0] += f" (did you mean {close[0]!r}?)"
+        parts = [f"unknown {kinds.title(kind)} {name!r}{note}" + suggest(str(name), known)]
         parts.append("installed: " + (", ".join(known) if known else "none"))
         for plugin in snap.plugins.values():
             if plugin.status not in ("failed", "disabled"):

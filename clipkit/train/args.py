@@ -13,7 +13,7 @@ import dataclasses
 import os
 import sys
 import typing
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from ..errors import ArgsError
 from . import data_sources
@@ -34,7 +34,8 @@ UNSUPPORTED = {
 class _KeyValues(argparse.Action):
     """``--aug-cfg scale='(0.9,1.0)' color_jitter=0.4``: values are Python literals when they parse as one."""
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
         out: Dict[str, Any] = {}
         for item in values:
             key, sep, raw = item.partition("=")
@@ -47,11 +48,11 @@ class _KeyValues(argparse.Action):
         setattr(namespace, self.dest, out)
 
 
-def _bounded(kind: type, meta: Dict[str, Any]):
+def _bounded(kind: Callable[[str], Any], meta: Mapping[str, Any]) -> Callable[[str], Any]:
     """argparse's ``type``: convert, then check the declared bounds (argparse reports the message)."""
     from .._typed import _bounds_problem
 
-    def parse(text: str):
+    def parse(text: str) -> Any:
         value = kind(text)
         bad = _bounds_problem(value, meta)
         if bad:
@@ -61,7 +62,7 @@ def _bounded(kind: type, meta: Dict[str, Any]):
     return parse
 
 
-def _add(group, f: dataclasses.Field, hint: Any) -> None:
+def _add(group: argparse._ArgumentGroup, f: dataclasses.Field[Any], hint: Any) -> None:
     """One declared setting as a flag."""
     meta = f.metadata
     kwargs: Dict[str, Any] = {"dest": f.name, "help": argparse.SUPPRESS if meta["hidden"] else meta["doc"]}

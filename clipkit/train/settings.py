@@ -11,15 +11,15 @@ No torch here: ``clipkit-train --help`` imports this module.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from .._precision import PRECISIONS
 from .._typed import _bounds_problem, _coerce, _type_name, json_repr, option
-from ..errors import ArgsError
+from ..errors import ArgsError, suggest
 
 # the file every run writes into its folder: the resolved settings, which --config reads back
 SETTINGS_FILE = "settings.json"
@@ -321,7 +321,7 @@ class PrecisionSettings:
     """Number formats and torch.compile."""
 
     precision: str = flag('amp', 'amp: fp16 autocast with loss scaling on GPU, bf16 autocast on CPU (default: amp)',
-        choices=('amp', 'amp_bf16', 'amp_bfloat16', 'bf16', 'fp16', 'pure_bf16', 'pure_fp16', 'fp32'),
+        choices=PRECISIONS,
         details='`amp`: on GPU fp16 autocast with a GradScaler; **≠ OpenCLIP** on CPU bf16 autocast without '
                 'scaling (a CPU without AVX512-BF16/AMX emulates bf16, slowly; a warning says so). '
                 "`amp_bf16`/`amp_bfloat16`: bf16 autocast. `bf16`/`fp16`: the model's matrix weights in that type "
@@ -505,7 +505,7 @@ class Settings:
         return {attr: dataclasses.asdict(getattr(self, attr)) for attr, _, _ in GROUPS}
 
 
-def flag_names(f: dataclasses.Field) -> Tuple[str, ...]:
+def flag_names(f: dataclasses.Field[Any]) -> Tuple[str, ...]:
     """A field's flag spellings, the canonical one first."""
     return tuple(f.metadata["names"]) or ("--" + f.name.replace("_", "-"),)
 
@@ -524,8 +524,7 @@ def read_settings_file(path: str) -> Dict[str, Any]:
     groups = {attr: group for attr, group, _ in GROUPS}
     for attr, section in data.items():
         if attr not in groups:
-            close = difflib.get_close_matches(attr, list(groups), n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = suggest(attr, groups)
             problems.append(f"{path}: {attr}: not a settings group; expected one of {', '.join(groups)}{hint}")
             continue
         if not isinstance(section, dict):
@@ -536,10 +535,9 @@ def read_settings_file(path: str) -> Dict[str, Any]:
         for key, value in section.items():
             where = f"{path}: {attr}.{key}"
             if key not in declared:
-                close = difflib.get_close_matches(key, list(declared), n=1, cutoff=0.7)
                 elsewhere = [a for a, g in groups.items() if a != attr and key in {f.name for f in dataclasses.fields(g)}]
-                hint = (f" (did you mean {close[0]!r}?)" if close else
-                        f" (it belongs to the {elsewhere[0]!r} group)" if elsewhere else "")
+                hint = (suggest(key, declared, cutoff=0.7)
+                        or (f" (it belongs to the {elsewhere[0]!r} group)" if elsewhere else ""))
                 problems.append(f"{where}: unknown setting{hint}")
                 continue
             ok, converted = _coerce(value, hints[key])
@@ -568,12 +566,16 @@ _BEGIN = "<!-- flags table: {} (generated from clipkit/train/settings.py; python
 _END = "<!-- end of flags table -->"
 
 
-def _shown_default(f: dataclasses.Field) -> str:
-    if f.metadata["shown"] is not None:
-        return f.metadata["shown"]
+def _shown_default(f: dataclasses.Field[Any]) -> str:
+    shown: Optional[str] = f.metadata["shown"]
+    if shown is not None:
+        return shown
     if f.metadata["required"]:
         return "**required**"
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    default: Any = f.default
+    factory = f.default_factory
+    if default is dataclasses.MISSING and callable(factory):
+        default = factory()
     if default is None or default == {}:
         return "none"
     if default is False:

@@ -10,7 +10,6 @@ Which part pools and which projects depends on ``timm_pool`` and ``timm_proj``:
 """
 from __future__ import annotations
 
-import difflib
 import os
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
@@ -19,7 +18,7 @@ import timm
 import torch
 from torch import nn
 
-from ...errors import ClipkitError
+from ...errors import ClipkitError, suggest
 from ...freeze import lock_layer_groups
 from ...hookspecs import TowerContext
 from . import ATTENTION_POOLS, TimmCfg
@@ -35,8 +34,7 @@ def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
 def _check_model_name(name: str) -> None:
     if ":" in name or timm.is_model(name):  # 'hf-hub:...' names are resolved by timm itself
         return
-    close = difflib.get_close_matches(name, timm.list_models(), n=3)
-    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    hint = suggest(name, timm.list_models(), n=3)
     raise ClipkitError(f"vision_cfg.timm_model_name: timm {timm.__version__} has no model {name!r}{hint}; "
                        f"a model added in a later timm needs `pip install -U timm`")
 
