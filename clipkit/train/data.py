@@ -28,16 +28,19 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..builtin.tokenizers.clip_bpe import text_cap
-from ..errors import DataError
+from ..errors import DataError, explain_os_error
 from . import data_sources
 from . import shards as wds
 from .data_sources import DataSource, DataSourceContext
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 logger = logging.getLogger("clipkit.train")
 
@@ -99,7 +102,7 @@ class ShardSource(DataSource):
     def count(self) -> Tuple[int, str]:
         return wds.count_samples(self.spec)
 
-    def read(self, units, counts):
+    def read(self, units: Iterable[Any], counts: Dict[str, int]) -> Iterator[Dict[str, Any]]:
         wanted = (wds.LABEL_EXT,) if self.label else (wds.TEXT_EXT,)
         for url in units:
             for raw in wds.iter_shard(url, wanted + wds.IMAGE_EXTS, counts):
@@ -115,22 +118,19 @@ class CsvSource(DataSource):
 
     def __init__(self, path: str, img_key: str, caption_key: str, separator: str):
         self.path = Path(path)
-        try:
-            with open(self.path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f, delimiter=separator)
-                columns = reader.fieldnames or []
-                if img_key not in columns or caption_key not in columns:
-                    wanted = [k for k in (img_key, caption_key) if k not in columns]
-                    hint = ""
-                    if len(columns) == 1 and any(s in columns[0] for s in (",", "\t", ";", "|")):
-                        sep = next(s for s in (",", "\t", ";", "|") if s in columns[0])
-                        hint = f"; the header looks {sep!r}-separated: pass --csv-separator {sep!r}"
-                    raise DataError(f"{self.path}: column(s) {', '.join(map(repr, wanted))} not found; columns "
-                                    f"found with --csv-separator {separator!r}: {columns}{hint} "
-                                    f"(set --csv-img-key/--csv-caption-key)")
-                self.rows = [(row[img_key], row[caption_key]) for row in reader]
-        except OSError as exc:
-            raise DataError(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
+        with explain_os_error(str(self.path), DataError), open(self.path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=separator)
+            columns = reader.fieldnames or []
+            if img_key not in columns or caption_key not in columns:
+                wanted = [k for k in (img_key, caption_key) if k not in columns]
+                hint = ""
+                if len(columns) == 1 and any(s in columns[0] for s in (",", "\t", ";", "|")):
+                    sep = next(s for s in (",", "\t", ";", "|") if s in columns[0])
+                    hint = f"; the header looks {sep!r}-separated: pass --csv-separator {sep!r}"
+                raise DataError(f"{self.path}: column(s) {', '.join(map(repr, wanted))} not found; columns "
+                                f"found with --csv-separator {separator!r}: {columns}{hint} "
+                                f"(set --csv-img-key/--csv-caption-key)")
+            self.rows = [(row[img_key], row[caption_key]) for row in reader]
         base = self.path.parent
         self.rows = [(p if os.path.isabs(p) or os.path.exists(p) else str(base / p), c) for p, c in self.rows]
 
@@ -139,10 +139,10 @@ class CsvSource(DataSource):
         """The ``csv`` factory: the columns and separator come from the CSV flags."""
         return cls(spec, ctx.csv_img_key, ctx.csv_caption_key, ctx.csv_separator)
 
-    def units(self):
+    def units(self) -> List[Any]:
         return list(range(len(self.rows)))
 
-    def read(self, units, counts):
+    def read(self, units: Iterable[Any], counts: Dict[str, int]) -> Iterator[Dict[str, Any]]:
         for i in units:
             path, caption = self.rows[i]
             yield {"__key__": f"{self.path}:{i + 2}", "image": wds.read_image_file(path), "text": caption, "label": None}
@@ -169,10 +169,10 @@ class FolderSource(DataSource):
         """The ``folder`` factory."""
         return cls(spec)
 
-    def units(self):
+    def units(self) -> List[Any]:
         return list(range(len(self.items)))
 
-    def read(self, units, counts):
+    def read(self, units: Iterable[Any], counts: Dict[str, int]) -> Iterator[Dict[str, Any]]:
         for i in units:
             path, label = self.items[i]
             yield {"__key__": path, "image": wds.read_image_file(path), "text": None, "label": label}
@@ -201,10 +201,10 @@ class SyntheticSource(DataSource):
             raise DataError("synthetic data needs --train-num-samples")
         return cls(ctx.num_samples, ctx.seed, size=max(32, ctx.image_size or 0))
 
-    def units(self):
+    def units(self) -> List[Any]:
         return list(range(self.num_samples))
 
-    def sample(self, index: int):
+    def sample(self, index: int) -> Tuple[Image.Image, str]:
         import numpy as np
         from PIL import Image
 
@@ -221,7 +221,7 @@ class SyntheticSource(DataSource):
         img[mask] = self.COLOURS[colour]
         return Image.fromarray(img), f"a {colour} {shape}"
 
-    def read(self, units, counts):
+    def read(self, units: Iterable[Any], counts: Dict[str, int]) -> Iterator[Dict[str, Any]]:
         for i in units:
             image, caption = self.sample(i)
             yield {"__key__": f"synthetic:{i}", "image": image, "text": caption, "label": None}
@@ -229,7 +229,7 @@ class SyntheticSource(DataSource):
 
 # -- the per-worker stream ------------------------------------------------------------------------
 @contextlib.contextmanager
-def _pixel_limit(limit: int):
+def _pixel_limit(limit: int) -> Iterator[None]:
     """PIL's own bomb guard set to ``limit`` (it refuses at twice that) and silent: clipkit's limit decides."""
     from PIL import Image
 
@@ -244,14 +244,14 @@ def _pixel_limit(limit: int):
 
 
 def _decode(raw: Dict[str, Any], needs: str, counts: Dict[str, int], *, max_pixels: int,
-            draft_side: Optional[int] = None, caption_chars: Optional[int] = None):
+            draft_side: Optional[int] = None, caption_chars: Optional[int] = None) -> Optional[Tuple[Image.Image, Any, str]]:
     """``(PIL RGB image, text or label, key)``, or ``None`` after counting why the sample is unusable.
 
     The image size is checked from its header (after choosing a reduced JPEG scale of at least
     ``draft_side``) against ``max_pixels`` before anything is decoded; captions are cut to ``caption_chars``.
     Whatever a sample's bytes make the decoders raise is counted against the sample.
     """
-    def skip(kind: str):
+    def skip(kind: str) -> Optional[Tuple[Image.Image, Any, str]]:
         counts[kind] = counts.get(kind, 0) + 1
         return None
 
@@ -282,12 +282,13 @@ def _decode(raw: Dict[str, Any], needs: str, counts: Dict[str, int], *, max_pixe
     return None if image is None else (image, target, raw["__key__"])
 
 
-def decode_image(image: Any, counts: Dict[str, int], *, max_pixels: int, draft_side: Optional[int] = None):
+def decode_image(image: Any, counts: Dict[str, int], *, max_pixels: int,
+                 draft_side: Optional[int] = None) -> Optional[Image.Image]:
     """A PIL RGB image from a sample's image (bytes, a PIL image, ``None`` or :data:`shards.TOO_LARGE`), or
     ``None`` after counting why it is unusable (the kinds of :data:`SKIP_KINDS`); see :func:`_decode`."""
     from PIL import Image
 
-    def skip(kind: str):
+    def skip(kind: str) -> Optional[Image.Image]:
         counts[kind] = counts.get(kind, 0) + 1
         return None
 
@@ -309,7 +310,8 @@ def decode_image(image: Any, counts: Dict[str, int], *, max_pixels: int, draft_s
             return skip("too_large")
         except Exception:  # PIL's parsers raise far more than OSError on crafted bytes
             return skip("bad_image")
-    return image.convert("RGB") if image.mode != "RGB" else image
+    rgb: Image.Image = image.convert("RGB") if image.mode != "RGB" else image
+    return rgb
 
 
 def _formats() -> List[str]:
@@ -333,7 +335,7 @@ def _shuffled(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[A
 
 
 # seeds are hashes of int tuples: stable across processes, unlike hashes of strings
-class EpochStream(IterableDataset):
+class EpochStream(IterableDataset[Dict[str, Any]]):
     """One epoch of batches from a :class:`DataSource`, split over ranks and loader workers.
 
     Items are dicts: batches ``{"worker", "index", "images", "keys", "texts"|"labels", "stats"}``, and one last
@@ -341,7 +343,8 @@ class EpochStream(IterableDataset):
     Set :attr:`epoch`, :attr:`skip` and :attr:`rotate` before iterating (workers are forked per epoch).
     """
 
-    def __init__(self, source: DataSource, *, batch_size: int, transform: Callable, tokenizer: Optional[Callable],
+    def __init__(self, source: DataSource, *, batch_size: int, transform: Callable[[Any], torch.Tensor],
+                 tokenizer: Optional[Callable[[List[str]], torch.Tensor]],
                  train: bool, seed: int = 0, rank: int = 0, world: int = 1, resampled: bool = False,
                  image_size: Optional[int] = None, max_pixels: Optional[int] = None):
         self.source, self.batch_size, self.transform, self.tokenizer = source, batch_size, transform, tokenizer
@@ -384,18 +387,17 @@ class EpochStream(IterableDataset):
             if sample is None:
                 continue
             image, target, key = sample
+            pixels: Optional[torch.Tensor] = None
             if index >= skip:
                 # transformed now, so that only input-sized tensors wait for the batch to fill
                 try:
-                    image = self._transform(image, key)
+                    pixels = self._transform(image, key)
                 except Exception:
                     counts["bad_image"] = counts.get("bad_image", 0) + 1
                     continue
-            else:
-                # a batch delivered before the resume: only which samples decode matters (a transform
-                # failure, which a decodable RGB image should never cause, would shift these batches)
-                image = None
-            pending.append((image, target, key))
+            # else a batch delivered before the resume: only which samples decode matters (a transform
+            # failure, which a decodable RGB image should never cause, would shift these batches)
+            pending.append((pixels, target, key))
             if len(pending) == self.batch_size:
                 if index >= skip:
                     yield self._batch(pending, worker, index, counts)
@@ -409,7 +411,7 @@ class EpochStream(IterableDataset):
 
     def _transform(self, image: Any, key: str) -> torch.Tensor:
         if not self.train:
-            return self.transform(image)
+            return self.transform(image)  # typed by __init__'s transform
         # augmentations draw from torch's and Python's global generators: seed them per sample, from its
         # key and the epoch, so that a replayed batch is augmented exactly as the first time and a sample
         # gets the same crop whatever the number of processes and workers
@@ -429,7 +431,7 @@ class EpochStream(IterableDataset):
         pixels, targets, keys = zip(*samples)
         item = {"worker": worker, "index": index, "images": torch.stack(pixels), "keys": list(keys),
                 "stats": dict(counts), "final": False}
-        if self.needs == "text":
+        if self.tokenizer is not None:  # needs "text"
             item["texts"] = self.tokenizer(list(targets))
         else:
             item["labels"] = torch.tensor(targets, dtype=torch.long)
@@ -479,7 +481,7 @@ class Loader:
     name: str = ""  # the registered data source's name, for messages
     exact_resume: bool = True  # False: the source cannot skip to a mid-epoch position (it says so)
 
-    def epoch(self, epoch: int, progress: Optional[Progress] = None) -> Iterator[Dict[str, Any]]:
+    def epoch(self, epoch: int, progress: Optional[Progress] = None) -> Generator[Dict[str, Any], None, None]:
         """The epoch's batches after what ``progress`` says was consumed; updates ``self.progress``."""
         workers = max(1, self.workers)
         if progress is not None and len(progress.consumed) != workers:
@@ -569,7 +571,8 @@ def train_loader(data: Any, seed: int, transform: Callable[..., Any], tokenizer:
                   exact_resume=exact)
 
 
-def eval_loader(spec: str, data: Any, seed: int, transform, tokenizer, *, flag: str, label: bool = False,
+def eval_loader(spec: str, data: Any, seed: int, transform: Callable[[Any], torch.Tensor],
+                tokenizer: Optional[Callable[[List[str]], torch.Tensor]], *, flag: str, label: bool = False,
                 num_samples: Optional[int] = None, image_size: Optional[int] = None) -> Loader:
     """An evaluation loader on one process: natural order, partial last batches, no augmentation. The
     source is inferred from ``spec`` as with ``--dataset-type auto``, falling back to ``--dataset-type``."""
@@ -591,10 +594,9 @@ def eval_type(spec: str, data: Any) -> str:
 
 def read_list(path: str, what: str) -> List[str]:
     """Class names or templates: a JSON list of strings, or one per line."""
-    try:
+    with explain_os_error(path, DataError, doing=f"read {what}"):
         text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+    items: List[str]
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from ..errors import ArgsError, DataError, UnknownPartError
 
@@ -62,7 +62,7 @@ class DataSource(ABC):
         """The dataset's units (shard URLs, row indices), the same list on every call and in every process."""
 
     @abstractmethod
-    def read(self, units: Sequence[Any], counts: Dict[str, int]) -> Iterator[Dict[str, Any]]:
+    def read(self, units: Iterable[Any], counts: Dict[str, int]) -> Iterator[Dict[str, Any]]:
         """Raw samples of ``units``, in order; unreadable ones counted in ``counts`` by kind."""
 
     def count(self) -> Tuple[int, str]:
