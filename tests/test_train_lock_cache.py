@@ -136,6 +136,10 @@ def test_persisted_entries_read_back_only_for_the_same_weights_lock_and_world(tm
     assert again.loaded == 4 and again.entries.keys() == saved.entries.keys()
     assert all(torch.equal(a, b) for k in saved.entries for a, b in zip(saved.entries[k], again.entries[k]))
 
+    other_world = TowerCache("text", model.text, 2, 4, again.fingerprint, Budget(2 ** 30))
+    other_world.load(tmp_path / "text.rank0.safetensors", 2, torch.device("cpu"))
+    assert other_world.loaded == 0 and "written by a run of 1 processes" in caplog.text
+
     model.lock_text_tower(1, freeze_layer_norm=True)  # a changed lock: another prefix
     assert _reloaded(tmp_path, model, 3).loaded == 0
     model.lock_text_tower(2, freeze_layer_norm=True)
