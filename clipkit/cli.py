@@ -197,14 +197,10 @@ def _cmd_plugin_new(args: argparse.Namespace) -> int:
 def _cmd_trainable(args: argparse.Namespace) -> int:
     """Build the model on the meta device (no weights, no memory), lock it as asked, list what trains."""
     from .factory import create_model
+    from .freeze import lock_as_asked
 
     model = create_model(args.model, device="meta", load_weights=False)  # shapes only: saved weights stay unread
-    if args.lock_image:
-        model.lock_image_tower(unlocked_groups=args.lock_image_unlocked_groups,
-                               freeze_bn_stats=args.lock_image_freeze_bn_stats)
-    if args.lock_text:
-        model.lock_text_tower(unlocked_layers=args.lock_text_unlocked_layers,
-                              freeze_layer_norm=args.lock_text_freeze_layer_norm)
+    lock_as_asked(model, args)  # its --lock-* arguments are named as clipkit-train's
     rows = [(name, p.numel(), p.requires_grad) for name, p in model.named_parameters()]
     summary = {}
     for tower in ("visual", "text", "other"):

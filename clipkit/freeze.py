@@ -32,6 +32,18 @@ def _modules(group: Sequence[Union[nn.Module, nn.Parameter]]) -> Iterator[nn.Mod
             yield from item.modules()
 
 
+def lock_as_asked(model: Any, options: Any) -> None:
+    """Lock ``model``'s towers as ``options`` asks, through its attributes named as clipkit-train's flags
+    (``lock_image``, ``lock_image_unlocked_groups``, ``lock_image_freeze_bn_stats``, ``lock_text``, ...):
+    the trainer's model settings and ``clipkit trainable``'s arguments both have them."""
+    if options.lock_image:
+        model.lock_image_tower(unlocked_groups=options.lock_image_unlocked_groups,
+                               freeze_bn_stats=options.lock_image_freeze_bn_stats)
+    if options.lock_text:
+        model.lock_text_tower(unlocked_layers=options.lock_text_unlocked_layers,
+                              freeze_layer_norm=options.lock_text_freeze_layer_norm)
+
+
 def _keep_eval(module: nn.Module, _inputs: Any) -> None:
     module.eval()
 

@@ -1,11 +1,14 @@
 """The two-tower contrastive model: encode images and texts into one space, with a learned temperature."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Set, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 
 class ClipModel(nn.Module):
@@ -15,6 +18,13 @@ class ClipModel(nn.Module):
     text tower's keys sit at the top level of :meth:`state_dict` (OpenCLIP's ``CLIP`` layout) instead
     of under ``text.`` (its ``CustomTextCLIP`` layout); loading accepts either.
     """
+
+    # set by the factory on every model it builds: the validated config, the tower types it selected and
+    # the preprocessing the model expects
+    model_config: ModelConfig
+    vision_type: str
+    text_type: str
+    preprocess_cfg: Dict[str, Any]
 
     def __init__(self, visual: nn.Module, text: nn.Module, *, embed_dim: int, init_logit_scale: float,
                  init_logit_bias: Optional[float] = None, nonscalar_logit_scale: bool = False,

@@ -8,12 +8,17 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import TrainingError
+from ..freeze import lock_as_asked
+
+if TYPE_CHECKING:
+    from ..model import ClipModel
+    from ..transforms import ImageTransform
 
 logger = logging.getLogger("clipkit.train")
 
@@ -45,7 +50,7 @@ class Precision:
     """How numbers are computed: ``autocast()`` around forward passes, the ``scaler`` of fp16 loss scaling
     (or ``None``), and the dtype inputs are cast to (``None``: as they come)."""
 
-    autocast: Callable[[], ContextManager]
+    autocast: Callable[[], ContextManager[Any]]
     scaler: Optional[Any]
     input_dtype: Optional[torch.dtype]
 
@@ -73,9 +78,9 @@ class BuiltModel:
     """The model as built (bare: no DDP, no compile), its preprocessing and its tokenizer."""
 
     model: nn.Module
-    preprocess_train: Callable
-    preprocess_val: Callable
-    tokenizer: Callable
+    preprocess_train: ImageTransform
+    preprocess_val: ImageTransform
+    tokenizer: Callable[..., torch.Tensor]
 
 
 def build_model(model: Any, cache_dir: Optional[str], precision: str, seed: int, device: torch.device,
@@ -84,7 +89,7 @@ def build_model(model: Any, cache_dir: Optional[str], precision: str, seed: int,
     weights on every process."""
     from ..factory import create_model_and_transforms
 
-    extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if model.siglip else {}
+    extra: Dict[str, Any] = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if model.siglip else {}
     size = model.force_image_size
     seed_everything(seed)
     built, preprocess_train, preprocess_val = create_model_and_transforms(
@@ -97,23 +102,17 @@ def build_model(model: Any, cache_dir: Optional[str], precision: str, seed: int,
         aug_cfg=model.aug_cfg or None, pretrained_image=model.pretrained_image, cache_dir=cache_dir,
         output_dict=True, trust_remote_code=model.trust_remote_code, **extra)
     tokenizer = _tokenizer(model, cache_dir, built)
-    if model.lock_image:
-        built.lock_image_tower(unlocked_groups=model.lock_image_unlocked_groups,
-                               freeze_bn_stats=model.lock_image_freeze_bn_stats)
-    if model.lock_text:
-        built.lock_text_tower(unlocked_layers=model.lock_text_unlocked_layers,
-                              freeze_layer_norm=model.lock_text_freeze_layer_norm)
+    lock_as_asked(built, model)
     if grad_checkpointing:
         built.set_grad_checkpointing(True)
-    if distributed and use_bn_sync:
-        built = nn.SyncBatchNorm.convert_sync_batchnorm(built)
-    trainable = sum(p.numel() for p in built.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in built.parameters())
+    bare: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(built) if distributed and use_bn_sync else built
+    trainable = sum(p.numel() for p in bare.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in bare.parameters())
     logger.info("model %s: %.2fM parameters, %.2fM trainable", model.model, total / 1e6, trainable / 1e6)
-    return BuiltModel(built, preprocess_train, preprocess_val, tokenizer)
+    return BuiltModel(bare, preprocess_train, preprocess_val, tokenizer)
 
 
-def _tokenizer(model: Any, cache_dir: Optional[str], built: nn.Module) -> Callable:
+def _tokenizer(model: Any, cache_dir: Optional[str], built: ClipModel) -> Callable[..., torch.Tensor]:
     from .._trust import caller_trust
     from ..tokenizer import _check_special_ids, get_tokenizer
 
@@ -126,7 +125,8 @@ def _tokenizer(model: Any, cache_dir: Optional[str], built: nn.Module) -> Callab
     text_cfg = dict(built.model_config.raw.get("text_cfg", {}), hf_tokenizer_name=name)
     kwargs = {"cache_dir": cache_dir} if cache_dir else {}
     with caller_trust(model.trust_remote_code):
-        tokenizer = registry.get(TOKENIZER, "hf").load()(text_cfg, built.context_length, **kwargs)
+        tokenizer: Callable[..., torch.Tensor] = registry.get(TOKENIZER, "hf").load()(text_cfg, built.context_length,
+                                                                                      **kwargs)
     _check_special_ids(f"--hf-tokenizer-name {name}", built.model_config, tokenizer)
     vocab = getattr(tokenizer, "vocab_size", None)
     if vocab is not None and vocab > built.vocab_size:
