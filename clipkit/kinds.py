@@ -319,8 +319,8 @@ declare(KindSpec(
     "top-level key the family adds), else it is ``clip`` (:class:`clipkit.model.ClipModel`). ``config`` "
     "types the top-level keys the family adds (each field one key); the factory gets an instance of it and "
     "a ``ModelContext`` with the built towers. ``example`` is a whole small model config of the family "
-    "(its towers included) that its contract cases build. ``objective='NAME'`` is the objective "
+    "(its towers included) that its contract cases build. ``trains_with='NAME'`` is the objective "
     "``clipkit-train`` trains the family's models with when no flag selects one.",
-    protocol=hookspecs.ModelFamilyFactory, keywords=frozenset({"infer", "example", "objective"}),
+    protocol=hookspecs.ModelFamilyFactory, keywords=frozenset({"infer", "example", "trains_with"}),
     contracts=("builds", "forward", "save-load"), checks="clipkit._contract:MODEL_FAMILY_CHECKS",
     section=TOP_LEVEL, select_key="model_family", default="clip", recorded=True))

@@ -57,7 +57,7 @@ def objective_flags() -> List[ObjectiveFlag]:
 
 
 def family_objective(model: str) -> Optional[str]:
-    """The objective the model family of ``--model`` asks for (``objective=`` in its registration), if any.
+    """The objective the model family of ``--model`` asks for (``trains_with=`` in its registration), if any.
 
     Read from the config alone (a name or a ``.json`` file; torch-free, offline); anything unreadable has
     none here and is reported when the model is built."""
@@ -78,7 +78,7 @@ def family_objective(model: str) -> Optional[str]:
     if not isinstance(raw, dict):
         return None
     family = infer_part(MODEL_FAMILY, raw)
-    return registry.get(MODEL_FAMILY, family).meta.get("objective") if registry.has(MODEL_FAMILY, family) else None
+    return registry.get(MODEL_FAMILY, family).meta.get("trains_with") if registry.has(MODEL_FAMILY, family) else None
 
 
 def apply_objective_flags(args: Any) -> None:

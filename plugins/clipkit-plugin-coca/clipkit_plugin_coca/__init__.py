@@ -103,7 +103,7 @@ EXAMPLE = {
 @clipkit.hookimpl
 def register_model_families(register):
     register("coca", "clipkit_plugin_coca.model:build_coca", config=CocaCfg, infer=Infer("multimodal_cfg"),
-             example=EXAMPLE, objective="coca")
+             example=EXAMPLE, trains_with="coca")
 
 
 @clipkit.hookimpl
