@@ -77,7 +77,7 @@ def _cpu_has_bf16() -> bool:
 class BuiltModel:
     """The model as built (bare: no DDP, no compile), its preprocessing and its tokenizer."""
 
-    model: nn.Module
+    model: ClipModel
     preprocess_train: ImageTransform
     preprocess_val: ImageTransform
     tokenizer: Callable[..., torch.Tensor]
@@ -105,11 +105,12 @@ def build_model(model: Any, cache_dir: Optional[str], precision: str, seed: int,
     lock_as_asked(built, model)
     if grad_checkpointing:
         built.set_grad_checkpointing(True)
-    bare: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(built) if distributed and use_bn_sync else built
-    trainable = sum(p.numel() for p in bare.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in bare.parameters())
+    if distributed and use_bn_sync:
+        nn.SyncBatchNorm.convert_sync_batchnorm(built)  # swaps the model's BatchNorms in place: it stays the model
+    trainable = sum(p.numel() for p in built.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in built.parameters())
     logger.info("model %s: %.2fM parameters, %.2fM trainable", model.model, total / 1e6, trainable / 1e6)
-    return BuiltModel(bare, preprocess_train, preprocess_val, tokenizer)
+    return BuiltModel(built, preprocess_train, preprocess_val, tokenizer)
 
 
 def _tokenizer(model: Any, cache_dir: Optional[str], built: ClipModel) -> Callable[..., torch.Tensor]:

@@ -13,8 +13,9 @@ from .settings import SETTINGS_FILE, Settings, write_settings_file
 class RunFolder:
     """Where one run writes; ``path`` is ``None`` under ``--logs none`` (nothing is written)."""
 
-    def __init__(self, logs: Optional[str], name: str) -> None:
-        self.path: Optional[Path] = Path(logs) / name if logs else None
+    def __init__(self, logs: Optional[str], name: Optional[str]) -> None:
+        # resolved settings always name the run; an unnamed one has no folder to write
+        self.path: Optional[Path] = Path(logs) / name if logs and name is not None else None
 
     @property
     def checkpoints(self) -> Optional[Path]:

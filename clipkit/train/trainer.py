@@ -9,11 +9,12 @@ and objective (:mod:`.build`), the parallelism strategy (:mod:`.parallel`), the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,6 +38,9 @@ from .session import Session
 from .settings import Settings
 from .step_log import DataWait, Interval, LoggedValues, NonFiniteWatch
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
 logger = logging.getLogger("clipkit.train")
 
 # the metrics the closing log line repeats
@@ -54,9 +58,12 @@ class Trainer:
         self.session = session
         self.env = env
         self.position = session.position
+        # resolved settings (clipkit.train.settings): the run and its model are named
+        run_name, model_name = s.logging.name, s.model.model
+        assert run_name is not None and model_name is not None
 
         # the run folder: process 0 locks it and decides where the run starts from; then the log
-        self.folder = RunFolder(s.logging.logs, s.logging.name)
+        self.folder = RunFolder(s.logging.logs, run_name)
         with session.writing("setting up the run folder"):
             found = session.on_main(lambda: find_resume(s.checkpoints.resume, self.folder.path, s.distributed.fsdp,
                                                         owner=settings))
@@ -78,10 +85,11 @@ class Trainer:
         if s.checkpoints.resume == "latest" and resume is None:
             logger.info("--resume latest: no checkpoint in %s yet, starting fresh", self.folder.checkpoints)
         self.remote = None
-        if s.checkpoints.remote_sync and env.main:
+        checkpoints = self.folder.checkpoints  # there is one with --remote-sync (clipkit.train.args checks)
+        if s.checkpoints.remote_sync and env.main and checkpoints is not None:
             from .remote import RemoteSync
 
-            self.remote = RemoteSync(self.folder.checkpoints, s.checkpoints.remote_sync,
+            self.remote = RemoteSync(checkpoints, s.checkpoints.remote_sync,
                                      s.checkpoints.remote_sync_protocol, s.checkpoints.remote_sync_frequency)
         self.reporters = build_reporters(s.logging, self.folder, settings.flat(), enabled=env.main)
         session.on_close(self.reporters.close)
@@ -101,19 +109,21 @@ class Trainer:
         self.train_data = None
         self.steps_per_epoch = self.total_steps = 0
         if has_training_data(s.data):
-            size = self.model.visual.image_size
+            size: Any = self.model.visual.image_size  # an int or (height, width): the tower contract
             # --lock-image-eval-preprocess: a locked image tower sees each image the same way every epoch (LiT)
             preprocess = built.preprocess_val if s.model.lock_image_eval_preprocess else built.preprocess_train
             self.train_data = train_loader(s.data, s.optimization.seed, preprocess, built.tokenizer,
                                            env.rank, env.world, size if isinstance(size, int) else max(size),
                                            pin_memory=env.device.type == "cuda")
             accum = s.optimization.accum_freq
-            self.steps_per_epoch = self.train_data.num_batches // accum
+            self.steps_per_epoch = (self.train_data.num_batches or 0) // accum  # a training loader knows it
             if self.steps_per_epoch == 0:
                 raise DataError(f"--accum-freq {accum} needs at least that many batches per epoch, "
                                 f"but an epoch has {self.train_data.num_batches}")
             self.total_steps = self.steps_per_epoch * s.optimization.epochs
         self.parallel.shard(self.model)
+        # a torch.optim.Optimizer when there is training data, which is when fit() trains, else None
+        self.optimizer: Any
         self.optimizer, param_names = (build_optimizer(s.optimization, self.model) if self.train_data is not None
                                        else (None, {}))
         choice = objective_choice(s.model, s.optimization)
@@ -126,7 +136,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             s.checkpoints, self.folder.checkpoints, env=env, parallel=self.parallel, model=self.model,
             optimizer=self.optimizer, param_names=param_names, scaler=self.precision.scaler,
-            run_name=s.logging.name, model_name=s.model.model, epochs=s.optimization.epochs, remote=self.remote,
+            run_name=run_name, model_name=model_name, epochs=s.optimization.epochs, remote=self.remote,
             objective=self.objective)
         self.start_epoch = 0
         self.resumed_data: Optional[Progress] = None
@@ -149,7 +159,8 @@ class Trainer:
             if self.lock_cache is not None:
                 session.on_close(self.lock_cache.close)
         # what the training step calls: DDP around the model, and torch.compile around that
-        self.train_model = self.parallel.wrap(self.model)
+        # what DDP and torch.compile make of the model: called, and switched to train mode
+        self.train_model: Any = self.parallel.wrap(self.model)
         if s.precision.torchcompile:
             if s.optimization.grad_checkpointing and env.distributed:
                 from torch import _dynamo
@@ -191,13 +202,13 @@ class Trainer:
             # writing and evaluation happen on process 0: the others learn of its failure instead of
             # waiting for it in the next collective. The checkpoint comes first, so that a failed
             # evaluation never costs the epoch
-            session.agree(lambda done=epoch + 1: self._save(done, None, epoch_end=True), epoch, "saving a checkpoint")
+            session.agree(functools.partial(self._save, epoch + 1, None, epoch_end=True), epoch, "saving a checkpoint")
             stop = session.stop_requested()
             if stop and epoch + 1 < opt.epochs:  # after the last epoch the run finishes: nothing is left
                 raise session.stopped(stop, epoch, done.batches // opt.accum_freq)
             # the epoch is saved: a signal while evaluating it stops at once
             session.signals.defer, session.stage = False, f"evaluating epoch {epoch + 1}"
-            metrics = session.agree(lambda done=epoch + 1: self._evaluate(done, final=done == opt.epochs), epoch,
+            metrics = session.agree(functools.partial(self._evaluate, epoch + 1, final=epoch + 1 == opt.epochs), epoch,
                                     "evaluating")
         session.stage = "copying the run to --remote-sync"
         if self.remote is not None:
@@ -242,6 +253,7 @@ class Trainer:
         if not self.settings.model.lock_train_mode:  # locked parts compute without dropout (--lock-train-mode)
             set_locked_modes(self.model, self.locked_sides)
         loader = self.train_data
+        assert loader is not None  # fit() trains only with training data
         accum = opt.accum_freq
         steps = self.steps_per_epoch
         every_n = self.settings.logging.log_every_n_steps
@@ -299,7 +311,7 @@ class Trainer:
         self._raise_if_nonfinite(epoch)  # the epoch's checkpoint follows
         return loader.progress
 
-    def _agreed(self, batches):
+    def _agreed(self, batches: Iterable[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
         """The batches, ended on every process as soon as one runs out (no process waits in a collective)."""
         if not self.env.distributed:
             yield from batches
@@ -307,7 +319,7 @@ class Trainer:
         iterator = iter(batches)
         while True:
             item = next(iterator, None)
-            if distributed.all_agree(item is None, self.env):
+            if distributed.all_agree(item is None, self.env) or item is None:  # true on every process at once
                 if item is not None:
                     logger.info("another process ran out of data: this epoch ends here on every process")
                 return
@@ -455,12 +467,13 @@ class Trainer:
         if too_bad:
             raise DataError(f"epoch {epoch + 1}: {bad} of {seen} samples were unreadable ({kinds}), more than "
                             f"--max-bad-sample-fraction {limit}; check --train-data")
-        if self.train_data.num_batches and progress.batches < self.train_data.num_batches:
+        expected = self.train_data.num_batches if self.train_data is not None else None
+        if expected and progress.batches < expected:
             logger.info("epoch %d ended after %d of %d batches: the data ran out (%d samples in partial per-worker "
-                        "batches and skips)", epoch + 1, progress.batches, self.train_data.num_batches, dropped + bad)
+                        "batches and skips)", epoch + 1, progress.batches, expected, dropped + bad)
 
 
-def _progress_bar(main: bool, total: int, initial: int, epoch: int):
+def _progress_bar(main: bool, total: int, initial: int, epoch: int) -> Optional[tqdm[Any]]:
     import sys
 
     if not main or not sys.stderr.isatty():
