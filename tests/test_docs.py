@@ -65,7 +65,7 @@ FAST_TIER = 'python -m pytest -q -m "not slow and not distributed and not instal
 
 def test_ci_lints_before_testing_and_contributing_gives_a_fast_tier_of_registered_markers():
     ci = (DOCS.parent / ".ci" / "run").read_text().strip().splitlines()
-    assert ci.index("ruff check .") < ci.index("python -m pytest -q --durations=15")
+    assert ci.index("ruff check .") < ci.index("mypy") < ci.index("python -m pytest -q --durations=15")
     assert FAST_TIER in (DOCS.parent / "CONTRIBUTING.md").read_text()
     pyproject = tomllib.loads((DOCS.parent / "pyproject.toml").read_text())
     pytest_cfg = pyproject["tool"]["pytest"]["ini_options"]
@@ -73,7 +73,7 @@ def test_ci_lints_before_testing_and_contributing_gives_a_fast_tier_of_registere
     assert registered == set(re.findall(r"not (\w+)", FAST_TIER)) and "--strict-markers" in pytest_cfg["addopts"]
     # pre-commit runs the same lint (its hook ids read as lines: no YAML parser needed)
     hooks = re.findall(r"^\s*- id: (\S+)$", (DOCS.parent / ".pre-commit-config.yaml").read_text(), re.M)
-    assert hooks == ["ruff-check"]
+    assert hooks == ["ruff-check", "mypy"]
 
 
 def test_the_version_is_written_once():
