@@ -12,7 +12,7 @@ import contextlib
 import contextvars
 import logging
 import os
-from typing import Any, Iterator, List, Mapping
+from typing import Any, Callable, Iterator, List, Mapping, Tuple, Type
 
 from .errors import ClipkitError
 
@@ -80,3 +80,21 @@ def custom_code_error(what: str, name: str) -> ClipkitError:
     """The one-line error for a repository that needs its own code when the caller has not opted in."""
     return ClipkitError(f"{what} {name!r} contains custom code (its own Python), which clipkit runs only when the "
                         f"caller opts in: {OPT_IN}; a config's trust_remote_code does not count")
+
+
+@contextlib.contextmanager
+def hf_loading(what: str, name: str, unreadable: Callable[[str], str],
+               also: Tuple[Type[Exception], ...] = ()) -> Iterator[None]:
+    """Around a ``transformers`` ``from_pretrained``: a repository that needs its own code is
+    :func:`custom_code_error`; an ``OSError`` (or one of ``also``: not found, offline, missing files) is a
+    ``ClipkitError`` worded by ``unreadable(first line of the reason)``. Other errors pass."""
+    unreadable_kinds: Tuple[Type[Exception], ...] = (OSError, *also)
+    caught: Tuple[Type[Exception], ...] = (ValueError, *unreadable_kinds)
+    try:
+        yield
+    except caught as exc:
+        if is_custom_code_error(exc):
+            raise custom_code_error(what, name) from None
+        if not isinstance(exc, unreadable_kinds):
+            raise
+        raise ClipkitError(unreadable(str(exc).splitlines()[0] if str(exc) else repr(exc))) from exc

@@ -47,3 +47,17 @@ def test_export_error_at_its_old_plugin_facing_place_warns_naming_the_new_one():
     assert ExportError is errors.ExportError
     with pytest.raises(AttributeError, match="NoSuchName"):
         getattr(importlib.import_module("clipkit.exporters"), "NoSuchName")  # noqa: B009 - the lookup is the test
+
+
+def test_hf_loading_words_unreadable_repositories_and_custom_code_in_one_line():
+    from clipkit._trust import hf_loading
+
+    with pytest.raises(errors.ClipkitError, match=r"^x 'n': gone \(no such file\)$"), \
+            hf_loading("x", "n", lambda reason: f"x 'n': gone ({reason})"):
+        raise OSError("no such file\nthe rest of transformers' explanation")
+    with pytest.raises(errors.ClipkitError, match=r"^x 'n' contains custom code"), hf_loading("x", "n", str):
+        raise ValueError("the repository needs trust_remote_code=True")
+    with pytest.raises(ValueError, match="^a bug$"), hf_loading("x", "n", str):
+        raise ValueError("a bug")
+    with pytest.raises(errors.ClipkitError, match="^bad config$"), hf_loading("x", "n", str, also=(ValueError,)):
+        raise ValueError("bad config")

@@ -11,13 +11,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..._trust import custom_code_error, is_custom_code_error, remote_code_allowed
+from ..._trust import hf_loading, remote_code_allowed
 from ...errors import ClipkitError
 from ...freeze import lock_layer_groups
 from ...hookspecs import TowerContext
 from ...kinds import POOLER
 from ...registry import registry
 from . import HFTextCfg
+
+#: how messages name the model a config's text tower loads
+WHAT = "text_cfg.hf_model_name"
 
 
 def _load_encoder(cfg: HFTextCfg, pretrained: bool, cache_dir: Any) -> Tuple[nn.Module, Any]:
@@ -27,31 +30,21 @@ def _load_encoder(cfg: HFTextCfg, pretrained: bool, cache_dir: Any) -> Tuple[nn.
     # always explicit: None would make transformers prompt [y/N] on a terminal (and wait) for a
     # repository with its own code; only the caller's opt-in counts, never cfg.trust_remote_code
     trust = remote_code_allowed()
-    try:
+    with hf_loading(WHAT, name, lambda reason: f"{WHAT} {name!r} cannot be loaded ({reason}); offline, point it at "
+                                               f"a local folder with the model's config (and weights)", also=(ValueError,)):
         config = AutoConfig.from_pretrained(name, cache_dir=cache_dir, trust_remote_code=trust)
-    except (OSError, ValueError) as exc:
-        if is_custom_code_error(exc):
-            raise custom_code_error("text_cfg.hf_model_name", name) from None
-        raise ClipkitError(f"text_cfg.hf_model_name {name!r} cannot be loaded ({str(exc).splitlines()[0]}); "
-                           f"offline, point it at a local folder with the model's config (and weights)") from exc
     kwargs = {"trust_remote_code": trust}
     if not getattr(config, "is_encoder_decoder", False):
         model_class = _model_class(config)
         # BERT-like models build their own pooler only when it will be used (OpenCLIP's parameter set)
         if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
             kwargs["add_pooling_layer"] = cfg.hf_pooler_type == "cls_pooler"
-    try:
+    with hf_loading(WHAT, name, lambda reason: f"{WHAT} {name!r}: pretrained weights cannot be loaded ({reason}); "
+                                               f"set hf_model_pretrained false or use a local folder"):
         if pretrained:
             model = AutoModel.from_pretrained(name, config=config, cache_dir=cache_dir, **kwargs)
         else:
             model = AutoModel.from_config(config, **kwargs)
-    except ValueError as exc:
-        if is_custom_code_error(exc):
-            raise custom_code_error("text_cfg.hf_model_name", name) from None
-        raise
-    except OSError as exc:
-        raise ClipkitError(f"text_cfg.hf_model_name {name!r}: pretrained weights cannot be loaded "
-                           f"({str(exc).splitlines()[0]}); set hf_model_pretrained false or use a local folder") from exc
     if getattr(config, "is_encoder_decoder", False):
         model = model.get_encoder()  # T5/mT5, NLLB: the text tower is the encoder half
     return model, config

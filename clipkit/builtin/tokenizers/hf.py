@@ -5,7 +5,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..._trust import custom_code_error, is_custom_code_error, remote_code_allowed
+from ..._trust import hf_loading, remote_code_allowed
 from ...errors import ClipkitError
 from .clip_bpe import CLEAN_MODES, clean_text
 
@@ -37,16 +37,11 @@ class HFTokenizer:
             raise ClipkitError(f"tokenizer_mode must be 'clips' or null, got {tokenizer_mode!r}")
         # always explicit: None would make transformers prompt [y/N] on a terminal and wait
         trust = trust_remote_code or remote_code_allowed()
-        try:
+        with hf_loading("HF tokenizer", tokenizer_name,
+                        lambda reason: f"HF tokenizer {tokenizer_name!r} cannot be loaded ({reason}); offline, point "
+                                       f"hf_tokenizer_name at a local folder with its tokenizer files"):
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, cache_dir=cache_dir,
                                                            trust_remote_code=trust, **kwargs)
-        except ValueError as exc:
-            if is_custom_code_error(exc):
-                raise custom_code_error("HF tokenizer", tokenizer_name) from None
-            raise
-        except OSError as exc:
-            raise ClipkitError(f"HF tokenizer {tokenizer_name!r} cannot be loaded ({str(exc).splitlines()[0]}); "
-                               f"offline, point hf_tokenizer_name at a local folder with its tokenizer files") from exc
         self.name = tokenizer_name
         self.context_length = context_length
         self.clean = clean
