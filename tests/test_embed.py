@@ -107,7 +107,8 @@ def test_embed_precision(tiny, photos):
     assert autocast_ids == ids and autocast.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(autocast, axis=1), 1.0, rtol=1e-5)  # normalised in fp32
     assert 0 < np.abs(autocast - full).max() < 0.05  # bf16 autocast on the CPU: close, not equal
-    with pytest.raises(clipkit.ClipkitError, match="precision must be one of amp, amp_bf16, amp_bfloat16, bf16, fp16, pure_bf16, pure_fp16, fp32, got 'fp64'"):
+    with pytest.raises(clipkit.ClipkitError, match="precision must be one of amp, amp_bf16, amp_bfloat16, bf16, fp16, "
+                                                   "pure_bf16, pure_fp16, fp32, got 'fp64'"):
         clipkit.embed_images(model, preprocess, photos, precision="fp64")
 
 
