@@ -1,4 +1,4 @@
-"""Wall time of the static `clipkit` commands (DESIGN: `clipkit models` < 0.3 s, no torch import).
+"""Wall time of the static `clipkit` commands (target: `clipkit models` < 0.3 s; no torch import, docs/design.md).
 
     python benchmarks/cli_startup.py [--runs 15]
 

@@ -53,7 +53,8 @@ def _apply_overrides(cfg: Dict[str, Any], *, force_quick_gelu: bool, force_custo
 
 
 def _check_tower(tower: Any, entry: Entry, embed_dim: int) -> None:
-    """The tower protocol of DESIGN, checked on every build so a broken plugin is named, not a traceback."""
+    """The tower protocol (hookspecs.TowerFactory, docs/plugins.md), checked on every build so a broken plugin is
+    named, not a traceback."""
     if not isinstance(tower, nn.Module):
         raise TowerContractError(f"{entry.where}: factory returned {type(tower).__name__}, not a torch.nn.Module")
     needed = ["output_dim", "layer_groups", "set_grad_checkpointing", *spec(entry.kind).tower_attrs]

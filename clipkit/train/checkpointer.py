@@ -324,7 +324,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any], save
                    names: Dict[int, str]) -> None:
     """Restore optimizer state by parameter name, so a resume with other lock flags works.
 
-    Parameters that were frozen before start with fresh state (DESIGN: gradual unfreezing).
+    Parameters that were frozen before start with fresh state (gradual unfreezing: docs/towers.md, "Lock semantics").
     """
     current = optimizer_names(optimizer, names)
     if saved_names is None:  # an OpenCLIP checkpoint: by position, when its parameter groups line up
