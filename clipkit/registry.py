@@ -324,7 +324,8 @@ class Registry:
                 if self._snap is None:
                     self._install(_Loader(list(self._extra)).load())
                 snap = self._snap
-        return snap  # type: ignore[return-value]
+        assert snap is not None  # _install set it, under the lock
+        return snap
 
     def _install(self, snap: _Snapshot) -> None:
         self._snap = snap

@@ -35,7 +35,7 @@ def setup_logging(log_file: Optional[Path], debug: bool, rank: int, all_ranks: b
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     for handler in handlers:
-        handler._clipkit_train = True  # type: ignore[attr-defined]
+        handler._clipkit_train = True  # type: ignore[attr-defined]  # clipkit's mark: its own handlers, removed at the end
         handler.setFormatter(logging.Formatter(_FORMAT if rank == 0 else f"rank {rank} | " + _FORMAT))
         if rank != 0 and not all_ranks:
             handler.setLevel(logging.WARNING)

@@ -94,7 +94,7 @@ def _load_vocab(path: str) -> Tuple[Tuple[Tuple[str, str], ...], str]:
     digest = hashlib.sha256(raw).hexdigest()
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
     merges = tuple(tuple(line.split()) for line in lines[1:NUM_MERGES + 1])
-    return merges, digest  # type: ignore[return-value]
+    return merges, digest  # type: ignore[return-value]  # a merges line is two symbols
 
 
 class ClipTokenizer:

@@ -53,7 +53,7 @@ class ViTCfg(TransformerBlockCfg):
 
 
 def _pair(value: Size) -> Tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+    return (value, value) if isinstance(value, int) else (value[0], value[1])
 
 
 @hookimpl
