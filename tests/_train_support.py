@@ -53,6 +53,16 @@ def base_args(model: str, data: str, logs: Path, name: str, *extra: str) -> list
             "--logs", str(logs), "--name", name, "--log-every-n-steps", "1", "--seed", "0", *extra]
 
 
+def torchrun(args, processes: int = 2) -> subprocess.CompletedProcess:
+    """clipkit-train under torchrun on this machine, ``processes`` ranks on a free port."""
+    from _helpers import free_port
+
+    args = ["--logs-dir" if a == "--logs" else a for a in args]  # torchrun takes --logs for its --logs-specs
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), "-m", "clipkit.train", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
+
+
 def run_inprocess(argv) -> int:
     from clipkit.train import main
 

@@ -1,8 +1,6 @@
 """Two processes on the CPU (gloo, through torchrun): per-process batch b on 2 ranks trains exactly like
 batch 2b on one, with the full-matrix loss, with --local-loss --gather-with-grad, and with SigLIP."""
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,6 +13,7 @@ from _train_support import (
     run_inprocess,
     start_train,
     subprocess_env,
+    torchrun,
     weights,
     write_dataset,
     write_model,
@@ -35,13 +34,6 @@ def _args(root, name, batch, *extra):
     return args
 
 
-def _torchrun(args):
-    args = ["--logs-dir" if a == "--logs" else a for a in args]  # torchrun takes --logs for its --logs-specs
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "clipkit.train", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
-
-
 @pytest.mark.parametrize("extra", [[], ["--local-loss", "--gather-with-grad"], ["--siglip"],
                                    ["--siglip", "--loss-dist-impl", "gather"],
                                    ["--torchcompile", "--torchcompile-backend", "aot_eager", "--grad-checkpointing",
@@ -49,7 +41,7 @@ def _torchrun(args):
                          ids=["full-matrix", "local-loss", "siglip-ring", "siglip-gather", "compile-ckpt-accum"])
 def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path, extra):
     assert run_inprocess(_args(tmp_path, "one", 8, *extra)) == 0
-    proc = _torchrun(_args(tmp_path, "two", 4, *extra))
+    proc = torchrun(_args(tmp_path, "two", 4, *extra))
     assert proc.returncode == 0, proc.stderr[-4000:]
     one = [v for _, v in read_scalars(tmp_path / "logs" / "one", "train/loss")]
     two = [v for _, v in read_scalars(tmp_path / "logs" / "two", "train/loss")]

@@ -3,15 +3,12 @@ batch, its Distributed Checkpoint folders consolidate into one file that create_
 loads, and they resume in 2 processes (exactly) and in 1."""
 import pickle
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import clipkit
-from _helpers import free_port
-from _train_support import base_args, run_inprocess, subprocess_env, weights, write_dataset, write_model
+from _train_support import base_args, run_inprocess, torchrun, weights, write_dataset, write_model
 from clipkit.train import checkpointer as ckpt
 from clipkit.train.consolidate import main as consolidate_main
 
@@ -31,10 +28,7 @@ def _args(model, logs, name, batch, epochs, *extra):
 
 
 def _torchrun(args):
-    args = ["--logs-dir" if a == "--logs" else a for a in args]  # torchrun takes --logs for its --logs-specs
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "clipkit.train", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    proc = torchrun(args)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
