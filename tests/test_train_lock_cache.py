@@ -113,7 +113,9 @@ def _saved_cache(tmp_path, model, prefix):
     with torch.no_grad():
         tower(x)
     cache.keys = None
-    cache.save(tmp_path / "text.rank0.safetensors", 0, 1)
+    cache.save(tmp_path, 0, 1)
+    cache.save(tmp_path, 0, 1)  # nothing new: no second file
+    assert [p.name for p in tmp_path.glob("*.safetensors")] == ["text.rank0.00000.safetensors"]
     cache.uninstall()
     return cache
 
@@ -123,7 +125,7 @@ def _reloaded(tmp_path, model, prefix):
     lock = {"unlocked": 4 - prefix}
     cache = TowerCache("text", tower, prefix, 4, fingerprint(tower, prefix, lock, "fp32", TINY_MODEL["text_cfg"]),
                        Budget(2 ** 30))
-    cache.load(tmp_path / "text.rank0.safetensors", 1, torch.device("cpu"))
+    cache.load(tmp_path, 0, 1, torch.device("cpu"))
     return cache
 
 
@@ -136,23 +138,40 @@ def test_persisted_entries_read_back_only_for_the_same_weights_lock_and_world(tm
     assert again.loaded == 4 and again.entries.keys() == saved.entries.keys()
     assert all(torch.equal(a, b) for k in saved.entries for a, b in zip(saved.entries[k], again.entries[k]))
 
+    assert again.chunks == 1  # its next save writes file 00001
+    x = torch.randint(1, 1000, (2, 16), generator=torch.Generator().manual_seed(4))
+    again.install()
+    again.keys = row_keys(x)
+    with torch.no_grad():
+        model.text(x)
+    again.keys = None
+    again.uninstall()
+    again.save(tmp_path, 0, 1)  # only the two new entries
+    assert _reloaded(tmp_path, model, 2).loaded == 6
+    (tmp_path / "copy").mkdir()
+    for path in tmp_path.glob("*.safetensors"):
+        (tmp_path / "copy" / path.name).write_bytes(path.read_bytes())
     other_world = TowerCache("text", model.text, 2, 4, again.fingerprint, Budget(2 ** 30))
-    other_world.load(tmp_path / "text.rank0.safetensors", 2, torch.device("cpu"))
+    other_world.load(tmp_path / "copy", 0, 2, torch.device("cpu"))
     assert other_world.loaded == 0 and "written by a run of 1 processes" in caplog.text
+    assert not list((tmp_path / "copy").glob("*.safetensors"))  # removed: this run rebuilds them
 
     model.lock_text_tower(1, freeze_layer_norm=True)  # a changed lock: another prefix
     assert _reloaded(tmp_path, model, 3).loaded == 0
+    assert not list(tmp_path.glob("*.safetensors"))
     model.lock_text_tower(2, freeze_layer_norm=True)
+    _saved_cache(tmp_path, model, 2)
     with torch.no_grad():  # a changed weight file: other values of the locked parameters
         model.text.token_embedding.weight[5] += 1
     stale = _reloaded(tmp_path, model, 2)
     assert stale.loaded == 0 and not stale.entries
     assert "rebuilding it" in caplog.text
 
-    path = tmp_path / "text.rank0.safetensors"
+    _saved_cache(tmp_path, model, 2)
+    path = tmp_path / "text.rank0.00000.safetensors"
     path.write_bytes(path.read_bytes()[:100])  # torn
     assert _reloaded(tmp_path, model, 2).loaded == 0
-    assert "ignoring unreadable" in caplog.text
+    assert "ignoring unreadable" in caplog.text and not path.exists()
 
 
 def test_a_random_image_transform_leaves_a_locked_image_tower_uncached_and_says_what_to_do(tmp_path, caplog):
@@ -287,7 +306,7 @@ def test_a_wholly_locked_tower_cached_ends_bit_identical(env, lock):
     # (with accumulation each sample is looked up twice)
     lookups = 32 if lock == "text" else 16
     assert f"epoch 2 lock cache: {lock} tower hit rate 100.0% ({lookups} of {lookups} lookups)" in log
-    assert (env["logs"] / f"full-{lock}" / "lock_cache" / f"{lock}.rank0.safetensors").is_file()
+    assert (env["logs"] / f"full-{lock}" / "lock_cache" / f"{lock}.rank0.00000.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -339,7 +358,7 @@ def test_stopped_mid_epoch_and_resumed_with_a_warm_cache_is_bit_identical(env):
     args = base_args(env["model"], env["data"], env["logs"], "resumed", "--workers", "0", *flags)
     code, err = _child(args, STOP_AFTER_STEP)
     assert code != 0 and "stopped by SIGTERM at epoch 2 step 1" in err, err[-2000:]
-    assert (env["logs"] / "resumed" / "lock_cache" / "text.rank0.safetensors").is_file()
+    assert list((env["logs"] / "resumed" / "lock_cache").glob("text.rank0.*.safetensors"))
     code, err = _child(args + ["--resume", "latest"])
     assert code == 0, err[-2000:]
     assert "entries read back" in err

@@ -16,9 +16,10 @@ CPU batch before it is copied to the device, so looking them up needs no device 
 Exactness: a batch with any uncached row runs the locked part on the whole batch, as an uncached run does
 (CPU kernels give last-bit differences between a batch and a sub-batch of it), and only the new rows are
 kept. Once full, the cache keeps what it has and computes the rest (no eviction, so what is cached never
-depends on the order of the data). Entries persist in the run folder (``lock_cache/``, safetensors, one
-file per tower and process) under a fingerprint of everything the mapping input -> output depends on: the
-frozen parameters and buffers, the lock, the mode, the precision, the tower config and the versions.
+depends on the order of the data). Entries persist in the run folder (``lock_cache/``, safetensors: per
+tower and process, one file per save that added entries) under a fingerprint of everything the mapping
+input -> output depends on: the frozen parameters and buffers, the lock, the mode, the precision, the tower
+config and the versions.
 
 The trainer installs the cached forward on the tower as an instance attribute: the model's state dict,
 DDP and torch.compile see the same module. It is active only while the trainer sets a batch's keys, inside
@@ -115,7 +116,8 @@ class TowerCache:
     lookups: int = 0
     loaded: int = 0
     held: int = 0  # bytes of this tower's entries
-    dirty: bool = False
+    unsaved: List[bytes] = field(default_factory=list)  # keys added since the last save
+    chunks: int = 0  # files written so far
 
     @property
     def full(self) -> bool:
@@ -185,7 +187,7 @@ class TowerCache:
             self.entries[key] = tuple(r[i] for r in rows)
         self.budget.used += per_row * len(kept)
         self.held += per_row * len(kept)
-        self.dirty = True
+        self.unsaved.extend(key for key, _ in kept)
 
     def _tail(self, state: Any, keys: List[bytes]) -> Any:
         if self.merge:
@@ -241,62 +243,75 @@ class TowerCache:
         self.budget.used -= self.held
         self.held = 0
         self.entries.clear()
+        self.unsaved = []
         logger.warning("lock cache: %s not cached: %s", self.describe(), reason)
 
     # persistence ------------------------------------------------------------------------------------
-    def save(self, path: Path, rank: int, world: int) -> None:
-        """The entries as safetensors (a uint8 key tensor and one tensor per output part), written
-        atomically; nothing when nothing changed since the last write."""
-        if not self.enabled or not self.entries or not self.dirty:
+    # A tower's entries are files RUN/lock_cache/{name}.rank{R}.{K}.safetensors, one per save that had new
+    # entries (only those): a save writes what is new since the last one, never the whole cache again.
+    def save(self, folder: Path, rank: int, world: int) -> None:
+        """The entries added since the last save, as one more safetensors file (a uint8 key tensor and one
+        tensor per output part, the fingerprint in its metadata), written atomically."""
+        if not self.enabled or not self.unsaved:
             return
         from safetensors.torch import save_file
 
-        keys = list(self.entries)
-        rows = list(self.entries.values())
-        tensors = {"keys": torch.tensor([list(k) for k in keys], dtype=torch.uint8)}
+        rows = [self.entries[k] for k in self.unsaved]
+        tensors = {"keys": torch.tensor([list(k) for k in self.unsaved], dtype=torch.uint8)}
         for j in range(len(rows[0])):
             tensors[f"part{j}"] = torch.stack([r[j] for r in rows]).cpu().contiguous()
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "rank": str(rank), "world": str(world)}
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.name}.rank{rank}.{self.chunks:05d}.safetensors"
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
-        self.dirty = False
+        self.chunks += 1
+        self.unsaved = []
 
-    def load(self, path: Path, world: int, device: torch.device) -> None:
-        """Entries from an earlier run of the same fingerprint; anything else is ignored with the reason."""
-        if not self.enabled or not path.is_file():
+    def load(self, folder: Path, rank: int, world: int, device: torch.device) -> None:
+        """Entries of an earlier run with the same fingerprint and world size. Files of another
+        fingerprint or world, and unreadable ones (with a warning), are removed: this process rebuilds them."""
+        if not self.enabled:
             return
+        for path in sorted(folder.glob(f"{self.name}.rank{rank}.*.safetensors")):
+            stale = self._load_file(path, world, device)
+            if stale:
+                if stale != "unreadable":
+                    logger.info("lock cache: %s: %s is %s; rebuilding it", self.name, path, stale)
+                path.unlink()
+        self.chunks = 1 + max((int(p.name.split(".")[-2]) for p in folder.glob(f"{self.name}.rank{rank}.*.safetensors")
+                               if p.name.split(".")[-2].isdigit()), default=-1)
+
+    def _load_file(self, path: Path, world: int, device: torch.device) -> Optional[str]:
+        """Read one file's entries; why it is of no use (another fingerprint or world, unreadable), else
+        ``None``."""
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT or meta.get("fingerprint") != self.fingerprint:
-                    logger.info("lock cache: %s: %s is for other weights, lock or settings; rebuilding it",
-                                self.name, path)
-                    return
+                    return "for other weights, lock or settings"
                 if meta.get("world") != str(world):
-                    logger.info("lock cache: %s: %s was written by a run of %s processes; rebuilding it",
-                                self.name, path, meta.get("world"))
-                    return
+                    return f"written by a run of {meta.get('world')} processes"
                 keys = f.get_tensor("keys")
                 parts = [f.get_tensor(f"part{j}") for j in range(len(f.keys()) - 1)]
         except Exception as exc:  # a torn or foreign file costs its entries, never the run
             logger.warning("lock cache: %s: ignoring unreadable %s (%s)", self.name, path, exc)
-            return
+            return "unreadable"
         if keys.dtype != torch.uint8 or keys.ndim != 2 or not parts or any(p.shape[0] != keys.shape[0] for p in parts):
             logger.warning("lock cache: %s: ignoring %s: its tensors do not line up", self.name, path)
-            return
+            return None
         per_row = sum(p[0].numel() * p.element_size() for p in parts) if keys.shape[0] else 0
         count = min(keys.shape[0], self.budget.room(per_row, keys.shape[0]))
-        parts = [p[:count].to(device) for p in parts]
-        rows = [p.unbind(0) for p in parts]
+        rows = [p[:count].to(device).unbind(0) for p in parts]
         for i, key in enumerate(keys[:count].tolist()):
             self.entries[bytes(key)] = tuple(r[i] for r in rows)
         self.budget.used += per_row * count
         self.held += per_row * count
-        self.loaded = count
+        self.loaded += count
+        return None
 
 
 @dataclass
@@ -323,12 +338,8 @@ class LockCache:
         self.rank, self.world = rank, world
         for tower in towers:
             if folder is not None:
-                tower.load(self._file(tower), world, device)
+                tower.load(folder, rank, world, device)
             tower.install()
-
-    def _file(self, tower: TowerCache) -> Path:
-        assert self.folder is not None
-        return self.folder / f"{tower.name}.rank{self.rank}.safetensors"
 
     @property
     def active(self) -> bool:
@@ -366,7 +377,7 @@ class LockCache:
         if self.folder is None:
             return
         for tower in self.towers.values():
-            tower.save(self._file(tower), self.rank, self.world)
+            tower.save(self.folder, self.rank, self.world)
 
     def report(self, epoch: int) -> Dict[str, float]:
         """Log each cached tower's hit rate this epoch, entries and bytes; the hit rates by tower."""
