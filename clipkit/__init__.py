@@ -13,7 +13,7 @@ from .hookspecs import hookimpl
 if TYPE_CHECKING:  # the lazy names below, as type checkers and IDEs should see them
     from .config import add_model_config, get_model_config, list_models, validate_model_config
     from .embed import embed_images, embed_texts
-    from .errors import ClipkitError, ConfigError, PluginError
+    from .errors import ClipkitError, ConfigError, PluginError, PluginWarning
     from .export import save_pretrained
     from .factory import (
         create_model,
@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # the lazy names below, as type checkers and IDEs should see 
         list_pretrained_models_by_tag,
         list_pretrained_tags_by_model,
     )
-    from .registry import PluginWarning
     from .tokenizer import decode, get_tokenizer, tokenize
     from .transforms import (
         OPENAI_DATASET_MEAN,
@@ -85,7 +84,7 @@ _LAZY = {
     "ClipkitError": "clipkit.errors",
     "ConfigError": "clipkit.errors",
     "PluginError": "clipkit.errors",
-    "PluginWarning": "clipkit.registry",
+    "PluginWarning": "clipkit.errors",
 }
 
 __all__ = ["__version__", "hookimpl", *_LAZY]

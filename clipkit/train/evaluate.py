@@ -20,7 +20,7 @@ from .loss import clip_metrics
 
 if TYPE_CHECKING:
     from ..zero_shot import Template
-    from .data import DataSource
+    from .data_sources import DataSource
 
 logger = logging.getLogger("clipkit.train")
 
