@@ -8,7 +8,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 import torch
 import torch.distributed as dist
@@ -75,9 +75,8 @@ def init(settings: Any) -> Env:
             # the per-step agreements (a stop signal, the end of the data) are host values: on a GPU
             # backend each would copy to the device, all-reduce there and wait for the device to read it
             # back, every step. A CPU group next to it decides them without touching the device
-            group = dist.new_group(backend="gloo", timeout=timeout)
             # every process is a member, so this is a group, never new_group's non-member marker
-            _control = group if isinstance(group, dist.ProcessGroup) else None
+            _control = cast(dist.ProcessGroup, dist.new_group(backend="gloo", timeout=timeout))
     elif world == 1 and settings.fsdp and not dist.is_initialized():
         # FSDP2 shards over a device mesh, which needs a process group: a group of one, in memory
         backend = settings.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
