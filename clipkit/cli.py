@@ -255,6 +255,13 @@ def _compute_arguments(p: argparse.ArgumentParser, *, batch: str, workers: str) 
                    help="as clipkit-train's --precision: fp16/bf16 weights, amp autocast (default: fp32)")
 
 
+def _command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A sub-command whose epilog (its examples) keeps its line breaks."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                                     **kwargs)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .kinds import scaffolds  # the kinds table imports nothing heavy, so parsing stays fast
@@ -264,56 +271,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clipkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list model configs",
-                       epilog="example:\n  clipkit models --json | jq '.[].name'",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "models", help="list model configs",
+                 epilog="example:\n  clipkit models --json | jq '.[].name'")
     p.add_argument("--json", action="store_true", help="names and where each config comes from, as JSON")
     p.set_defaults(func=_cmd_models)
 
-    p = sub.add_parser("plugins", help="list installed plugins and what they register",
-                       epilog="example:\n  CLIPKIT_DISABLE_PLUGINS=resnet clipkit plugins",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "plugins", help="list installed plugins and what they register",
+                 epilog="example:\n  CLIPKIT_DISABLE_PLUGINS=resnet clipkit plugins")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_plugins)
 
-    config = sub.add_parser("config", help="show, check or describe model configs",
-                            epilog="examples:\n  clipkit config check configs/*.json\n  clipkit config show ViT-B-32",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    config = _command(sub, "config", help="show, check or describe model configs",
+                      epilog="examples:\n  clipkit config check configs/*.json\n  clipkit config show ViT-B-32")
     csub = config.add_subparsers(dest="config_command", metavar="ACTION")
-    p = csub.add_parser("check", help="validate config files or named configs, offline and without torch",
-                        epilog="Prints one line per problem: FILE: key.path: what is wrong (did you mean ...).\n"
-                               "Exit 0 valid, 1 invalid, 2 unknown model name or unreadable file.\n\n"
-                               "example:\n  clipkit config check my_model.json ViT-B-32",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(csub, "check", help="validate config files or named configs, offline and without torch",
+                 epilog="Prints one line per problem: FILE: key.path: what is wrong (did you mean ...).\n"
+                        "Exit 0 valid, 1 invalid, 2 unknown model name or unreadable file.\n\n"
+                        "example:\n  clipkit config check my_model.json ViT-B-32")
     p.add_argument("targets", nargs="+", metavar="FILE_OR_NAME")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing for valid configs")
     p.set_defaults(func=_cmd_config_check)
-    p = csub.add_parser("show", help="print a config as JSON",
-                        epilog="example:\n  clipkit config show ViT-B-32 --full",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(csub, "show", help="print a config as JSON",
+                 epilog="example:\n  clipkit config show ViT-B-32 --full")
     p.add_argument("target", metavar="FILE_OR_NAME")
     p.add_argument("--full", action="store_true", help="write out inferred types and every default")
     p.set_defaults(func=_cmd_config_show)
-    p = csub.add_parser("schema", help="JSON Schema of model configs (reflects installed plugins)",
-                        epilog="example:\n  clipkit config schema > clipkit-config.schema.json",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(csub, "schema", help="JSON Schema of model configs (reflects installed plugins)",
+                 epilog="example:\n  clipkit config schema > clipkit-config.schema.json")
     p.set_defaults(func=_cmd_config_schema)
     config.set_defaults(func=lambda a: _missing_action(config))
 
-    plugin = sub.add_parser("plugin", help="write a new plugin distribution",
-                            epilog="example:\n  clipkit plugin new tinyconv --kind vision",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    plugin = _command(sub, "plugin", help="write a new plugin distribution",
+                      epilog="example:\n  clipkit plugin new tinyconv --kind vision")
     psub = plugin.add_subparsers(dest="plugin_command", metavar="ACTION")
-    p = psub.add_parser("new", help="scaffold clipkit-plugin-NAME/: a working example part, its typed config, "
-                                    "a model config using it, README and contract tests",
-                        epilog="The plugin installs and passes its tests as written; then make the part yours.\n\n"
-                               "examples:\n"
-                               "  clipkit plugin new tinyconv\n"
-                               "  pip install -e ./clipkit-plugin-tinyconv && pytest clipkit-plugin-tinyconv\n"
-                               "  clipkit plugin new bytes --kind tokenizer --output ~/src\n\n"
-                               "kinds:\n" + "".join(f"  {short:<10s} {kind.scaffold.blurb}\n"
-                                                      for short, kind in scaffolds().items() if kind.scaffold),
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(psub, "new", help="scaffold clipkit-plugin-NAME/: a working example part, its typed config, "
+                 "a model config using it, README and contract tests",
+     epilog="The plugin installs and passes its tests as written; then make the part yours.\n\n"
+            "examples:\n"
+            "  clipkit plugin new tinyconv\n"
+            "  pip install -e ./clipkit-plugin-tinyconv && pytest clipkit-plugin-tinyconv\n"
+            "  clipkit plugin new bytes --kind tokenizer --output ~/src\n\n"
+            "kinds:\n" + "".join(f"  {short:<10s} {kind.scaffold.blurb}\n"
+                                   for short, kind in scaffolds().items() if kind.scaffold))
     p.add_argument("name", metavar="NAME", help="registry and entry-point name; the distribution is "
                                                 "clipkit-plugin-NAME and the package clipkit_plugin_NAME")
     p.add_argument("--kind", choices=tuple(scaffolds()), default="vision", help="what the plugin registers (default: vision)")
@@ -322,11 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plugin_new)
     plugin.set_defaults(func=lambda a: _missing_action(plugin))
 
-    p = sub.add_parser("trainable", help="list the parameters a lock leaves trainable (builds on the meta device)",
-                       epilog="The lock flags mean what they mean to clipkit-train.\n\nexamples:\n"
-                              "  clipkit trainable roberta-ViT-B-32 --lock-text --lock-text-unlocked-layers 10\n"
-                              "  clipkit trainable ViT-B-32 --lock-image --lock-image-unlocked-groups 1 --json",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "trainable", help="list the parameters a lock leaves trainable (builds on the meta device)",
+                 epilog="The lock flags mean what they mean to clipkit-train.\n\nexamples:\n"
+                        "  clipkit trainable roberta-ViT-B-32 --lock-text --lock-text-unlocked-layers 10\n"
+                        "  clipkit trainable ViT-B-32 --lock-image --lock-image-unlocked-groups 1 --json")
     p.add_argument("model", help="model name, local-dir:/hf-hub: name, or a .json config file")
     p.add_argument("--lock-image", action="store_true", help="lock the image tower")
     p.add_argument("--lock-image-unlocked-groups", type=int, default=0, metavar="N",
@@ -341,16 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_trainable)
 
-    p = sub.add_parser("embed", help="embed images or texts into embeddings.npy + ids.txt (resumable)",
-                       epilog="Writes OUT/embeddings.npy (float32 [N, D], L2-normalised unless --raw), OUT/ids.txt (one\n"
-                              "id a line, same order) and OUT/meta.json. Rerunning an interrupted command continues where\n"
-                              "it stopped, with the same result. Unreadable images are skipped and counted in meta.json.\n"
-                              "Formats and the Python API: docs/inference.md.\n\nexamples:\n"
-                              "  clipkit embed ViT-B-32 --pretrained laion2b_s34b_b79k --images photos/ --out photos-emb\n"
-                              "  clipkit embed my.json --pretrained logs/run/checkpoints/epoch_5.pt \\\n"
-                              "      --images 'shards/{00000..00009}.tar' --out emb --workers 8 --device cuda\n"
-                              "  clipkit embed ViT-B-32 --pretrained laion2b_s34b_b79k --texts captions.jsonl --out text-emb",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "embed", help="embed images or texts into embeddings.npy + ids.txt (resumable)",
+                 epilog="Writes OUT/embeddings.npy (float32 [N, D], L2-normalised unless --raw), OUT/ids.txt (one\n"
+                        "id a line, same order) and OUT/meta.json. Rerunning an interrupted command continues where\n"
+                        "it stopped, with the same result. Unreadable images are skipped and counted in meta.json.\n"
+                        "Formats and the Python API: docs/inference.md.\n\nexamples:\n"
+                        "  clipkit embed ViT-B-32 --pretrained laion2b_s34b_b79k --images photos/ --out photos-emb\n"
+                        "  clipkit embed my.json --pretrained logs/run/checkpoints/epoch_5.pt \\\n"
+                        "      --images 'shards/{00000..00009}.tar' --out emb --workers 8 --device cuda\n"
+                        "  clipkit embed ViT-B-32 --pretrained laion2b_s34b_b79k --texts captions.jsonl --out text-emb")
     _model_arguments(p)
     p.add_argument("--images", metavar="SRC", help="an image folder (recursive; ids: relative paths), WebDataset "
                                                    "shards 'dir/{00000..00009}.tar' (ids: SHARD:KEY) or a .csv/.tsv")
@@ -369,15 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="start over in an OUT that holds another run or other files")
     p.set_defaults(func=_cmd_embed)
 
-    p = sub.add_parser("caption", help="caption images with a model that generates text",
-                       epilog="Prints one line per image: PATH, a tab, the caption. The model must generate text (its\n"
-                              "model family gives it generate(), as a captioning plugin's does); others are a one-line\n"
-                              "error. Captions are read back with the model's tokenizer.\n\n"
-                              "examples:\n"
-                              "  clipkit caption my-captioner.json --pretrained weights.safetensors cat.jpg dog.jpg\n"
-                              "  clipkit caption my.json --pretrained logs/run/checkpoints/epoch_5.pt --generation-type top_p "
-                              "photos/*.png",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "caption", help="caption images with a model that generates text",
+                 epilog="Prints one line per image: PATH, a tab, the caption. The model must generate text (its\n"
+                        "model family gives it generate(), as a captioning plugin's does); others are a one-line\n"
+                        "error. Captions are read back with the model's tokenizer.\n\n"
+                        "examples:\n"
+                        "  clipkit caption my-captioner.json --pretrained weights.safetensors cat.jpg dog.jpg\n"
+                        "  clipkit caption my.json --pretrained logs/run/checkpoints/epoch_5.pt --generation-type top_p "
+                        "photos/*.png")
     _model_arguments(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--generation-type", default="beam_search", choices=("beam_search", "top_k", "top_p"),
@@ -389,15 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.set_defaults(func=_cmd_caption)
 
-    p = sub.add_parser("eval", help="zero-shot classification or image-text retrieval metrics of a model",
-                       epilog="Metrics are the trainer's (same loaders, classifier and code). --out appends one JSON\n"
-                              "line per run: model, pretrained, task, data, metrics, counts. Data formats,\n"
-                              "templates and keys: docs/inference.md.\n\nexamples:\n"
-                              "  clipkit eval ViT-B-32 --pretrained laion2b_s34b_b79k --task zeroshot --data val/ \\\n"
-                              "      --templates templates.txt --out results.jsonl\n"
-                              "  clipkit eval my.json --pretrained logs/run/checkpoints/epoch_5.pt --task retrieval "
-                              "--data 'val/{00000..00003}.tar'",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "eval", help="zero-shot classification or image-text retrieval metrics of a model",
+                 epilog="Metrics are the trainer's (same loaders, classifier and code). --out appends one JSON\n"
+                        "line per run: model, pretrained, task, data, metrics, counts. Data formats,\n"
+                        "templates and keys: docs/inference.md.\n\nexamples:\n"
+                        "  clipkit eval ViT-B-32 --pretrained laion2b_s34b_b79k --task zeroshot --data val/ \\\n"
+                        "      --templates templates.txt --out results.jsonl\n"
+                        "  clipkit eval my.json --pretrained logs/run/checkpoints/epoch_5.pt --task retrieval "
+                        "--data 'val/{00000..00003}.tar'")
     _model_arguments(p)
     p.add_argument("--task", required=True, choices=("zeroshot", "retrieval"), help="what to measure")
     p.add_argument("--data", required=True, metavar="SRC",
@@ -412,26 +407,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", metavar="DIR", help="where pretrained weights and tokenizers are cached")
     p.set_defaults(func=_cmd_eval)
 
-    data = sub.add_parser("data", help="write demo datasets as WebDataset shards",
-                          epilog="example:\n  clipkit data digits data/digits",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = _command(sub, "data", help="write demo datasets as WebDataset shards",
+                    epilog="example:\n  clipkit data digits data/digits")
     dsub = data.add_subparsers(dest="data_command", metavar="DATASET")
-    p = dsub.add_parser("digits", help="scikit-learn's handwritten digits, captioned ('a handwritten digit seven')",
-                        epilog="Writes OUT/train/*.tar, OUT/test/00000.tar (with cls labels), classnames.txt, "
-                               "templates.txt\nand OUT/digits-minilm.json. example:\n  clipkit data digits data/digits",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(dsub, "digits", help="scikit-learn's handwritten digits, captioned ('a handwritten digit seven')",
+                 epilog="Writes OUT/train/*.tar, OUT/test/00000.tar (with cls labels), classnames.txt, "
+                        "templates.txt\nand OUT/digits-minilm.json. example:\n  clipkit data digits data/digits")
     p.add_argument("out", metavar="OUT", help="folder to write: new or empty, unless --force")
     p.add_argument("--per-shard", type=_positive_int, default=256, help="samples per training shard (default: 256)")
     p.add_argument("--force", action="store_true",
                    help="write into a folder that is not empty (same-named files are replaced, others kept)")
     p.set_defaults(func=_cmd_data_digits)
-    p = dsub.add_parser("bench", help="read and decode a sample of training data with clipkit-train's pipeline: "
-                                      "samples/s per number of data workers",
-                        epilog="Runs the trainer's own data pipeline (shuffle, decode, the model's training "
-                               "transform, tokenize, batch)\nonce per worker count and prints samples/s, so that "
-                               "--workers can be sized before a run. example:\n"
-                               "  clipkit data bench 'shards/{00000..00099}.tar' --workers 2,4,8 --model ViT-B-32",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(dsub, "bench", help="read and decode a sample of training data with clipkit-train's pipeline: "
+                 "samples/s per number of data workers",
+   epilog="Runs the trainer's own data pipeline (shuffle, decode, the model's training "
+          "transform, tokenize, batch)\nonce per worker count and prints samples/s, so that "
+          "--workers can be sized before a run. example:\n"
+          "  clipkit data bench 'shards/{00000..00099}.tar' --workers 2,4,8 --model ViT-B-32")
     p.add_argument("spec", metavar="SHARDS", help="training data as --train-data takes it (shards, a brace pattern, "
                                                   "a .csv file)")
     p.add_argument("--workers", type=_worker_counts, default=[0, 1, 2, 4], metavar="N,N,...",
@@ -447,13 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data_bench)
     data.set_defaults(func=lambda a: _missing_action(data))
 
-    p = sub.add_parser("export", help="write a model for another runtime (ONNX, transformers), checked after writing",
-                       epilog="Formats: onnx (image_encoder.onnx + text_encoder.onnx, dynamic batch, compared with\n"
-                              "onnxruntime), hf (a transformers CLIPModel folder, loaded back and compared), and any\n"
-                              "a plugin registers (clipkit plugins). docs/inference.md has the details.\n\nexamples:\n"
-                              "  clipkit export ViT-B-32 --pretrained laion2b_s34b_b79k --format onnx --out vit-b-32-onnx\n"
-                              "  clipkit export my.json --pretrained logs/run/checkpoints/epoch_5.pt --format hf --out my-hf",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "export", help="write a model for another runtime (ONNX, transformers), checked after writing",
+                 epilog="Formats: onnx (image_encoder.onnx + text_encoder.onnx, dynamic batch, compared with\n"
+                        "onnxruntime), hf (a transformers CLIPModel folder, loaded back and compared), and any\n"
+                        "a plugin registers (clipkit plugins). docs/inference.md has the details.\n\nexamples:\n"
+                        "  clipkit export ViT-B-32 --pretrained laion2b_s34b_b79k --format onnx --out vit-b-32-onnx\n"
+                        "  clipkit export my.json --pretrained logs/run/checkpoints/epoch_5.pt --format hf --out my-hf")
     _model_arguments(p)
     p.add_argument("--format", required=True, type=_export_format, metavar="FORMAT",
                    help="a registered export format: onnx, hf, or one a plugin adds")

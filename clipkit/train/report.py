@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
 from ..errors import ArgsError, ClipkitError
+from .run_folder import subfolder
 
 logger = logging.getLogger("clipkit.train")
 _FORMAT = "%(asctime)s | %(levelname)s | %(message)s"
@@ -68,12 +69,12 @@ class ReporterContext:
     @property
     def checkpoints(self) -> Optional[Path]:
         """``RUN/checkpoints``, where OpenCLIP writes ``results.jsonl``."""
-        return self.run_folder / "checkpoints" if self.run_folder is not None else None
+        return subfolder(self.run_folder, "checkpoints")
 
     @property
     def tensorboard(self) -> Optional[Path]:
         """``RUN/tensorboard``."""
-        return self.run_folder / "tensorboard" if self.run_folder is not None else None
+        return subfolder(self.run_folder, "tensorboard")
 
 
 class Reporter(Protocol):

@@ -10,6 +10,11 @@ from typing import Optional
 from .settings import SETTINGS_FILE, Settings, write_settings_file
 
 
+def subfolder(root: Optional[Path], *parts: str) -> Optional[Path]:
+    """``root/parts...``, or ``None`` for a run without a folder (``--logs none``)."""
+    return root.joinpath(*parts) if root is not None else None
+
+
 class RunFolder:
     """Where one run writes; ``path`` is ``None`` under ``--logs none`` (nothing is written)."""
 
@@ -19,15 +24,15 @@ class RunFolder:
 
     @property
     def checkpoints(self) -> Optional[Path]:
-        return self.path / "checkpoints" if self.path is not None else None
+        return subfolder(self.path, "checkpoints")
 
     @property
     def tensorboard(self) -> Optional[Path]:
-        return self.path / "tensorboard" if self.path is not None else None
+        return subfolder(self.path, "tensorboard")
 
     @property
     def results(self) -> Optional[Path]:
-        return self.path / "checkpoints" / "results.jsonl" if self.path is not None else None
+        return subfolder(self.path, "checkpoints", "results.jsonl")
 
     def log_file(self, rank: int, world: int, per_process: bool) -> Optional[Path]:
         """``out.log``, or with ``--log-local`` in a distributed run ``out-RANK.log`` (every rank, 0 too)."""
