@@ -32,6 +32,19 @@ def synthetic_samples(n: int, seed: int = 0, start: int = 0):
         yield {"__key__": f"s{i:06d}", "png": png(image), "txt": caption}
 
 
+def write_tar(path: Path, members) -> None:
+    """A tar of ``(key, ext, value)`` members as written (str values as UTF-8), damaged ones included:
+    what the trainer's shard writer would refuse to write."""
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, ext, value in members:
+            data = value.encode() if isinstance(value, str) else value
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 def write_dataset(folder: Path, shards: int = 4, per_shard: int = 32, seed: int = 0, sizes: bool = True) -> str:
     """``shards`` tar files of learnable samples; returns the brace pattern."""
     write_shards(synthetic_samples(shards * per_shard, seed), folder, per_shard=per_shard)

@@ -1,15 +1,13 @@
 """``clipkit data bench``: the trainer's data pipeline timed per worker count, through the console script."""
-import io
 import os
 import re
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from _train_support import synthetic_samples, write_dataset, write_model
+from _train_support import synthetic_samples, write_dataset, write_model, write_tar
 from clipkit.cli import main
 from clipkit.train.data_bench import BenchRow, advice, parse_counts
 
@@ -28,12 +26,7 @@ def _damaged_shard(path: Path) -> None:
     members = [(s["__key__"], ext, s[ext]) for s in good for ext in ("png", "txt")]
     members += [("garbage", "png", b"not an image"), ("garbage", "txt", "a caption"),
                 ("empty", "png", b""), ("empty", "txt", "a caption")]
-    with tarfile.open(path, "w") as tar:
-        for key, ext, value in members:
-            data = value.encode() if isinstance(value, str) else value
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar(path, members)
 
 
 @pytest.mark.slow

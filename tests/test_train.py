@@ -14,6 +14,7 @@ from _train_support import (
     weights,
     write_dataset,
     write_model,
+    write_tar,
 )
 from clipkit.train.build import seed_everything
 from clipkit.train.shards import write_shards
@@ -171,20 +172,12 @@ def test_resume_latest_without_checkpoints_starts_fresh(env):
 
 
 def test_corrupt_samples_are_skipped_and_logged_by_kind(env, tmp_path):
-    import io
-    import tarfile
-
     good = list(synthetic_samples(40, seed=3))
     write_shards(good[:20], tmp_path / "d", per_shard=20, prefix="a")
-    with tarfile.open(tmp_path / "d" / "b00000.tar", "w") as tar:
-        members = [(s["__key__"], e, s[e]) for s in good[20:] for e in ("png", "txt")]
-        members += [("garbage", "png", b"\x89PNG not really"), ("garbage", "txt", "x"),
-                    ("empty", "jpg", b""), ("empty", "txt", "y"), ("nocap", "png", good[0]["png"])]
-        for key, ext, value in members:
-            data = value.encode() if isinstance(value, str) else value
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    members = [(s["__key__"], e, s[e]) for s in good[20:] for e in ("png", "txt")]
+    members += [("garbage", "png", b"\x89PNG not really"), ("garbage", "txt", "x"),
+                ("empty", "jpg", b""), ("empty", "txt", "y"), ("nocap", "png", good[0]["png"])]
+    write_tar(tmp_path / "d" / "b00000.tar", members)
     args = base_args(env["model"], f"{tmp_path}/d/a00000.tar::{tmp_path}/d/b00000.tar", tmp_path / "logs", "bad",
                      "--train-num-samples", "40", "--epochs", "1", "--workers", "2")
     assert run_inprocess(args) == 0
@@ -193,18 +186,10 @@ def test_corrupt_samples_are_skipped_and_logged_by_kind(env, tmp_path):
 
 
 def test_mostly_broken_data_aborts(env, tmp_path):
-    import io
-    import tarfile
-
     good = list(synthetic_samples(8, seed=4))
-    with tarfile.open(tmp_path / "x.tar", "w") as tar:
-        members = [(s["__key__"], e, s[e]) for s in good for e in ("png", "txt")]
-        members += [(f"junk{i}", e, b"junk") for i in range(20) for e in ("png", "txt")]
-        for key, ext, value in members:
-            data = value.encode() if isinstance(value, str) else value
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    members = [(s["__key__"], e, s[e]) for s in good for e in ("png", "txt")]
+    members += [(f"junk{i}", e, b"junk") for i in range(20) for e in ("png", "txt")]
+    write_tar(tmp_path / "x.tar", members)
     args = base_args(env["model"], str(tmp_path / "x.tar"), tmp_path / "logs", "junk", "--train-num-samples", "8",
                      "--epochs", "1", "--workers", "0")
     assert run_inprocess(args) == 1

@@ -1,14 +1,12 @@
 """The training data pipeline: coverage, determinism, exact mid-epoch resume, bad samples, sources."""
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from _train_support import png, synthetic_samples, write_dataset
+from _train_support import png, synthetic_samples, write_dataset, write_tar
 from clipkit.train import shards as wds
 from clipkit.train.data import (
     CsvSource,
@@ -105,12 +103,7 @@ def _bad_shard(path: Path, truncate: bool = False) -> None:
                 ("empty", "png", b""), ("empty", "txt", "a caption"),
                 ("nocaption", "png", good[3]["png"]), ("nocaption", "json", "{}"),
                 ("pickle", "png", good[4]["png"]), ("pickle", "txt", "fine"), ("pickle", "pyd", b"\x80\x04K\x01.")]
-    with tarfile.open(path, "w") as tar:
-        for key, ext, value in members:
-            data = value.encode() if isinstance(value, str) else value
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar(path, members)
     if truncate:
         path.write_bytes(path.read_bytes()[:len(path.read_bytes()) * 2 // 3])
 
