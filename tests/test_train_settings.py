@@ -46,6 +46,22 @@ def test_the_flags_tables_of_training_md_are_generated_from_the_declarations():
     assert "`--batch-size` | 64 |" in text
 
 
+def test_the_tables_keep_the_meanings_the_docs_write_and_start_new_flags_with_their_help():
+    text = (ROOT / "docs" / "training.md").read_text()
+    batch_row = next(line for line in text.splitlines() if line.startswith("| `--batch-size` |"))
+    # a changed meaning is the docs' own prose and survives regeneration; a stale default does not
+    edited = text.replace(batch_row, "| `--batch-size` | 65 | Samples per step and process, as written here. |")
+    again = update_flags_tables(edited)
+    assert "| `--batch-size` | 64 | Samples per step and process, as written here. |" in again
+    # a flag with no row yet gets one, meaning its --help text; a row of no flag is dropped
+    without = edited.replace("| `--batch-size` | 65 | Samples per step and process, as written here. |\n", "")
+    without = without.replace("<!-- end of flags table -->", "| `--gone-flag` | 1 | Removed. |\n<!-- end of flags table -->", 1)
+    regenerated = update_flags_tables(without)
+    assert "| `--batch-size` | 64 | batch size per GPU (default: 64) |" in regenerated
+    assert "--gone-flag" not in regenerated
+    assert update_flags_tables(regenerated) == regenerated
+
+
 def test_no_subsystem_reads_an_untyped_namespace():
     for path in (ROOT / "clipkit" / "train").glob("*.py"):
         assert "getattr(args" not in path.read_text(), path
