@@ -37,11 +37,31 @@ def test_the_kind_literal_names_every_declared_kind_and_each_kind_has_its_checks
     assert [spec.hook for spec in kinds.KINDS.values()] == list(kinds.by_hook())
     for spec in kinds.KINDS.values():
         assert set(import_target(spec.checks, what=spec.name)) == set(spec.contracts), spec.name
+        # the protocol a factory satisfies, named as module:attr, is a typing Protocol (None: data is registered)
+        assert spec.data if spec.protocol is None else getattr(import_target(spec.protocol, what=spec.name),
+                                                               "_is_protocol", False), spec.name
     assert [spec.name for spec in kinds.towers()] == [kinds.VISION_TOWER, kinds.TEXT_TOWER]
     assert list(kinds.scaffolds())[:5] == ["vision", "text", "pooler", "tokenizer", "freezer"]
     assert {kinds.OBJECTIVE, kinds.REPORTER} <= set(kinds.scaffolds())  # the trainer's kinds: short name = kind
     assert [key for key, _, _ in kinds.recorded_parts()] == ["vision_tower", "text_tower", "tokenizer",
                                                              "vision_freezer", "text_freezer", "model_family"]
+
+
+def test_the_kinds_are_read_from_their_table_with_the_tower_kinds_sharing_its_tower_entry():
+    table = json.loads((ROOT / "clipkit" / "kinds.json").read_text())
+    assert [entry["name"] for entry in table["kinds"]] == list(kinds.KINDS)
+    for spec in kinds.towers():
+        assert spec.contracts == tuple(table["tower"]["contracts"]) and table["tower"]["doc"] in spec.doc
+        assert "{tower}" not in spec.doc
+    assert kinds.spec(kinds.OBJECTIVE).keywords == frozenset({"example", "flags"})
+    assert kinds.spec(kinds.POOLER).scaffold == kinds.Scaffold(
+        "a pooler for HuggingFace text towers (last real token)",
+        "A last-token pooler for the HuggingFace text towers of clipkit (pooler $name)", "pooler",
+        requirement="clipkit-torch[hf]")
+    # the kinds table loads without torch, the trainer or the exporters (the clipkit command reads it)
+    code = ("import sys, clipkit.kinds; heavy = [m for m in ('torch', 'clipkit.train.objectives', 'clipkit.exporters') "
+            "if m in sys.modules]; print(heavy)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 class WidgetFactory(Protocol):
@@ -72,7 +92,7 @@ def widget_kind():
     """A kind that is not a tower (no config section, no tower contract), declared for one test."""
     spec = kinds.declare(kinds.KindSpec(
         "widget", "widget", "register_widgets", "widget", "Register widgets: ``register(name, factory)``.",
-        protocol=WidgetFactory, keywords=frozenset({"color"}), contracts=("answers",),
+        protocol=f"{__name__}:WidgetFactory", keywords=frozenset({"color"}), contracts=("answers",),
         checks=f"{__name__}:WIDGET_CHECKS",
         scaffold=kinds.Scaffold("a widget (it answers 42)", "A widget for clipkit ($name)", "widget")))
     registry.reload()
