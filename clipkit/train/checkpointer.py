@@ -446,6 +446,19 @@ class Resumed:
     data: Optional[Dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class SavedParts:
+    """The objects whose state a training checkpoint holds: the model, its optimizer (``None``: a run that
+    does not train) with its parameters' names by id (what makes the optimizer state portable between
+    layouts), the loss scaler and the objective (``None``: absent)."""
+
+    model: Any
+    optimizer: Any
+    param_names: Dict[int, str]
+    scaler: Any = None
+    objective: Any = None
+
+
 class Checkpointer:
     """Saves and restores a run's training state: ``.pt`` files written by process 0, or, for a sharded model,
     Distributed Checkpoint folders every process writes its shard into.
@@ -454,22 +467,17 @@ class Checkpointer:
     strategy, which decides the format and how whole weights go into the model.
     """
 
-    def __init__(self, settings: Any, folder: Optional[Path], *, env: Any, parallel: Any, model: Any,
-                 optimizer: Any, param_names: Dict[int, str], scaler: Any, run_name: str, model_name: str,
-                 epochs: int, remote: Any = None, objective: Any = None) -> None:
+    def __init__(self, settings: Any, folder: Optional[Path], *, env: Any, parallel: Any, parts: SavedParts,
+                 run_name: str, model_name: str, epochs: int, remote: Any = None) -> None:
         self.settings = settings
         self.folder = folder
         self.env = env
         self.parallel = parallel
-        self.model = model
-        self.optimizer = optimizer
-        self.param_names = param_names
-        self.scaler = scaler
+        self.parts = parts
         self.run_name = run_name
         self.model_name = model_name
         self.epochs = epochs
         self.remote = remote
-        self.objective = objective
 
     def latest(self) -> Optional[Path]:
         """The newest complete checkpoint of this run, for messages (``None``: none yet)."""
@@ -481,18 +489,18 @@ class Checkpointer:
         payload: Dict[str, Any] = {
             "epoch": completed_epochs, "name": self.run_name,
             "clipkit": {"step": step, "data": data, "rng": rng_state(),
-                        "param_names": optimizer_names(self.optimizer, self.param_names),
+                        "param_names": optimizer_names(self.parts.optimizer, self.parts.param_names),
                         "model": self.model_name, "version": _version()},
         }
         if with_state:
-            payload["state_dict"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-            payload["optimizer"] = self.optimizer.state_dict()
-        if self.scaler is not None:
-            payload["scaler"] = self.scaler.state_dict()
-        objective_state = self.objective.state_dict() if self.objective is not None else {}
+            payload["state_dict"] = {k: v.detach().cpu() for k, v in self.parts.model.state_dict().items()}
+            payload["optimizer"] = self.parts.optimizer.state_dict()
+        if self.parts.scaler is not None:
+            payload["scaler"] = self.parts.scaler.state_dict()
+        objective_state = self.parts.objective.state_dict() if self.parts.objective is not None else {}
         if objective_state:  # process 0's: an objective whose state differs between processes gathers it itself
             payload[OBJECTIVE_STATE] = objective_state
-        config = getattr(self.model, "model_config", None)
+        config = getattr(self.parts.model, "model_config", None)
         if config is not None:
             from .._provenance import PROVENANCE_KEY, parts_provenance
 
@@ -506,7 +514,7 @@ class Checkpointer:
 
         if self.folder is None:
             return
-        bad = self.parallel.any_nonfinite(self.model)
+        bad = self.parallel.any_nonfinite(self.parts.model)
         if bad:  # a checkpoint that cannot be trained from is worse than none
             raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}); not saving a checkpoint")
         # each process's data position and generators, so that every one resumes where it was
@@ -551,8 +559,8 @@ class Checkpointer:
 
         # the model's own state_dict (FSDP2: its shards as DTensors), so keys keep OpenCLIP's layout;
         # the optimizer's keyed by parameter name
-        model_state = self.model.state_dict()
-        optim_state = get_optimizer_state_dict(self.model, self.optimizer)
+        model_state = self.parts.model.state_dict()
+        optim_state = get_optimizer_state_dict(self.parts.model, self.parts.optimizer)
         latest = folder / LATEST_DIR
         tmp = folder / f"{TMP_PREFIX}{LATEST_DIR}"
         if self.env.main:
@@ -603,8 +611,9 @@ class Checkpointer:
         data = read_extras(path)
         # DCP fills in the tensors it is given: the optimizer needs its state (zeros) to receive the saved one;
         # optimizer state of parameters that were frozen then (no saved state) stays fresh
-        _init_optim_state(self.optimizer)
-        state = {"model": self.model.state_dict(), "optim": get_optimizer_state_dict(self.model, self.optimizer)}
+        model, optimizer = self.parts.model, self.parts.optimizer
+        _init_optim_state(optimizer)
+        state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer)}
         with warnings.catch_warnings():  # one process without a group: DCP says it loads alone, as meant
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             _dcp.load(state, path, partial=True)  # as data only: never torch's plain unpickling
@@ -615,8 +624,8 @@ class Checkpointer:
         if all_agree(bool(bad), self.env):
             where = ", ".join(bad[:3]) if bad else "another process's shard"
             raise TrainingError(f"--resume {path}: non-finite values (NaN or inf) in {where}")
-        self.model.load_state_dict(state["model"], strict=True)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        model.load_state_dict(state["model"], strict=True)
+        set_optimizer_state_dict(model, optimizer, state["optim"])
         return data
 
     def _load_file(self, path: Path) -> Dict[str, Any]:
@@ -624,10 +633,10 @@ class Checkpointer:
         state = data["state_dict"]
         if next(iter(state), "").startswith("module."):
             state = {k[len("module."):]: v for k, v in state.items()}
-        self.parallel.load_whole(self.model, state, str(path))
+        self.parallel.load_whole(self.parts.model, state, str(path))
         if "optimizer" in data:
-            self.parallel.load_whole_optimizer(self.model, self.optimizer, data["optimizer"],
-                                               data.get("clipkit", {}).get("param_names"), self.param_names,
+            self.parallel.load_whole_optimizer(self.parts.model, self.parts.optimizer, data["optimizer"],
+                                               data.get("clipkit", {}).get("param_names"), self.parts.param_names,
                                                str(path))
         return data
 
@@ -639,10 +648,10 @@ class Checkpointer:
                          str(path))
         data = self._load_folder(path) if path.is_dir() else self._load_file(path)
         extra = data.get("clipkit", {})
-        if self.scaler is not None and "scaler" in data:
-            self.scaler.load_state_dict(data["scaler"])
-        if self.objective is not None:  # a stateless objective refuses another objective's state
-            self.objective.load_state_dict(data.get(OBJECTIVE_STATE, {}))
+        if self.parts.scaler is not None and "scaler" in data:
+            self.parts.scaler.load_state_dict(data["scaler"])
+        if self.parts.objective is not None:  # a stateless objective refuses another objective's state
+            self.parts.objective.load_state_dict(data.get(OBJECTIVE_STATE, {}))
         epoch = int(data.get("epoch", 0))
         step = int(extra.get("step", epoch * steps_per_epoch))
         mine = extra

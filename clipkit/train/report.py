@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
 from ..errors import ArgsError, ClipkitError
-from .run_folder import subfolder
+from .run_folder import RunPaths
 
 logger = logging.getLogger("clipkit.train")
 _FORMAT = "%(asctime)s | %(levelname)s | %(message)s"
@@ -53,8 +53,10 @@ def setup_logging(log_file: Optional[Path], debug: bool, rank: int, all_ranks: b
 
 
 @dataclass(frozen=True)
-class ReporterContext:
-    """What a reporter's factory is told about the run.
+class ReporterContext(RunPaths):
+    """What a reporter's factory is told about the run: its places (``checkpoints``: ``RUN/checkpoints``,
+    where OpenCLIP writes ``results.jsonl``; ``tensorboard``: ``RUN/tensorboard``; both ``None`` without a
+    run folder) and:
 
     Attributes:
         run_folder: the run's folder (``{logs}/{name}``), or ``None`` under ``--logs none``.
@@ -62,19 +64,8 @@ class ReporterContext:
         settings: every setting of the run under its flag's name (OpenCLIP's flat namespace).
     """
 
-    run_folder: Optional[Path]
     name: str
     settings: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def checkpoints(self) -> Optional[Path]:
-        """``RUN/checkpoints``, where OpenCLIP writes ``results.jsonl``."""
-        return subfolder(self.run_folder, "checkpoints")
-
-    @property
-    def tensorboard(self) -> Optional[Path]:
-        """``RUN/tensorboard``."""
-        return subfolder(self.run_folder, "tensorboard")
 
 
 class Reporter(Protocol):
@@ -267,8 +258,8 @@ def build_reporters(settings: Any, folder: Any, flat_settings: Dict[str, Any], e
     from ..kinds import REPORTER
     from ..registry import registry
 
-    ctx = ReporterContext(folder.path, settings.name, dict(flat_settings))
-    chosen = [e for e in registry.entries(REPORTER) if e.meta.get("always") and folder.path is not None]
+    ctx = ReporterContext(folder.run_folder, settings.name, dict(flat_settings))
+    chosen = [e for e in registry.entries(REPORTER) if e.meta.get("always") and folder.run_folder is not None]
     chosen += [registry.get(REPORTER, name, where="--report-to")
                for name in (settings.report_to.split(",") if settings.report_to else [])]
     reporters: List[Any] = []

@@ -21,7 +21,7 @@ import torch
 from ..errors import DataError, TrainingError
 from . import distributed
 from .build import Precision, build_model, build_objective, build_optimizer
-from .checkpointer import Checkpointer, fetch_resume, find_resume
+from .checkpointer import Checkpointer, SavedParts, fetch_resume, find_resume
 from .data import Progress, train_loader
 from .data_sources import has_training_data
 from .evaluate import EvalContext, Evaluator
@@ -63,13 +63,13 @@ class Trainer:
         assert run_name is not None and model_name is not None
 
         # the run folder: process 0 locks it and decides where the run starts from; then the log
-        self.folder = RunFolder(s.logging.logs, run_name)
+        self.folder = RunFolder.of(s.logging.logs, run_name)
         with session.writing("setting up the run folder"):
-            found = session.on_main(lambda: find_resume(s.checkpoints.resume, self.folder.path, s.distributed.fsdp,
+            found = session.on_main(lambda: find_resume(s.checkpoints.resume, self.folder.run_folder, s.distributed.fsdp,
                                                         owner=settings))
             session.start_logging(self.folder.log_file(env.rank, env.world, s.logging.log_local), s.logging.debug,
                                   s.logging.log_local)
-        if self.folder.path is not None and env.main:
+        if self.folder.run_folder is not None and env.main:
             with session.writing("writing params.txt"):
                 self.folder.write_settings(settings)
             if s.logging.copy_codebase:
@@ -81,7 +81,7 @@ class Trainer:
         session.agree(lambda: self.evaluator.check() if env.main or s.distributed.fsdp else None, None,
                       "checking the evaluation flags")
         resume = session.on_main(lambda: fetch_resume(s.checkpoints.resume, s.checkpoints.remote_sync,
-                                                      self.folder.path, s.distributed.fsdp, found))
+                                                      self.folder.run_folder, s.distributed.fsdp, found))
         if s.checkpoints.resume == "latest" and resume is None:
             logger.info("--resume latest: no checkpoint in %s yet, starting fresh", self.folder.checkpoints)
         self.remote = None
@@ -134,10 +134,9 @@ class Trainer:
 
         # training checkpoints, and where this run starts
         self.checkpointer = Checkpointer(
-            s.checkpoints, self.folder.checkpoints, env=env, parallel=self.parallel, model=self.model,
-            optimizer=self.optimizer, param_names=param_names, scaler=self.precision.scaler,
-            run_name=run_name, model_name=model_name, epochs=s.optimization.epochs, remote=self.remote,
-            objective=self.objective)
+            s.checkpoints, self.folder.checkpoints, env=env, parallel=self.parallel,
+            parts=SavedParts(self.model, self.optimizer, param_names, self.precision.scaler, self.objective),
+            run_name=run_name, model_name=model_name, epochs=s.optimization.epochs, remote=self.remote)
         self.start_epoch = 0
         self.resumed_data: Optional[Progress] = None
         if resume is not None:
@@ -153,7 +152,7 @@ class Trainer:
         if self.train_data is not None:
             random_transform = s.model.lock_image and not s.model.lock_image_eval_preprocess and \
                 transform_is_random(built.preprocess_train)
-            cache_folder = self.folder.path / "lock_cache" if self.folder.path is not None else None
+            cache_folder = self.folder.run_folder / "lock_cache" if self.folder.run_folder is not None else None
             self.lock_cache = build_lock_cache(self.model, settings, cache_folder, env.rank, env.world, env.device,
                                                random_transform, self.parallel.sharded)
             if self.lock_cache is not None:
@@ -215,7 +214,7 @@ class Trainer:
             self.remote.sync(final=True)
         if env.main:
             headline = "  ".join(f"{k} {metrics[k]:.4f}" for k in _HEADLINE if k in metrics)
-            where = f"; checkpoints in {self.folder.checkpoints}" if self.folder.path is not None else ""
+            where = f"; checkpoints in {self.folder.checkpoints}" if self.folder.run_folder is not None else ""
             if "tensorboard" in s.logging.report_to.split(","):
                 where += f"; TensorBoard: tensorboard --logdir {self.folder.tensorboard}"
             logger.info("done: %d epochs in %.1f min%s%s", opt.epochs - self.start_epoch,
@@ -487,6 +486,6 @@ def run(settings: Settings, argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train (or evaluate) as ``settings`` say. ``argv``, the command line, makes the resume hint of a
     stopped run the exact command to continue it."""
     resumable = has_training_data(settings.data)
-    checkpoints = RunFolder(settings.logging.logs, settings.logging.name).checkpoints
+    checkpoints = RunFolder.of(settings.logging.logs, settings.logging.name).checkpoints
     with Session(settings.distributed, checkpoints, resumable, argv) as session:
         return Trainer(settings, session).fit()
