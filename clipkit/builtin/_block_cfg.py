@@ -9,8 +9,10 @@ from .._typed import option
 
 @dataclass
 class TransformerBlockCfg:
-    """Keys of the residual attention blocks, common to the builtin ViT and text transformer."""
+    """Keys of the stack of residual attention blocks, common to the builtin ViT and text transformer."""
 
+    width: int = option(512, "Hidden size of the transformer.", gt=0)
+    layers: int = option(12, "Number of transformer blocks.", gt=0)
     mlp_ratio: float = option(4.0, "MLP hidden size as a multiple of width.", gt=0)
     ls_init_value: Optional[float] = option(None, "LayerScale initial value; null disables LayerScale.")
     act_kwargs: Optional[Dict[str, Any]] = option(None, "Keyword arguments of the activation, e.g. {\"approximate\": \"tanh\"}.")

@@ -19,9 +19,7 @@ class TextTransformerCfg(TransformerBlockCfg):
 
     context_length: int = option(77, "Tokens per text: the tokenizer's output length and the number of positions.", gt=0)
     vocab_size: int = option(49408, "Size of the token embedding table (49408 for CLIP's BPE).", gt=0)
-    width: int = option(512, "Hidden size of the transformer.", gt=0)
     heads: int = option(8, "Attention heads.", gt=0)
-    layers: int = option(12, "Number of transformer blocks.", gt=0)
     embed_cls: bool = option(False, "Append a learned class token and pool it (with ln_final after pooling).")
     pad_id: int = option(0, "Token id of padding; masked from attention when embed_cls is set.", ge=0)
     eos_id: int = option(2, "Token id that ends a text; pool_type 'eos' pools its first occurrence.", ge=0)

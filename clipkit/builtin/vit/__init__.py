@@ -21,7 +21,6 @@ class ViTCfg(TransformerBlockCfg):
 
     image_size: Size = option(224, "Input resolution: an int for square images or [height, width].", gt=0)
     patch_size: Size = option(16, "Side of the square (or [h, w]) patches the image is cut into.", gt=0)
-    layers: int = option(12, "Number of transformer blocks.", gt=0)
     width: int = option(768, "Hidden size of the transformer.", gt=0)
     head_width: int = option(64, "Width of each attention head; heads = width // head_width.", gt=0)
     patch_dropout: float = option(0.0, "Fraction of patch tokens dropped during training (FLIP).", ge=0, lt=1)
