@@ -1,14 +1,16 @@
 """The ``clipkit`` command. Parsing imports nothing heavy; ``models``, ``plugins`` and ``config`` never
-import torch (``trainable`` builds a model, so it does)."""
+import torch (``trainable`` builds a model, so it does). A command's ``--help`` text (its line in the list
+of commands, what it does, its examples) is the docstring of the ``_cmd_*`` function that runs it."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ._precision import PRECISIONS
 
@@ -18,6 +20,11 @@ EXIT_BROKEN_PIPE = 141
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    """list model configs
+
+    example:
+      clipkit models --json | jq '.[].name'
+    """
     from .config import list_models, model_config_source, replaced_model_configs
 
     names = list_models()
@@ -31,6 +38,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    """list installed plugins and what they register
+
+    example:
+      CLIPKIT_DISABLE_PLUGINS=resnet clipkit plugins
+    """
     from .registry import registry
 
     plugins = registry.plugins()
@@ -104,6 +116,14 @@ def _prefixed(where: str, message: str) -> str:
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
+    """validate config files or named configs, offline and without torch
+
+    Prints one line per problem: FILE: key.path: what is wrong (did you mean ...).
+    Exit 0 valid, 1 invalid, 2 unknown model name or unreadable file.
+
+    example:
+      clipkit config check my_model.json ViT-B-32
+    """
     from ._provenance import check_provenance
     from ._trust import ignored_request_message, remote_code_requests
     from .config import validate_model_config
@@ -152,6 +172,11 @@ def _full_config(cfg: Dict[str, Any], source: str, name: str) -> Dict[str, Any]:
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
+    """print a config as JSON
+
+    example:
+      clipkit config show ViT-B-32 --full
+    """
     from .errors import ConfigError
 
     try:
@@ -170,6 +195,11 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_schema(args: argparse.Namespace) -> int:
+    """JSON Schema of model configs (reflects installed plugins)
+
+    example:
+      clipkit config schema > clipkit-config.schema.json
+    """
     from ._schema import model_config_schema
 
     print(json.dumps(model_config_schema(), indent=2))
@@ -177,6 +207,16 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugin_new(args: argparse.Namespace) -> int:
+    """scaffold clipkit-plugin-NAME/: a working example part, its typed config, a model config using it,
+    README and contract tests
+
+    The plugin installs and passes its tests as written; then make the part yours.
+
+    examples:
+      clipkit plugin new tinyconv
+      pip install -e ./clipkit-plugin-tinyconv && pytest clipkit-plugin-tinyconv
+      clipkit plugin new bytes --kind tokenizer --output ~/src
+    """
     from ._scaffold import scaffold_plugin
     from .errors import ClipkitError
 
@@ -195,7 +235,14 @@ def _cmd_plugin_new(args: argparse.Namespace) -> int:
 
 
 def _cmd_trainable(args: argparse.Namespace) -> int:
-    """Build the model on the meta device (no weights, no memory), lock it as asked, list what trains."""
+    """list the parameters a lock leaves trainable (builds on the meta device)
+
+    The lock flags mean what they mean to clipkit-train.
+
+    examples:
+      clipkit trainable roberta-ViT-B-32 --lock-text --lock-text-unlocked-layers 10
+      clipkit trainable ViT-B-32 --lock-image --lock-image-unlocked-groups 1 --json
+    """
     from .factory import create_model
     from .freeze import lock_as_asked
 
@@ -240,6 +287,11 @@ EPILOG = """examples:
 """
 
 
+# clipkit-train's lock settings, which clipkit trainable takes as flags for clipkit.freeze.lock_as_asked
+_LOCK_FLAGS = ("lock_image", "lock_image_unlocked_groups", "lock_image_freeze_bn_stats", "lock_text",
+               "lock_text_unlocked_layers", "lock_text_freeze_layer_norm")
+
+
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     """MODEL and --pretrained, as every command that loads a model with its weights takes them."""
     p.add_argument("model", help="model name, local-dir:/hf-hub: name, or a .json config file")
@@ -255,99 +307,74 @@ def _compute_arguments(p: argparse.ArgumentParser, *, batch: str, workers: str) 
                    help="as clipkit-train's --precision: fp16/bf16 weights, amp autocast (default: fp32)")
 
 
-def _command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-    """A sub-command whose epilog (its examples) keeps its line breaks."""
+def _command(sub: Any, name: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """A sub-command that runs ``func``, whose docstring is its help: the first paragraph is its line in the
+    list of commands, the rest its epilog (what it does, its examples), line breaks kept. (``python -OO``
+    drops docstrings, and with them these texts.)"""
+    summary, _, details = inspect.cleandoc(func.__doc__ or "").partition("\n\n")
+    return _parser(sub, name, func, help=" ".join(summary.split()) or None, epilog=details or None)
+
+
+def _group(sub: Any, name: str, metavar: str, **kwargs: Any) -> Any:
+    """A command of sub-commands (``clipkit config ACTION``) that prints its help when given none; returns
+    what its sub-commands are added to."""
+    group = _parser(sub, name, lambda _args: _missing_action(group), **kwargs)
+    return group.add_subparsers(dest=f"{name}_command", metavar=metavar)
+
+
+def _parser(sub: Any, name: str, func: Callable[[argparse.Namespace], int], **kwargs: Any) -> argparse.ArgumentParser:
+    """A sub-command's parser, whose epilog keeps its line breaks, that runs ``func``."""
     parser: argparse.ArgumentParser = sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter,
                                                      **kwargs)
+    parser.set_defaults(func=func)
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .kinds import scaffolds  # the kinds table imports nothing heavy, so parsing stays fast
+    from .train.args import add_setting_arguments  # clipkit-train's flags: no torch either
+    from .train.settings import DataSettings, ModelSettings
 
     parser = argparse.ArgumentParser(prog="clipkit", description="Build and train CLIP-style models from JSON configs.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"clipkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = _command(sub, "models", help="list model configs",
-                 epilog="example:\n  clipkit models --json | jq '.[].name'")
+    p = _command(sub, "models", _cmd_models)
     p.add_argument("--json", action="store_true", help="names and where each config comes from, as JSON")
-    p.set_defaults(func=_cmd_models)
 
-    p = _command(sub, "plugins", help="list installed plugins and what they register",
-                 epilog="example:\n  CLIPKIT_DISABLE_PLUGINS=resnet clipkit plugins")
+    p = _command(sub, "plugins", _cmd_plugins)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_cmd_plugins)
 
-    config = _command(sub, "config", help="show, check or describe model configs",
-                      epilog="examples:\n  clipkit config check configs/*.json\n  clipkit config show ViT-B-32")
-    csub = config.add_subparsers(dest="config_command", metavar="ACTION")
-    p = _command(csub, "check", help="validate config files or named configs, offline and without torch",
-                 epilog="Prints one line per problem: FILE: key.path: what is wrong (did you mean ...).\n"
-                        "Exit 0 valid, 1 invalid, 2 unknown model name or unreadable file.\n\n"
-                        "example:\n  clipkit config check my_model.json ViT-B-32")
+    csub = _group(sub, "config", "ACTION", help="show, check or describe model configs",
+                  epilog="examples:\n  clipkit config check configs/*.json\n  clipkit config show ViT-B-32")
+    p = _command(csub, "check", _cmd_config_check)
     p.add_argument("targets", nargs="+", metavar="FILE_OR_NAME")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing for valid configs")
-    p.set_defaults(func=_cmd_config_check)
-    p = _command(csub, "show", help="print a config as JSON",
-                 epilog="example:\n  clipkit config show ViT-B-32 --full")
+    p = _command(csub, "show", _cmd_config_show)
     p.add_argument("target", metavar="FILE_OR_NAME")
     p.add_argument("--full", action="store_true", help="write out inferred types and every default")
-    p.set_defaults(func=_cmd_config_show)
-    p = _command(csub, "schema", help="JSON Schema of model configs (reflects installed plugins)",
-                 epilog="example:\n  clipkit config schema > clipkit-config.schema.json")
-    p.set_defaults(func=_cmd_config_schema)
-    config.set_defaults(func=lambda a: _missing_action(config))
+    _command(csub, "schema", _cmd_config_schema)
 
-    plugin = _command(sub, "plugin", help="write a new plugin distribution",
-                      epilog="example:\n  clipkit plugin new tinyconv --kind vision")
-    psub = plugin.add_subparsers(dest="plugin_command", metavar="ACTION")
-    p = _command(psub, "new", help="scaffold clipkit-plugin-NAME/: a working example part, its typed config, "
-                 "a model config using it, README and contract tests",
-     epilog="The plugin installs and passes its tests as written; then make the part yours.\n\n"
-            "examples:\n"
-            "  clipkit plugin new tinyconv\n"
-            "  pip install -e ./clipkit-plugin-tinyconv && pytest clipkit-plugin-tinyconv\n"
-            "  clipkit plugin new bytes --kind tokenizer --output ~/src\n\n"
-            "kinds:\n" + "".join(f"  {short:<10s} {kind.scaffold.blurb}\n"
-                                   for short, kind in scaffolds().items() if kind.scaffold))
+    psub = _group(sub, "plugin", "ACTION", help="write a new plugin distribution",
+                  epilog="example:\n  clipkit plugin new tinyconv --kind vision")
+    p = _command(psub, "new", _cmd_plugin_new)
+    p.epilog = f"{p.epilog}\n\nkinds:\n" + "".join(f"  {short:<10s} {kind.scaffold.blurb}\n"
+                                                  for short, kind in scaffolds().items() if kind.scaffold)
     p.add_argument("name", metavar="NAME", help="registry and entry-point name; the distribution is "
                                                 "clipkit-plugin-NAME and the package clipkit_plugin_NAME")
     p.add_argument("--kind", choices=tuple(scaffolds()), default="vision", help="what the plugin registers (default: vision)")
     p.add_argument("--output", "-o", type=Path, default=Path("."), metavar="DIR",
                    help="where to create clipkit-plugin-NAME/ (default: the current folder)")
-    p.set_defaults(func=_cmd_plugin_new)
-    plugin.set_defaults(func=lambda a: _missing_action(plugin))
 
-    p = _command(sub, "trainable", help="list the parameters a lock leaves trainable (builds on the meta device)",
-                 epilog="The lock flags mean what they mean to clipkit-train.\n\nexamples:\n"
-                        "  clipkit trainable roberta-ViT-B-32 --lock-text --lock-text-unlocked-layers 10\n"
-                        "  clipkit trainable ViT-B-32 --lock-image --lock-image-unlocked-groups 1 --json")
+    p = _command(sub, "trainable", _cmd_trainable)
     p.add_argument("model", help="model name, local-dir:/hf-hub: name, or a .json config file")
-    p.add_argument("--lock-image", action="store_true", help="lock the image tower")
-    p.add_argument("--lock-image-unlocked-groups", type=int, default=0, metavar="N",
-                   help="leave the last N layer groups of the image tower trainable")
-    p.add_argument("--lock-image-freeze-bn-stats", action="store_true", help="keep locked BatchNorms in eval mode")
-    p.add_argument("--lock-text", action="store_true", help="lock the text tower")
-    p.add_argument("--lock-text-unlocked-layers", type=int, default=0, metavar="N",
-                   help="leave the last N layers (groups) of the text tower trainable")
-    p.add_argument("--lock-text-freeze-layer-norm", action="store_true",
-                   help="also freeze LayerNorm parameters of locked text layers")
+    add_setting_arguments(p, ModelSettings, _LOCK_FLAGS)
     p.add_argument("--all", action="store_true", help="list frozen parameters too")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_cmd_trainable)
 
-    p = _command(sub, "embed", help="embed images or texts into embeddings.npy + ids.txt (resumable)",
-                 epilog="Writes OUT/embeddings.npy (float32 [N, D], L2-normalised unless --raw), OUT/ids.txt (one\n"
-                        "id a line, same order) and OUT/meta.json. Rerunning an interrupted command continues where\n"
-                        "it stopped, with the same result. Unreadable images are skipped and counted in meta.json.\n"
-                        "Formats and the Python API: docs/inference.md.\n\nexamples:\n"
-                        "  clipkit embed ViT-B-32 --pretrained laion2b_s34b_b79k --images photos/ --out photos-emb\n"
-                        "  clipkit embed my.json --pretrained logs/run/checkpoints/epoch_5.pt \\\n"
-                        "      --images 'shards/{00000..00009}.tar' --out emb --workers 8 --device cuda\n"
-                        "  clipkit embed ViT-B-32 --pretrained laion2b_s34b_b79k --texts captions.jsonl --out text-emb")
+    p = _command(sub, "embed", _cmd_embed)
     _model_arguments(p)
     p.add_argument("--images", metavar="SRC", help="an image folder (recursive; ids: relative paths), WebDataset "
                                                    "shards 'dir/{00000..00009}.tar' (ids: SHARD:KEY) or a .csv/.tsv")
@@ -358,22 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     _compute_arguments(p, batch="inputs per forward pass", workers="image decoding processes; 0 decodes in this one")
     p.add_argument("--chunk-size", type=_positive_int, default=1024,
                    help="inputs per resumable part (a shard is always one part; default: 1024)")
-    p.add_argument("--csv-img-key", default="filepath", help="image path column of a CSV (default: filepath)")
-    p.add_argument("--csv-caption-key", default="title", help="text column of a --texts CSV (default: title)")
-    p.add_argument("--csv-separator", default="\t", help="CSV column separator (default: tab)")
+    add_setting_arguments(p, DataSettings, ("csv_img_key", "csv_caption_key", "csv_separator"))
     p.add_argument("--text-key", default="text", help="text field of a --texts .jsonl (default: text)")
     p.add_argument("--id-key", help="id field (.jsonl) or column (CSV) of --texts (default: line numbers)")
     p.add_argument("--force", action="store_true", help="start over in an OUT that holds another run or other files")
-    p.set_defaults(func=_cmd_embed)
 
-    p = _command(sub, "caption", help="caption images with a model that generates text",
-                 epilog="Prints one line per image: PATH, a tab, the caption. The model must generate text (its\n"
-                        "model family gives it generate(), as a captioning plugin's does); others are a one-line\n"
-                        "error. Captions are read back with the model's tokenizer.\n\n"
-                        "examples:\n"
-                        "  clipkit caption my-captioner.json --pretrained weights.safetensors cat.jpg dog.jpg\n"
-                        "  clipkit caption my.json --pretrained logs/run/checkpoints/epoch_5.pt --generation-type top_p "
-                        "photos/*.png")
+    p = _command(sub, "caption", _cmd_caption)
     _model_arguments(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--generation-type", default="beam_search", choices=("beam_search", "top_k", "top_p"),
@@ -383,16 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.1, help="with --generation-type top_p (default: 0.1)")
     p.add_argument("--seed", type=int, default=0, help="torch seed, for sampling (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.set_defaults(func=_cmd_caption)
 
-    p = _command(sub, "eval", help="zero-shot classification or image-text retrieval metrics of a model",
-                 epilog="Metrics are the trainer's (same loaders, classifier and code). --out appends one JSON\n"
-                        "line per run: model, pretrained, task, data, metrics, counts. Data formats,\n"
-                        "templates and keys: docs/inference.md.\n\nexamples:\n"
-                        "  clipkit eval ViT-B-32 --pretrained laion2b_s34b_b79k --task zeroshot --data val/ \\\n"
-                        "      --templates templates.txt --out results.jsonl\n"
-                        "  clipkit eval my.json --pretrained logs/run/checkpoints/epoch_5.pt --task retrieval "
-                        "--data 'val/{00000..00003}.tar'")
+    p = _command(sub, "eval", _cmd_eval)
     _model_arguments(p)
     p.add_argument("--task", required=True, choices=("zeroshot", "retrieval"), help="what to measure")
     p.add_argument("--data", required=True, metavar="SRC",
@@ -405,25 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="append the result as one JSON line to FILE")
     _compute_arguments(p, batch="images per batch", workers="data loader processes; 0 loads in this one")
     p.add_argument("--cache-dir", metavar="DIR", help="where pretrained weights and tokenizers are cached")
-    p.set_defaults(func=_cmd_eval)
 
-    data = _command(sub, "data", help="write demo datasets as WebDataset shards",
-                    epilog="example:\n  clipkit data digits data/digits")
-    dsub = data.add_subparsers(dest="data_command", metavar="DATASET")
-    p = _command(dsub, "digits", help="scikit-learn's handwritten digits, captioned ('a handwritten digit seven')",
-                 epilog="Writes OUT/train/*.tar, OUT/test/00000.tar (with cls labels), classnames.txt, "
-                        "templates.txt\nand OUT/digits-minilm.json. example:\n  clipkit data digits data/digits")
+    dsub = _group(sub, "data", "DATASET", help="write demo datasets as WebDataset shards",
+                  epilog="example:\n  clipkit data digits data/digits")
+    p = _command(dsub, "digits", _cmd_data_digits)
     p.add_argument("out", metavar="OUT", help="folder to write: new or empty, unless --force")
     p.add_argument("--per-shard", type=_positive_int, default=256, help="samples per training shard (default: 256)")
     p.add_argument("--force", action="store_true",
                    help="write into a folder that is not empty (same-named files are replaced, others kept)")
-    p.set_defaults(func=_cmd_data_digits)
-    p = _command(dsub, "bench", help="read and decode a sample of training data with clipkit-train's pipeline: "
-                 "samples/s per number of data workers",
-   epilog="Runs the trainer's own data pipeline (shuffle, decode, the model's training "
-          "transform, tokenize, batch)\nonce per worker count and prints samples/s, so that "
-          "--workers can be sized before a run. example:\n"
-          "  clipkit data bench 'shards/{00000..00099}.tar' --workers 2,4,8 --model ViT-B-32")
+    p = _command(dsub, "bench", _cmd_data_bench)
     p.add_argument("spec", metavar="SHARDS", help="training data as --train-data takes it (shards, a brace pattern, "
                                                   "a .csv file)")
     p.add_argument("--workers", type=_worker_counts, default=[0, 1, 2, 4], metavar="N,N,...",
@@ -434,22 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ViT-B-32",
                    help="model name or config file whose input size, preprocessing and tokenizer to use "
                         "(default: ViT-B-32)")
-    p.add_argument("--dataset-type", default="auto", help="as clipkit-train's --dataset-type (default: auto)")
+    add_setting_arguments(p, DataSettings, ("dataset_type",))
     p.add_argument("--cache-dir", metavar="DIR", help="where tokenizers are cached")
-    p.set_defaults(func=_cmd_data_bench)
-    data.set_defaults(func=lambda a: _missing_action(data))
 
-    p = _command(sub, "export", help="write a model for another runtime (ONNX, transformers), checked after writing",
-                 epilog="Formats: onnx (image_encoder.onnx + text_encoder.onnx, dynamic batch, compared with\n"
-                        "onnxruntime), hf (a transformers CLIPModel folder, loaded back and compared), and any\n"
-                        "a plugin registers (clipkit plugins). docs/inference.md has the details.\n\nexamples:\n"
-                        "  clipkit export ViT-B-32 --pretrained laion2b_s34b_b79k --format onnx --out vit-b-32-onnx\n"
-                        "  clipkit export my.json --pretrained logs/run/checkpoints/epoch_5.pt --format hf --out my-hf")
+    p = _command(sub, "export", _cmd_export)
     _model_arguments(p)
     p.add_argument("--format", required=True, type=_export_format, metavar="FORMAT",
                    help="a registered export format: onnx, hf, or one a plugin adds")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write (new or empty)")
-    p.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -464,6 +455,16 @@ def _export_format(text: str) -> str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    """write a model for another runtime (ONNX, transformers), checked after writing
+
+    Formats: onnx (image_encoder.onnx + text_encoder.onnx, dynamic batch, compared with
+    onnxruntime), hf (a transformers CLIPModel folder, loaded back and compared), and any
+    a plugin registers (clipkit plugins). docs/inference.md has the details.
+
+    examples:
+      clipkit export ViT-B-32 --pretrained laion2b_s34b_b79k --format onnx --out vit-b-32-onnx
+      clipkit export my.json --pretrained logs/run/checkpoints/epoch_5.pt --format hf --out my-hf
+    """
     from .errors import ClipkitError
     from .exporters import export_model
 
@@ -478,6 +479,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
+    """embed images or texts into embeddings.npy + ids.txt (resumable)
+
+    Writes OUT/embeddings.npy (float32 [N, D], L2-normalised unless --raw), OUT/ids.txt (one
+    id a line, same order) and OUT/meta.json. Rerunning an interrupted command continues where
+    it stopped, with the same result. Unreadable images are skipped and counted in meta.json.
+    Formats and the Python API: docs/inference.md.
+
+    examples:
+      clipkit embed ViT-B-32 --pretrained laion2b_s34b_b79k --images photos/ --out photos-emb
+      clipkit embed my.json --pretrained logs/run/checkpoints/epoch_5.pt \\
+          --images 'shards/{00000..00009}.tar' --out emb --workers 8 --device cuda
+      clipkit embed ViT-B-32 --pretrained laion2b_s34b_b79k --texts captions.jsonl --out text-emb
+    """
     from .embed import run_embed
     from .errors import ClipkitError
 
@@ -511,6 +525,16 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_caption(args: argparse.Namespace) -> int:
+    """caption images with a model that generates text
+
+    Prints one line per image: PATH, a tab, the caption. The model must generate text (its
+    model family gives it generate(), as a captioning plugin's does); others are a one-line
+    error. Captions are read back with the model's tokenizer.
+
+    examples:
+      clipkit caption my-captioner.json --pretrained weights.safetensors cat.jpg dog.jpg
+      clipkit caption my.json --pretrained logs/run/checkpoints/epoch_5.pt --generation-type top_p photos/*.png
+    """
     from .caption import _exists, caption_images
     from .errors import ClipkitError
 
@@ -541,6 +565,17 @@ def _nonnegative_int(text: str) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    """zero-shot classification or image-text retrieval metrics of a model
+
+    Metrics are the trainer's (same loaders, classifier and code). --out appends one JSON
+    line per run: model, pretrained, task, data, metrics, counts. Data formats,
+    templates and keys: docs/inference.md.
+
+    examples:
+      clipkit eval ViT-B-32 --pretrained laion2b_s34b_b79k --task zeroshot --data val/ \\
+          --templates templates.txt --out results.jsonl
+      clipkit eval my.json --pretrained logs/run/checkpoints/epoch_5.pt --task retrieval --data 'val/{00000..00003}.tar'
+    """
     from .errors import ClipkitError
     from .evaluate import append_jsonl, evaluate, table
 
@@ -558,6 +593,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_digits(args: argparse.Namespace) -> int:
+    """scikit-learn's handwritten digits, captioned ('a handwritten digit seven')
+
+    Writes OUT/train/*.tar, OUT/test/00000.tar (with cls labels), classnames.txt, templates.txt
+    and OUT/digits-minilm.json. example:
+      clipkit data digits data/digits
+    """
     from .errors import ClipkitError
     from .train.digits import write_digits
 
@@ -578,6 +619,13 @@ def _cmd_data_digits(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_bench(args: argparse.Namespace) -> int:
+    """read and decode a sample of training data with clipkit-train's pipeline: samples/s per number of
+    data workers
+
+    Runs the trainer's own data pipeline (shuffle, decode, the model's training transform, tokenize, batch)
+    once per worker count and prints samples/s, so that --workers can be sized before a run. example:
+      clipkit data bench 'shards/{00000..00099}.tar' --workers 2,4,8 --model ViT-B-32
+    """
     from .errors import ClipkitError
     from .train.data_bench import run
 

@@ -62,7 +62,7 @@ def _bounded(kind: Callable[[str], Any], meta: Mapping[str, Any]) -> Callable[[s
     return parse
 
 
-def _add(group: argparse._ArgumentGroup, f: dataclasses.Field[Any], hint: Any) -> None:
+def _add(group: argparse._ActionsContainer, f: dataclasses.Field[Any], hint: Any) -> None:
     """One declared setting as a flag."""
     meta = f.metadata
     kwargs: Dict[str, Any] = {"dest": f.name, "help": argparse.SUPPRESS if meta["hidden"] else meta["doc"]}
@@ -86,6 +86,16 @@ def _add(group: argparse._ArgumentGroup, f: dataclasses.Field[Any], hint: Any) -
             kwargs["choices"] = meta["choices"]
         kwargs["default"] = f.default
     group.add_argument(*flag_names(f), **kwargs)
+
+
+def add_setting_arguments(parser: argparse._ActionsContainer, cls: type, names: Sequence[str]) -> None:
+    """Add the fields ``names`` of the settings group ``cls`` to ``parser`` as clipkit-train's flags: the same
+    names, types, defaults, bounds and ``--help`` texts, for another command that takes them with the same
+    meaning (``clipkit trainable``'s lock flags)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        _add(parser, fields[name], hints[name])
 
 
 def build_parser() -> argparse.ArgumentParser:
