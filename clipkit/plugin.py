@@ -32,6 +32,7 @@ from .errors import (
                      TowerContractError,
                      UnknownPartError,
 )
+from .exporters import Exporter, ExporterFactory
 from .hookspecs import (
                      Freezer,
                      Infer,
@@ -48,11 +49,14 @@ from .hookspecs import (
 )
 from .kinds import (
                      DATA_SOURCE,
+                     EXPORTER,
                      FREEZER,
                      KINDS,
                      MODEL_CONFIG,
                      MODEL_FAMILY,
+                     OBJECTIVE,
                      POOLER,
+                     REPORTER,
                      TEXT_TOWER,
                      TOKENIZER,
                      VISION_TOWER,
@@ -61,6 +65,8 @@ from .kinds import (
 )
 from .registry import registry
 from .train.data_sources import DataSource, DataSourceContext, DataSourceFactory
+from .train.objectives import FEATURES, BaseObjective, Objective, ObjectiveContext, ObjectiveFactory
+from .train.report import Reporter, ReporterContext, ReporterFactory
 
 __all__ = [
     # declaring parts
@@ -69,9 +75,11 @@ __all__ = [
     "TowerContext", "TowerFactory", "PoolerFactory", "TokenizerFactory", "Freezer", "ModelConfigSource",
     "ModelContext", "ModelFamilyFactory",
     "DataSourceFactory", "DataSourceContext", "DataSource",
+    "ObjectiveFactory", "ObjectiveContext", "Objective", "BaseObjective", "FEATURES",
+    "ReporterFactory", "ReporterContext", "Reporter", "ExporterFactory", "Exporter",
     # kinds of part
     "Kind", "KindSpec", "KINDS", "VISION_TOWER", "TEXT_TOWER", "POOLER", "TOKENIZER", "FREEZER",
-    "MODEL_CONFIG", "MODEL_FAMILY", "DATA_SOURCE",
+    "MODEL_CONFIG", "MODEL_FAMILY", "DATA_SOURCE", "OBJECTIVE", "REPORTER", "EXPORTER",
     # errors
     "ClipkitError", "ConfigError", "Problem", "PluginError", "PluginWarning", "UnknownPartError", "ContractError",
     "TowerContractError",

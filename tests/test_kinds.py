@@ -269,6 +269,14 @@ def test_the_author_api_is_one_public_module_that_imports_no_torch():
 
     assert plugin.option is _typed.option and plugin.TowerContext is hookspecs.TowerContext
     assert plugin.hookimpl is clipkit.hookimpl
+    # the trainer's and the exporters' kinds too: their constants, contexts and protocols, from the same module
+    from clipkit.exporters import ExporterFactory
+    from clipkit.train.objectives import BaseObjective, ObjectiveContext
+    from clipkit.train.report import ReporterContext
+
+    assert (plugin.OBJECTIVE, plugin.REPORTER, plugin.EXPORTER) == ("objective", "reporter", "exporter")
+    assert (plugin.BaseObjective, plugin.ObjectiveContext) == (BaseObjective, ObjectiveContext)
+    assert (plugin.ReporterContext, plugin.ExporterFactory) == (ReporterContext, ExporterFactory)
 
 
 PRIVATE_IMPORT = re.compile(r"from\s+clipkit\._\w+|import\s+clipkit\._|[\"']clipkit\._\w+[.:]")

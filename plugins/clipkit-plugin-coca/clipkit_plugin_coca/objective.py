@@ -6,8 +6,8 @@ from typing import Any, Dict, Mapping
 import torch
 import torch.nn.functional as F
 
+from clipkit.plugin import FEATURES, BaseObjective
 from clipkit.train.loss import ClipLoss
-from clipkit.train.objectives import FEATURES, BaseObjective
 
 from . import CocaOptions
 
