@@ -68,6 +68,8 @@ def _add(group: argparse._ActionsContainer, f: dataclasses.Field[Any], hint: Any
     kwargs: Dict[str, Any] = {"dest": f.name, "help": argparse.SUPPRESS if meta["hidden"] else meta["doc"]}
     if meta["required"]:
         kwargs["required"] = True
+    if meta["metavar"] is not None:
+        kwargs["metavar"] = meta["metavar"]
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union:  # Optional[X]: X
         hint = next(a for a in args if a is not type(None))

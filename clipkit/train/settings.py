@@ -29,10 +29,12 @@ SETTINGS_FILE = "settings.json"
 
 def flag(default: Any, help: str, *, names: Tuple[str, ...] = (), gt: Optional[float] = None,
          ge: Optional[float] = None, le: Optional[float] = None, choices: Optional[Tuple[Any, ...]] = None,
-         hidden: bool = False, required: bool = False, shown: Optional[str] = None) -> Any:
+         hidden: bool = False, required: bool = False, shown: Optional[str] = None,
+         metavar: Optional[str] = None) -> Any:
     """A settings field that is also a flag. ``default=dict`` means an empty dict; ``hidden``: accepted
-    but left out of ``--help`` and the docs (OpenCLIP's flags for features clipkit does not have)."""
-    extra = {"names": names, "hidden": hidden, "required": required, "shown": shown}
+    but left out of ``--help`` and the docs (OpenCLIP's flags for features clipkit does not have);
+    ``metavar``: the value's placeholder in ``--help`` (default: argparse's, the name in capitals)."""
+    extra = {"names": names, "hidden": hidden, "required": required, "shown": shown, "metavar": metavar}
     if default is dict:
         return option(doc=help, default_factory=dict, extra=extra)
     return option(default, help, gt=gt, ge=ge, le=le, choices=choices, extra=extra)
@@ -88,10 +90,10 @@ class ModelSettings:
     trust_remote_code: bool = flag(False, 'let HuggingFace repositories named by the model run their own Python (a '
         'config cannot)')
     lock_image: bool = flag(False, 'freeze the image tower (LiT)')
-    lock_image_unlocked_groups: int = flag(0, 'with --lock-image, leave the last N layer groups trainable')
+    lock_image_unlocked_groups: int = flag(0, 'with --lock-image, leave the last N layer groups trainable', metavar='N')
     lock_image_freeze_bn_stats: bool = flag(False, 'with --lock-image, keep locked BatchNorm statistics fixed')
     lock_text: bool = flag(False, 'freeze the text tower')
-    lock_text_unlocked_layers: int = flag(0, 'with --lock-text, leave the last N layer groups trainable')
+    lock_text_unlocked_layers: int = flag(0, 'with --lock-text, leave the last N layer groups trainable', metavar='N')
     lock_text_freeze_layer_norm: bool = flag(False, 'with --lock-text, freeze LayerNorm parameters in locked '
         'layers too')
     lock_train_mode: bool = flag(False, 'leave the locked parts of locked towers in train mode (dropout on), as '
