@@ -125,6 +125,19 @@ class Counting(BaseObjective):
         self.calls = state["calls"]
 
 
+class Needy(BaseObjective):
+    """Reads an output no two-tower model gives, without going through ``inputs()``."""
+
+    name = "needy"
+    needs = (*FEATURES, "caption_logits")
+
+    def __init__(self, options, ctx):
+        pass
+
+    def __call__(self, outputs):
+        return {"caption_loss": outputs["caption_logits"].mean()}
+
+
 RECORDED, RESTORED = [], []
 
 
@@ -149,6 +162,7 @@ def third_party(clipkit_plugins):
     def register_objectives(register):
         register("penalty", f"{__name__}:Penalty", config=f"{__name__}:PenaltyOptions")
         register("counting", f"{__name__}:Counting")
+        register("needy", f"{__name__}:Needy")
 
     @clipkit.hookimpl
     def register_reporters(register):
@@ -214,6 +228,15 @@ def test_an_objectives_state_is_kept_in_training_checkpoints(third_party, tmp_pa
                                     logs / "counted" / "checkpoints" / "epoch_1.pt")) == 1
     assert ("objective 'clip' keeps no state, but the checkpoint has objective state (calls)"
             in capsys.readouterr().err.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_an_objective_needing_what_the_model_does_not_output_stops_at_the_first_step(third_party, tmp_path, capsys):
+    assert run_inprocess(_synthetic(tmp_path, "needy", "--objective", "needy")) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ("objective 'needy' needs caption_logits, which neither the model (ClipModel) nor the objective's extras "
+            "give (the step has: image_features, logit_scale, text_features); choose an --objective") in last
+    assert not list((tmp_path / "logs" / "needy" / "checkpoints").glob("epoch_*.pt"))  # nothing trained, nothing saved
 
 
 def test_a_third_party_objectives_options_are_checked_before_any_work(third_party, capsys):

@@ -335,6 +335,11 @@ class Trainer:
 
     def _terms(self, outputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The objective's loss terms, and their sum (the loss back-propagated)."""
+        missing = [key for key in self.objective.needs if outputs.get(key) is None]
+        if missing:  # the first step stops here, before any update: the model and objective do not fit
+            raise TrainingError(f"objective {self.objective_name!r} needs {', '.join(missing)}, which neither the "
+                                f"model ({type(self.model).__name__}) nor the objective's extras give (the step "
+                                f"has: {', '.join(sorted(outputs))}); choose an --objective this model trains with")
         terms = self.objective(outputs)
         bad = ([repr(k) for k, v in terms.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
                 or v.dim() != 0] if isinstance(terms, dict) and terms else ["(none)"])
