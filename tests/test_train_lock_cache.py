@@ -38,6 +38,7 @@ def _forward_backward(tower, x, cache, keys):
 
 
 def test_a_cached_prefix_gives_the_outputs_and_gradients_of_the_tower(tmp_path):
+    torch.manual_seed(0)
     model = _tiny(tmp_path)
     model.lock_text_tower(2, freeze_layer_norm=True)
     model.train()
@@ -53,10 +54,14 @@ def test_a_cached_prefix_gives_the_outputs_and_gradients_of_the_tower(tmp_path):
         out, grads = _forward_backward(tower, x, cache, keys)
         assert cache.hits == expected_hits
         assert cache.merge and len(cache.entries) == 6
-        assert torch.allclose(out, plain_out, rtol=1e-6, atol=1e-7)
+        # merged duplicates make the trainable rest's batch 6 rows, not 8: float32 sums in another order, a few
+        # ulps of the largest value apart (measured over 20 initialisations: 4.8e-7 of outputs up to 3.3, and
+        # 4.3e-7 of each gradient's largest entry), so the bounds are relative to that scale
+        torch.testing.assert_close(out, plain_out, rtol=0, atol=1e-6 * plain_out.abs().max().item())
         assert grads.keys() == plain_grads.keys() and grads
         for name, grad in grads.items():
-            assert torch.allclose(grad, plain_grads[name], rtol=1e-5, atol=1e-6), name
+            expected = plain_grads[name]
+            torch.testing.assert_close(grad, expected, rtol=0, atol=1e-5 * expected.abs().max().item(), msg=name)
     cache.uninstall()
     assert "forward" not in tower.__dict__
 
