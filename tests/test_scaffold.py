@@ -22,9 +22,16 @@ from clipkit.cli import main
 from clipkit.registry import registry
 
 NAMES = {"vision": "acmevision", "text": "acmetext", "pooler": "acmepool", "tokenizer": "acmetok",
-         "freezer": "acme-freeze", "objective": "acmeobj", "reporter": "acme-rep", "data_source": "acmejsonl"}
+         "freezer": "acme-freeze", "objective": "acmeobj", "reporter": "acme-rep", "data_source": "acmejsonl",
+         "family": "acmefam"}
 #: the kinds whose parts go into model configs: their plugins ship an example config
-CONFIG_KINDS = ("vision", "text", "pooler", "tokenizer", "freezer")
+CONFIG_KINDS = ("vision", "text", "pooler", "tokenizer", "freezer", "family")
+
+
+def test_every_kind_with_a_template_is_scaffolded_here():
+    assert set(NAMES) == set(scaffold_kinds())
+
+
 def _env(site=None):
     # one thread: the models are tiny, and threads fight over a busy machine's cores
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
@@ -54,10 +61,10 @@ def scaffolded(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.install
-def test_generated_tests_pass_out_of_the_box(scaffolded):
+@pytest.mark.parametrize("kind", NAMES)
+def test_generated_tests_pass_out_of_the_box(scaffolded, kind):
     root, site = scaffolded
-    done = _run("-m", "pytest", "-q", "-p", "no:cacheprovider", *(f"clipkit-plugin-{name}" for name in NAMES.values()),
-                site=site, cwd=root)
+    done = _run("-m", "pytest", "-q", "-p", "no:cacheprovider", f"clipkit-plugin-{NAMES[kind]}", site=site, cwd=root)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     summary = done.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary and "warning" not in summary, summary
@@ -85,7 +92,7 @@ def _embed(path):
     with torch.no_grad():
         image = model.encode_image(torch.randn(2, 3, h, w))
         text = model.encode_text(tokenizer(["a photo of a cat", "a dog"]))
-    return [model.vision_type, model.text_type, list(image.shape), list(text.shape)]
+    return [model.model_config.family, model.vision_type, model.text_type, list(image.shape), list(text.shape)]
 
 
 def test_listed_by_clipkit_plugins_and_built_from_their_json_configs(scaffolded, tmp_path, capsys):
@@ -108,11 +115,12 @@ def test_listed_by_clipkit_plugins_and_built_from_their_json_configs(scaffolded,
         assert main(["plugins"]) == 0
         assert "acmevision  clipkit-plugin-acmevision 0.1.0  [active]" in capsys.readouterr().out
     assert built == {
-        "vision": ["acmevision", "transformer", [2, 64], [2, 64]],
-        "text": ["vit", "acmetext", [2, 64], [2, 64]],
-        "pooler": ["vit", "hf", [2, 64], [2, 64]],
-        "tokenizer": ["vit", "transformer", [2, 64], [2, 64]],
-        "freezer": ["acme-freeze", "transformer", [2, 64], [2, 64]],
+        "vision": ["clip", "acmevision", "transformer", [2, 64], [2, 64]],
+        "text": ["clip", "vit", "acmetext", [2, 64], [2, 64]],
+        "pooler": ["clip", "vit", "hf", [2, 64], [2, 64]],
+        "tokenizer": ["clip", "vit", "transformer", [2, 64], [2, 64]],
+        "freezer": ["clip", "acme-freeze", "transformer", [2, 64], [2, 64]],
+        "family": ["acmefam", "vit", "transformer", [2, 64], [2, 64]],
     }
     for kind, name in NAMES.items():
         plugin = plugins[name]
