@@ -5,7 +5,8 @@ Not to be confused with :mod:`clipkit.weights`, which loads weights into a model
 
 A checkpoint is OpenCLIP's dict (``epoch`` = completed epochs, ``name``, ``state_dict``, ``optimizer``,
 ``scaler``) plus ``clipkit``: the optimizer step, the epoch's data position, generator states and the
-optimizer's parameter names. Every value loads with ``torch.load(weights_only=True)``.
+optimizer's parameter names, and each process's data position, generators and objective state (``ranks``);
+``objective`` is process 0's objective state. Every value loads with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ TMP_PREFIX = ".tmp-"
 LATEST_DIR = "epoch_latest"
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
 EXTRAS = "clipkit.pt"
-OBJECTIVE_STATE = "objective"  # the checkpoint key of a stateful objective's state_dict
+OBJECTIVE_STATE = "objective"  # the key of an objective's state_dict: process 0's at the top, each one's in ranks
 _OLD = ".old-"
 
 
@@ -316,6 +317,19 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (in dicts, lists and tuples, at any depth) a detached copy on the CPU:
+    what another process can unpickle and ``torch.load(weights_only=True)`` reads on any machine."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [on_cpu(item) for item in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
 def optimizer_names(optimizer: torch.optim.Optimizer, names: Dict[int, str]) -> List[List[str]]:
     return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
 
@@ -484,21 +498,21 @@ class Checkpointer:
         return find_latest(self.folder) if self.folder is not None and self.folder.is_dir() else None
 
     # saving ----------------------------------------------------------------------------------------
-    def _payload(self, completed_epochs: int, step: int, data: Optional[Dict[str, Any]],
+    def _payload(self, completed_epochs: int, step: int, data: Optional[Dict[str, Any]], ranks: List[Dict[str, Any]],
                  with_state: bool = True) -> Dict[str, Any]:
         payload: Dict[str, Any] = {
             "epoch": completed_epochs, "name": self.run_name,
             "clipkit": {"step": step, "data": data, "rng": rng_state(),
                         "param_names": optimizer_names(self.parts.optimizer, self.parts.param_names),
-                        "model": self.model_name, "version": _version()},
+                        "model": self.model_name, "version": _version(), "ranks": ranks},
         }
         if with_state:
             payload["state_dict"] = {k: v.detach().cpu() for k, v in self.parts.model.state_dict().items()}
             payload["optimizer"] = self.parts.optimizer.state_dict()
         if self.parts.scaler is not None:
             payload["scaler"] = self.parts.scaler.state_dict()
-        objective_state = self.parts.objective.state_dict() if self.parts.objective is not None else {}
-        if objective_state:  # process 0's: an objective whose state differs between processes gathers it itself
+        objective_state = ranks[0].get(OBJECTIVE_STATE)
+        if objective_state:  # process 0's, for a resume with another number of processes (and older readers)
             payload[OBJECTIVE_STATE] = objective_state
         config = getattr(self.parts.model, "model_config", None)
         if config is not None:
@@ -517,11 +531,14 @@ class Checkpointer:
         bad = self.parallel.any_nonfinite(self.parts.model)
         if bad:  # a checkpoint that cannot be trained from is worse than none
             raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}); not saving a checkpoint")
-        # each process's data position and generators, so that every one resumes where it was
-        ranks = [{"data": data, "rng": rng_state()}]
+        # each process's data position, generators and objective state, so that every one resumes where it was
+        mine: Dict[str, Any] = {"data": data, "rng": rng_state()}
+        if self.parts.objective is not None:  # on the CPU: other processes unpickle it, and so may other machines
+            mine[OBJECTIVE_STATE] = on_cpu(self.parts.objective.state_dict())
+        ranks = [mine]
         if self.env.distributed:
             ranks = [{} for _ in range(self.env.world)]  # all_gather_object fills every slot
-            torch.distributed.all_gather_object(ranks, {"data": data, "rng": rng_state()})
+            torch.distributed.all_gather_object(ranks, mine)
         every = self.settings.save_frequency
         numbered = epoch_end and every > 0 and (completed_epochs == self.epochs or completed_epochs % every == 0)
         if self.parallel.sharded:
@@ -529,8 +546,7 @@ class Checkpointer:
             return
         if not self.env.main:
             return
-        payload = self._payload(completed_epochs, step, data)
-        payload["clipkit"]["ranks"] = ranks
+        payload = self._payload(completed_epochs, step, data, ranks)
         latest = self.folder / LATEST
         if numbered:
             path = self.folder / f"epoch_{completed_epochs}.pt"
@@ -567,8 +583,7 @@ class Checkpointer:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            extras = self._payload(completed_epochs, step, data, with_state=False)
-            extras["clipkit"]["ranks"] = ranks
+            extras = self._payload(completed_epochs, step, data, ranks, with_state=False)
             atomic_save(extras, tmp / EXTRAS)
         barrier(self.env)  # the folder exists before anyone writes into it
         # DCP writes .metadata last, once every process's shard is written: its presence marks a whole checkpoint
@@ -641,7 +656,8 @@ class Checkpointer:
         return data
 
     def restore(self, path: Path, steps_per_epoch: int) -> Resumed:
-        """Load a checkpoint into the model, optimizer and scaler, and this process's generators."""
+        """Load a checkpoint into the model, optimizer and scaler, and this process's generators and objective
+        state (process 0's when the checkpoint was written by another number of processes)."""
         from .._provenance import PROVENANCE_KEY, check_provenance
 
         check_provenance((read_extras(path) if path.is_dir() else read(path, mmap=True)).get(PROVENANCE_KEY),
@@ -650,8 +666,6 @@ class Checkpointer:
         extra = data.get("clipkit", {})
         if self.parts.scaler is not None and "scaler" in data:
             self.parts.scaler.load_state_dict(data["scaler"])
-        if self.parts.objective is not None:  # a stateless objective refuses another objective's state
-            self.parts.objective.load_state_dict(data.get(OBJECTIVE_STATE, {}))
         epoch = int(data.get("epoch", 0))
         step = int(extra.get("step", epoch * steps_per_epoch))
         mine = extra
@@ -659,8 +673,12 @@ class Checkpointer:
         if len(ranks) == self.env.world:
             mine = ranks[self.env.rank]
         elif self.env.distributed and ranks:
+            kept = data.get(OBJECTIVE_STATE) or any(r.get(OBJECTIVE_STATE) for r in ranks)
+            what = "data position, generators and objective state" if kept else "data position and generators"
             logger.warning("the checkpoint was written by %d processes and this run has %d: every process resumes "
-                           "from process 0's data position and generators", len(ranks), self.env.world)
+                           "from process 0's %s", len(ranks), self.env.world, what)
+        # a checkpoint older than per-process objective state has process 0's only
+        self._load_objective(mine[OBJECTIVE_STATE] if OBJECTIVE_STATE in mine else data.get(OBJECTIVE_STATE, {}))
         if "rng" in mine:
             set_rng_state(mine["rng"])
         position = mine.get("data") or None
@@ -668,6 +686,22 @@ class Checkpointer:
                     f"epoch {epoch + 1}, step {step}" if position else f"after epoch {epoch}")
         self._finish_numbered_copy(path, epoch, mid_epoch=position is not None)
         return Resumed(epoch=epoch, step=step, data=position)
+
+    def _load_objective(self, state: Dict[str, Any]) -> None:
+        """``state`` into the objective; when it refuses its state on any process, every process stops (one
+        alone would leave the others waiting for it)."""
+        from ..errors import TrainingError
+        from .distributed import all_agree
+
+        if self.parts.objective is None:
+            return
+        failed: Optional[BaseException] = None
+        try:  # a stateless objective refuses another objective's state
+            self.parts.objective.load_state_dict(state)
+        except Exception as exc:
+            failed = exc
+        if all_agree(failed is not None, self.env):
+            raise failed or TrainingError("the objective refused its checkpoint state on another process")
 
     def _finish_numbered_copy(self, path: Path, done: int, mid_epoch: bool) -> None:
         """The ``epoch_N.pt`` copy that a run stopped between writing ``epoch_latest.pt`` and copying it lacks."""
