@@ -525,6 +525,7 @@ class Checkpointer:
         """Write ``epoch_N`` at epoch ends the settings ask for, and always ``epoch_latest``; ``data`` is the
         epoch's data position (``None`` at an epoch's end). Every process calls it."""
         from ..errors import TrainingError
+        from .distributed import gather_to_main
 
         if self.folder is None:
             return
@@ -533,12 +534,9 @@ class Checkpointer:
             raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}); not saving a checkpoint")
         # each process's data position, generators and objective state, so that every one resumes where it was
         mine: Dict[str, Any] = {"data": data, "rng": rng_state()}
-        if self.parts.objective is not None:  # on the CPU: other processes unpickle it, and so may other machines
+        if self.parts.objective is not None:  # on the CPU: it travels to process 0 over the CPU group, and is saved
             mine[OBJECTIVE_STATE] = on_cpu(self.parts.objective.state_dict())
-        ranks = [mine]
-        if self.env.distributed:
-            ranks = [{} for _ in range(self.env.world)]  # all_gather_object fills every slot
-            torch.distributed.all_gather_object(ranks, mine)
+        ranks = gather_to_main(mine, self.env)  # process 0 writes them; the others get []
         every = self.settings.save_frequency
         numbered = epoch_end and every > 0 and (completed_epochs == self.epochs or completed_epochs % every == 0)
         if self.parallel.sharded:

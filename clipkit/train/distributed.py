@@ -101,6 +101,17 @@ def all_max(value: int, env: Env) -> int:
     return int(t.item())
 
 
+def gather_to_main(obj: Any, env: Env) -> List[Any]:
+    """Every process's ``obj``, in rank order, on process 0 (``[]`` on the others; ``[obj]`` without a
+    group). Sent only to process 0, over the CPU group (the control group beside a GPU backend), so a
+    process never holds the others' objects: a large per-process state costs its size once, on process 0."""
+    if not env.distributed:
+        return [obj]
+    gathered: Optional[List[Any]] = [None] * env.world if env.main else None
+    dist.gather_object(obj, gathered, dst=0, group=_control)
+    return gathered if gathered is not None else []
+
+
 def broadcast(obj: Any, env: Env) -> Any:
     if not env.distributed:
         return obj
