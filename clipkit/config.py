@@ -17,13 +17,14 @@ import math
 import os
 import re
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from ._size import size_problems
 from ._typed import option, validate
-from .errors import ClipkitError, ConfigError, JSONBoundError, Problem, explain_os_error, suggest
+from .errors import ClipkitError, ConfigError, JSONBoundError, PluginWarning, Problem, explain_os_error, suggest
 from .kinds import MODEL_CONFIG, MODEL_FAMILY, TEXT_TOWER, TOKENIZER, VISION_TOWER, Kind, spec
 from .registry import FIRST_PARTY_INFER, FIRST_PARTY_MODELS, Entry, registry
 
@@ -109,10 +110,13 @@ def _selection(kind: Kind, section: Mapping[str, Any]) -> Tuple[Any, str]:
     key = declared.select_key
     if key is not None and section.get(key) is not None:
         return section[key], ""
-    for entry in registry.inferring(kind):
-        rule = next((rule for rule in entry.infer if rule.matches(section)), None)
-        if rule is not None:
-            return entry.name, f" (inferred from {rule.describe()})"
+    matched = [(entry, rule) for entry in registry.inferring(kind)
+               for rule in [next((rule for rule in entry.infer if rule.matches(section)), None)] if rule is not None]
+    if matched:
+        (entry, rule), others = matched[0], matched[1:]
+        if others:
+            _warn_ambiguous(kind, matched)
+        return entry.name, f" (inferred from {rule.describe()})"
     for (hint_kind, name), rule in FIRST_PARTY_INFER.items():
         # a hint stands in for a rule the part's plugin would declare: when it is not installed, or is a
         # release from before plugins declared their rules
@@ -120,6 +124,18 @@ def _selection(kind: Kind, section: Mapping[str, Any]) -> Tuple[Any, str]:
         if hint_kind == kind and not declares and rule.matches(section):
             return name, f" (inferred from {rule.describe()})"
     return declared.default, " (the default)"
+
+
+def _warn_ambiguous(kind: Kind, matched: List[Tuple[Entry, Any]]) -> None:
+    """Several parts' ``infer=`` rules select the same section: the first is used (builtins' rules are tried
+    first, then plugins' in load order), but the config's meaning depends on what is installed."""
+    declared = spec(kind)
+    where = f"{declared.section}: a section" if declared.section else "a model config"
+    claims = ", ".join(f"{entry.name!r} ({rule.describe()}) of {entry.plugin.label}" for entry, rule in matched)
+    choose = f"set {declared.section + '.' if declared.section else ''}{declared.select_key} to choose"
+    warnings.warn(PluginWarning(f"{where} without {declared.select_key!r} matches the infer= rules of "
+                                f"{len(matched)} {declared.title}s: {claims}; {matched[0][0].name!r} is "
+                                f"used; {choose}"), stacklevel=3)
 
 
 def infer_part(kind: Kind, section: Mapping[str, Any]) -> Any:

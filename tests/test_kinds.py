@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -173,9 +174,19 @@ def test_a_third_party_tower_declares_its_own_inference(plugin_module, tiny_cfg)
 
     plugin_module("dotsplug", register_vision_towers=register_vision_towers)
     tiny_cfg["vision_cfg"]["dots_depth"] = 3
-    assert validate_model_config(tiny_cfg).vision_type == "dots"
-    assert infer_vision_type({"dots_depth": 0}) == "vit"  # "set" means a value, as for timm_model_name
-    assert infer_vision_type({"timm_model_name": "test_vit"}) == "timm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one rule matches: no warning
+        assert validate_model_config(tiny_cfg).vision_type == "dots"
+        assert infer_vision_type({"dots_depth": 0}) == "vit"  # "set" means a value, as for timm_model_name
+    # two parts' rules match: the first is used, and the warning names both, their plugins and the way out
+    with pytest.warns(PluginWarning, match=r"^vision_cfg: a section without 'type' matches the infer= rules of 2 "
+                                           r"vision tower types: 'timm' \(timm_model_name\) of clipkit-torch .*, "
+                                           r"'grabby' \(timm_model_name\) of dotsplug .*; 'timm' is used; set "
+                                           r"vision_cfg.type to choose$"):
+        assert infer_vision_type({"timm_model_name": "test_vit"}) == "timm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert infer_vision_type({"type": "grabby", "timm_model_name": "test_vit"}) == "grabby"
 
     schema = jsonschema.Draft202012Validator(model_config_schema())
     assert not list(schema.iter_errors(tiny_cfg))  # the schema infers dots too, so dots_depth is allowed
